@@ -1,0 +1,81 @@
+"""Aggregation math: pure functions over client deltas.
+
+Every aggregator here maps a list of :class:`~fedllm.types.ClientUpdate` to one aggregated delta
+Δ (a ``dict[str, Tensor]``); a :class:`ServerUpdate` then turns (θ_g, Δ) into the next global state.
+Keeping the two apart lets robust aggregators, DP and secure aggregation wrap the first, and
+server optimizers (FedAvgM, FedAdam, ...) replace the second, in any combination.
+
+GradualDiff-Fed (the paper's Algorithm 2): each client i sends Δᵢ = θᵢ − θ_g over the trainable
+(adapter) state; the server sets θ_g ← θ_g + (1/K) Σᵢ Δᵢ. With ``weighted=True`` the mean is
+weighted by each client's number of examples instead.
+
+FedAvg (McMahan et al., 2017, "Communication-Efficient Learning of Deep Networks from
+Decentralized Data"): θ_g ← Σᵢ (nᵢ/n) θᵢ, which equals θ_g + Σᵢ (nᵢ/n) Δᵢ; so it is the weighted
+mean of deltas applied with step 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from fedllm.types import ClientUpdate, StateDict, add, weighted_sum
+
+
+class Aggregator(Protocol):
+    """Maps the round's valid client updates to one aggregated delta."""
+
+    def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict: ...
+
+
+class ServerUpdate(Protocol):
+    """Turns the global state and the aggregated delta into the next global state.
+
+    Stateful implementations (server optimizers) expose their state for checkpoints.
+    """
+
+    def step(self, global_state: StateDict, delta: StateDict) -> StateDict: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def client_weights(updates: Sequence[ClientUpdate], weighted: bool) -> list[float]:
+    """Weights summing to 1: by number of examples when ``weighted``, else uniform (1/K)."""
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    if not weighted:
+        return [1.0 / len(updates)] * len(updates)
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        raise ValueError("weighted aggregation needs a positive total number of examples")
+    return [u.num_examples / total for u in updates]
+
+
+def mean_delta(updates: Sequence[ClientUpdate], weighted: bool = False) -> StateDict:
+    """(1/K) Σ Δᵢ, or Σ (nᵢ/n) Δᵢ when ``weighted`` (GradualDiff-Fed and FedAvg)."""
+    return weighted_sum([u.delta for u in updates], client_weights(updates, weighted))
+
+
+class MeanAggregator:
+    """The plain (optionally example-weighted) mean of the client deltas."""
+
+    def __init__(self, weighted: bool = False) -> None:
+        self.weighted = weighted
+
+    def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
+        return mean_delta(updates, self.weighted)
+
+
+class ApplyDelta:
+    """θ_g ← θ_g + Δ: the server step of GradualDiff-Fed and FedAvg (stateless)."""
+
+    def step(self, global_state: StateDict, delta: StateDict) -> StateDict:
+        return add(global_state, delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
