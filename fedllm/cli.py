@@ -1,0 +1,142 @@
+"""The ``fedllm`` command: run, compare, validate and report recipes.
+
+Process-wide settings (logging, warning filters, library verbosity) are set here and only here.
+A bad recipe or data file ends with one line on stderr and exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from fedllm.config import RecipeError, load_recipe
+
+EXIT_BAD_INPUT = 2
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import lightning.pytorch  # noqa: F401  (it sets its own log level on import; override after)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "peft", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).propagate = False
+    logging.getLogger("fedllm").setLevel(logging.INFO)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedllm", description="Federated fine-tuning of 4-bit LoRA LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "train one mode (recipe `mode`, or --mode)"),
+                        ("compare", "run federated, centralized and local on the same partition"),
+                        ("validate", "check a recipe without running it")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("recipe", help="recipe YAML")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.rounds=2 lora.r=8")
+        if name != "validate":
+            sp.add_argument("--out", help="root folder for run directories (default: recipe output.dir)")
+        if name == "run":
+            sp.add_argument("--mode", choices=("federated", "centralized", "local"))
+    rp = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
+    rp.add_argument("run_dir")
+    return p
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def _run_modes(recipe, modes: list[str], out: str | None) -> dict[str, dict]:
+    from fedllm.federation.experiment import LMExperiment
+    from fedllm.federation.modes import RUNNERS, Hooks
+    from fedllm.federation.progress import StepProgress
+    from fedllm.metrics.report import write_report
+
+    summaries = {}
+    with _progress() as progress:
+        setup = progress.add_task("loading model and data", total=None)
+        exp = LMExperiment(recipe)
+        progress.remove_task(setup)
+        steps = StepProgress(progress)
+        exp.step_callbacks.append(steps)
+        for mode in modes:
+            rounds = progress.add_task(f"{mode}: rounds", total=recipe.federation.rounds)
+            hooks = Hooks(on_round=lambda r, total, t=rounds: progress.update(t, completed=r - 1),
+                          on_client=lambda k, m=mode: steps.label(f"{m}: client {k} steps"))
+            summaries[mode] = RUNNERS[mode](exp, out, hooks)
+            progress.update(rounds, completed=recipe.federation.rounds)
+            write_report(_mode_dir(recipe, mode, out), recipe.output.plots)
+    return summaries
+
+
+def _mode_dir(recipe, mode: str, out: str | None) -> Path:
+    from fedllm.federation.rundir import run_dir
+
+    return run_dir(recipe, mode, out)
+
+
+def _print_table(summaries: dict[str, dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fedllm results (held-out split)")
+    for col in ("mode", "rounds", "eval loss (start→end)", "perplexity", "BLEU", "bytes up", "time s"):
+        table.add_column(col)
+    for mode, s in summaries.items():
+        i, f = s["initial"], s["final"]
+        bleu = "–" if f["bleu"] is None else f"{f['bleu']:.2f}"
+        table.add_row(mode, str(s["rounds"]), f"{i['eval_loss']:.3f} → {f['eval_loss']:.3f}",
+                      f"{f['perplexity']:.2f}", bleu, f"{s['total_bytes_up']:,}", f"{s['total_time_s']:.1f}")
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        if args.command == "report":
+            from fedllm.metrics.report import write_report
+
+            print(write_report(Path(args.run_dir)))
+            return 0
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "validate":
+            print(f"ok: {args.recipe} (name={recipe.name}, mode={recipe.mode}, "
+                  f"{recipe.partition.num_clients} clients, {recipe.federation.rounds} rounds)")
+            return 0
+        if args.command == "run":
+            summaries = _run_modes(recipe, [args.mode or recipe.mode], args.out)
+        else:
+            from fedllm.federation.modes import MODES
+            from fedllm.metrics.report import write_comparison
+
+            summaries = _run_modes(recipe, list(MODES), args.out)
+            root = Path(args.out or recipe.output.dir) / recipe.name
+            write_comparison(root, list(MODES), recipe.output.plots)
+            print(f"comparison: {root / 'comparison.md'}")
+        _print_table(summaries)
+        return 0
+    except RecipeError as exc:
+        print(f"fedllm: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FileNotFoundError as exc:
+        print(f"fedllm: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

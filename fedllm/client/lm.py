@@ -1,0 +1,123 @@
+"""The client: a LightningModule for causal-LM LoRA training, and a callback that makes one
+Lightning ``fit`` one client's federated round (load the global adapter, train, return Δ).
+
+One model object per process serves every client: the callback swaps only the trainable state.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from fedllm.config import TrainConfig
+from fedllm.data.text import Example, collate
+from fedllm.models.state import TrainableState
+from fedllm.types import StateDict, subtract
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then constant (HF's ``warmup_ratio`` semantics over a client's steps)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class CausalLMModule(L.LightningModule):
+    """Trains the (shared, peft-wrapped) model's trainable parameters with AdamW.
+
+    The same module serves the federated, centralized and local modes, so a comparison of the
+    three differs only in orchestration.
+    """
+
+    def __init__(self, model: torch.nn.Module, state: TrainableState, train: TrainConfig, total_steps: int,
+                 extra_loss=None) -> None:
+        super().__init__()
+        self.model = model
+        self.state = state
+        self.train_cfg = train
+        self.warmup_steps = math.ceil(train.warmup_ratio * total_steps)
+        self.extra_loss = extra_loss  # e.g. FedProx's proximal term: f(named params) -> scalar
+        self.losses: list[float] = []
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.losses.append(float(loss.detach()))
+        if self.extra_loss is not None:
+            loss = loss + self.extra_loss(self.state.params)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.state.parameters(), lr=self.train_cfg.lr,
+                                weight_decay=self.train_cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, self.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@dataclass
+class FitResult:
+    """What one Lightning fit produced for the orchestrator."""
+
+    delta: StateDict
+    train_loss: float
+    steps: int
+    finite: bool
+    losses: list[float] = field(default_factory=list)
+
+
+class StopOnNonFinite(L.Callback):
+    """Stops a client's fit at the first NaN/Inf loss (its update is then left out of the round)."""
+
+    def __init__(self) -> None:
+        self.tripped = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.losses and not math.isfinite(pl_module.losses[-1]):
+            self.tripped = True
+            trainer.should_stop = True
+
+
+class FederatedRoundCallback(StopOnNonFinite):
+    """Client side of one round: load the global state at fit start, compute Δ at fit end."""
+
+    def __init__(self, global_state: StateDict) -> None:
+        super().__init__()
+        self.global_state = global_state
+        self.delta: StateDict | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.state.set(self.global_state)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.delta = subtract(pl_module.state.get(), self.global_state)
+
+
+def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int) -> DataLoader:
+    """A seeded, shuffling loader (same seed -> same batch order on every run)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(examples, batch_size=batch_size, shuffle=True, generator=gen,
+                      collate_fn=lambda b: collate(b, pad_id), num_workers=0)
+
+
+def make_trainer(steps: int, max_grad_norm: float, callbacks: list, accelerator: str) -> L.Trainer:
+    """A quiet Trainer for ``steps`` optimizer steps (cycling the loader as needed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         gradient_clip_val=max_grad_norm or None, callbacks=callbacks,
+                         limit_val_batches=0)
+
+
+def fit_steps(module: CausalLMModule, loader: DataLoader, steps: int, callbacks: list,
+              accelerator: str) -> list[float]:
+    """Run ``steps`` optimizer steps of ``module`` with Lightning; returns the step losses."""
+    module.losses = []
+    trainer = make_trainer(steps, module.train_cfg.max_grad_norm, callbacks, accelerator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, train_dataloaders=loader)
+    return list(module.losses)

@@ -1,0 +1,77 @@
+"""From a recipe to tokenized examples, a held-out eval split and per-client partitions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedllm.config import RecipeError, Recipe
+from fedllm.data.partition import holdout, partition
+from fedllm.data.text import Example, load_records, tokenize
+
+
+@dataclass
+class TextData:
+    """Everything the three modes share: the same examples, eval split and client partition."""
+
+    examples: list[Example]
+    eval_idx: list[int]
+    clients: list[list[int]]  # positions into ``examples``
+    source: str
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def client_examples(self, k: int) -> list[Example]:
+        return [self.examples[i] for i in self.clients[k]]
+
+    @property
+    def eval_examples(self) -> list[Example]:
+        return [self.examples[i] for i in self.eval_idx]
+
+    @property
+    def train_examples(self) -> list[Example]:
+        return [self.examples[i] for part in self.clients for i in part]
+
+    def partition_json(self) -> dict:
+        """client id -> source row ids, and the eval ids (the run directory's partition.json)."""
+        return {
+            "source": self.source,
+            "clients": {str(k): [self.examples[i].index for i in part] for k, part in enumerate(self.clients)},
+            "eval": [self.examples[i].index for i in self.eval_idx],
+        }
+
+
+def build_text_data(recipe: Recipe, tokenizer) -> TextData:
+    """Load, tokenize (response-only labels), hold out eval, partition. Deterministic from the seed."""
+    cfg = recipe.data
+    rows, source = load_records(cfg)
+    order = list(range(len(rows)))
+    if cfg.max_examples is not None and cfg.max_examples < len(rows):
+        order = sorted(np.random.default_rng(recipe.seed).choice(len(rows), cfg.max_examples, replace=False).tolist())
+    column = recipe.partition.column
+    if column is not None and column not in rows[order[0]]:
+        raise RecipeError("partition.column", f"column {column!r} not found in {source}; "
+                          f"available: {sorted(rows[order[0]])}")
+    examples: list[Example] = []
+    stats = {"rows": len(order), "skipped_bad_rows": 0, "skipped_no_response_tokens": 0}
+    for i in order:
+        where = f"{source} row {i + 1}"
+        try:
+            ex = tokenize(rows[i], i, tokenizer, cfg, where, column)
+        except RecipeError:
+            if cfg.bad_rows == "error":
+                raise
+            stats["skipped_bad_rows"] += 1
+            continue
+        if ex is None:
+            stats["skipped_no_response_tokens"] += 1
+            continue
+        examples.append(ex)
+    if len(examples) < 2:
+        raise RecipeError(source, f"only {len(examples)} usable examples; expected at least 2")
+    train_pos, eval_pos = holdout(len(examples), cfg.eval_size, recipe.seed)
+    labels = [examples[i].topic for i in train_pos] if column else None
+    parts = partition(len(train_pos), labels, recipe.partition, recipe.seed)
+    clients = [[train_pos[j] for j in part] for part in parts]
+    stats["examples"] = len(examples)
+    return TextData(examples=examples, eval_idx=eval_pos, clients=clients, source=source, stats=stats)

@@ -1,0 +1,66 @@
+"""The demo corpus: instruction pairs built at run time from the installed ``coralmap`` package.
+
+coralmap is a mental-health knowledge library (the GradualDiff-Fed paper's own domain). Its text is
+CC-BY-NC-4.0, so the repository ships none of it: the pairs are derived here, from the installed
+package, each time they are needed. Every entry yields a definition question; behaviours add their
+observable criteria and exclusions; each ``distinguish_from`` boundary yields a contrast question.
+The ``topic`` column (the entry type) gives realistic non-IID clients under a natural partition.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_FIRST_SENTENCES = re.compile(r"(.+?[.!?])(\s|$)")
+
+
+def _sentences(text: str, n: int) -> str:
+    """The first ``n`` sentences of ``text`` (keeps responses short enough for small contexts)."""
+    text = " ".join(text.split())
+    out, rest = [], text
+    for _ in range(n):
+        m = _FIRST_SENTENCES.match(rest)
+        if not m:
+            out.append(rest)
+            break
+        out.append(m.group(1))
+        rest = rest[m.end():]
+        if not rest:
+            break
+    return " ".join(s for s in out if s).strip()
+
+
+def coralmap_records() -> list[dict[str, Any]]:
+    """Instruction pairs ``{id, prompt, response, topic, kind}`` from the installed library."""
+    try:
+        import coralmap
+    except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+        raise FileNotFoundError(
+            "data.builtin: the coralmap package is not installed (pip install coralmap)"
+        ) from exc
+    entries = [e.contract_fields(mode="json") for e in coralmap.load().all_entries()]
+    labels = {e["id"]: e["label"] for e in entries}
+    records: list[dict[str, Any]] = []
+
+    def add(entry: dict[str, Any], kind: str, prompt: str, response: str) -> None:
+        if response.strip():
+            records.append({"id": f"{entry['id']}:{kind}", "prompt": prompt,
+                            "response": response, "topic": entry["type"], "kind": kind})
+
+    for e in entries:
+        label, topic = e["label"], e["type"].replace("_", " ")
+        add(e, "define", f"In the mental-health knowledge library, what is the {topic} "
+                         f"\"{label}\"?", _sentences(e.get("definition", ""), 2))
+        body = e.get("body") or {}
+        if isinstance(body.get("observable_criteria"), str):
+            add(e, "criteria", f"How would you recognise this {topic}: \"{label}\"?",
+                _sentences(body["observable_criteria"], 2))
+        if isinstance(body.get("exclusions"), str):
+            add(e, "exclusions", f"What does not count as \"{label}\"?", _sentences(body["exclusions"], 2))
+        for k, d in enumerate(e.get("distinguish_from") or []):
+            other = labels.get(d.get("neighbor", ""))
+            if other and d.get("boundary"):
+                add(e, f"contrast{k}", f"How is \"{label}\" different from \"{other}\"?",
+                    _sentences(d["boundary"], 2))
+    return records

@@ -1,0 +1,79 @@
+"""An LM experiment: one base model per process, the tokenized data, and client training.
+
+Built once and shared by the federated, centralized and local modes (``fedllm compare`` loads the
+4-bit base a single time). Simulated clients differ only in the trainable state loaded into the
+shared model and in the examples they train on.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+
+import torch
+
+from fedllm.client.evaluate import EvalResult, evaluate
+from fedllm.client.lm import CausalLMModule, FederatedRoundCallback, fit_steps, make_loader
+from fedllm.config import Recipe
+from fedllm.data.build import TextData, build_text_data
+from fedllm.data.text import Example
+from fedllm.models.llm import add_lora, load_base, pick_device
+from fedllm.models.state import TrainableState
+from fedllm.types import ClientUpdate, StateDict, serialized_bytes
+
+log = logging.getLogger(__name__)
+
+
+def round_seed(seed: int, rnd: int) -> int:
+    """Per-round training seed shared by the clients of that round.
+
+    Clients holding identical data in the same round therefore produce identical updates, which is
+    what makes "K identical clients == one client" hold exactly under GradualDiff.
+    """
+    return (seed * 1_000_003 + rnd * 7_919) % (2**31 - 1)
+
+
+class ClientFault(RuntimeError):
+    """An injected client failure (recipe ``faults.error_clients``)."""
+
+
+class LMExperiment:
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        base, self.tokenizer = load_base(recipe.model, recipe.seed)
+        self.model = add_lora(base, recipe.lora, recipe.seed)
+        self.state = TrainableState(self.model)
+        self.initial_state: StateDict = self.state.get()
+        self.data: TextData = build_text_data(recipe, self.tokenizer)
+        self.accelerator = "gpu" if pick_device(recipe.model) == "cuda" else "cpu"
+        self.step_callbacks: list = []  # e.g. progress bars; added by the caller
+
+    def fit(self, client_id: int, examples: list[Example], start: StateDict, rnd: int, steps: int,
+            extra_loss=None) -> ClientUpdate:
+        """Train from ``start`` for ``steps`` steps on ``examples``; return the update Δ."""
+        if self.recipe.faults.fires(client_id, rnd, "error"):
+            raise ClientFault(f"injected failure of client {client_id} in round {rnd}")
+        seed = round_seed(self.recipe.seed, rnd)
+        torch.manual_seed(seed)  # LoRA dropout masks
+        loader = make_loader(examples, self.recipe.train.batch_size, self.tokenizer.pad_token_id, seed)
+        module = CausalLMModule(self.model, self.state, self.recipe.train, steps, extra_loss)
+        round_cb = FederatedRoundCallback(start)
+        losses = fit_steps(module, loader, steps, [round_cb, *self.step_callbacks], self.accelerator)
+        delta = round_cb.delta
+        if self.recipe.faults.fires(client_id, rnd, "nan"):
+            delta = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
+        train_loss = statistics.fmean(losses) if losses and not round_cb.tripped else float("nan")
+        return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(examples),
+                            local_steps=len(losses), train_loss=train_loss, bytes_up=serialized_bytes(delta))
+
+    def evaluate(self, state: StateDict) -> EvalResult:
+        self.state.set(state)
+        e = self.recipe.eval
+        return evaluate(self.model, self.tokenizer, self.data.eval_examples, e.batch_size, e.bleu_samples,
+                        e.max_new_tokens)
+
+    def save_adapter(self, state: StateDict, path: Path) -> None:
+        """Save in peft's format: ``PeftModel.from_pretrained(base, path)`` loads it."""
+        self.state.set(state)
+        self.model.save_pretrained(str(path))

