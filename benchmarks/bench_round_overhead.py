@@ -1,0 +1,88 @@
+"""Wall time of one federated round (train + aggregate, no evaluation) vs a plain PyTorch loop
+doing the same client training steps (same model, batches, AdamW, clipping) — the overhead of
+fedllm's Lightning client and orchestration. Prints both times and the ratio (target <= 1.10).
+
+    python benchmarks/bench_round_overhead.py [--preset smollm2-135m|tiny] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from _common import demo_recipe, quiet
+
+
+def plain_round(exp, global_state, rnd: int) -> None:
+    """What a hand-written loop would do for every client of a round."""
+    from fedllm.client.lm import make_loader, warmup_factor
+    from fedllm.federation.experiment import round_seed
+
+    cfg = exp.recipe.train
+    deltas = []
+    for k in range(exp.recipe.partition.num_clients):
+        exp.state.set(global_state)
+        seed = round_seed(exp.recipe.seed, rnd)
+        torch.manual_seed(seed)
+        loader = make_loader(exp.data.client_examples(k), cfg.batch_size, exp.tokenizer.pad_token_id, seed)
+        params = exp.state.parameters()
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warm = math.ceil(cfg.warmup_ratio * cfg.local_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, warm))
+        exp.model.train()
+        step, it = 0, iter(loader)
+        while step < cfg.local_steps:
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                continue
+            loss = exp.model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+        new = exp.state.get()
+        deltas.append({n: new[n] - global_state[n] for n in new})
+    _ = {n: sum(d[n] for d in deltas) / len(deltas) for n in deltas[0]}
+
+
+def fedllm_round(exp, global_state, rnd: int) -> None:
+    from fedllm.algorithms.aggregate import ApplyDelta, MeanAggregator
+    from fedllm.federation.modes import Hooks, collect_updates
+
+    updates, _ = collect_updates(exp, list(range(exp.recipe.partition.num_clients)), global_state, rnd, Hooks())
+    ApplyDelta().step(global_state, MeanAggregator()(updates))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    quiet()
+    from fedllm.federation.experiment import LMExperiment
+
+    exp = LMExperiment(demo_recipe(f"model.preset={args.preset}"))
+    state = exp.initial_state
+    fedllm_round(exp, state, 1)  # warm-up (first-call allocations, lazy imports)
+    times = {"plain": [], "fedllm": []}
+    for r in range(args.repeats):
+        for name, fn in (("plain", plain_round), ("fedllm", fedllm_round)):
+            t0 = time.perf_counter()
+            fn(exp, state, 1)
+            times[name].append(time.perf_counter() - t0)
+    plain, fed = min(times["plain"]), min(times["fedllm"])
+    steps = exp.recipe.partition.num_clients * exp.recipe.train.local_steps
+    print(f"{steps} client steps per round ({args.preset})")
+    print(f"plain PyTorch loop : {plain:7.2f} s  (best of {args.repeats})")
+    print(f"fedllm round       : {fed:7.2f} s  (best of {args.repeats})")
+    print(f"ratio fedllm/plain : {fed / plain:.3f}  (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

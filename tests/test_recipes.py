@@ -1,0 +1,71 @@
+"""Every recipe under recipes/ (recursively) validates; bad recipes exit 2 with one line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedllm.cli import main
+from fedllm.config import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_found_recursively():
+    assert any(p.parent != ROOT / "recipes" for p in RECIPES), "expected nested recipe folders too"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_validates(path):
+    assert main(["validate", str(path)]) == 0
+
+
+def test_recipe_header_says_how_to_run():
+    for path in RECIPES:
+        head = path.read_text().splitlines()[:6]
+        assert any("fedllm " in line and line.startswith("#") for line in head), path
+
+
+@pytest.mark.parametrize("override,field", [
+    ("lora.rr=4", "lora.rr"),                          # unknown key
+    ("federation.rounds=abc", "federation.rounds"),    # wrong type
+    ("lora.dropout=1.5", "lora.dropout"),              # out of range
+    ("partition.num_clients=100000", "partition.num_clients"),  # more clients than examples (at run)
+    ("partition.method=natral", "partition.method"),   # typo in a choice
+])
+def test_bad_values_name_the_field(override, field, capsys):
+    code = main(["validate", str(ROOT / "recipes/tiny.yaml"), override])
+    if field == "partition.num_clients":  # only known once the data is loaded: checked by run
+        assert code == 0
+        return
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and field in err[0]
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(RecipeError, match="did you mean 'lora.r'"):
+        load_recipe(ROOT / "recipes/tiny.yaml", ["lora.rr=4"])
+
+
+def test_missing_data_file_and_bad_yaml(tmp_path, capsys):
+    assert main(["validate", str(ROOT / "recipes/tiny.yaml"), "data.builtin=null", "data.path=nope.jsonl"]) == 2
+    assert "data.path" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {preset: tiny\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "line" in capsys.readouterr().err
+
+
+def test_more_clients_than_examples_exits_2_without_traceback(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n' * 5)
+    proc = subprocess.run([sys.executable, "-m", "fedllm.cli", "run", str(ROOT / "recipes/tiny.yaml"),
+                           "data.builtin=null", f"data.path={data}", "data.eval_size=1",
+                           "partition.method=iid", "partition.column=null", "partition.num_clients=9",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fedllm: error")]
+    assert len(lines) == 1 and "partition.num_clients" in lines[0]
+    assert "Traceback" not in proc.stderr
