@@ -130,7 +130,7 @@ def test_zero_learning_rate_changes_nothing(tiny_experiment, tiny_recipe, tmp_pa
     state, rs = _run(tiny_experiment, lr0, tiny_experiment.data.clients, tmp_path, "lr0")
     init = tiny_experiment.initial_state
     for k, v in state.items():
-        assert torch.equal(v, init[k.replace(".weight", ".weight")]), k
+        assert torch.equal(v, init[k]), k
     assert len({r["eval_loss"] for r in rs}) == 1 and len({r["bleu"] for r in rs}) == 1
 
 

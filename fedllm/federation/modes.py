@@ -64,6 +64,14 @@ class Hooks:
         self.on_client = on_client or (lambda k: None)
 
 
+def _start(exp: LMExperiment, mode: str, out: str | None, hooks: Hooks | None):
+    """A fresh run directory with its round-0 row, the starting state, and the hooks to use."""
+    writer = RunWriter(run_dir(exp.recipe, mode, out), exp.recipe, exp.data.partition_json())
+    state = clone_state(exp.initial_state)
+    writer.log_round(*_round0(mode, exp, state))
+    return writer, state, hooks or Hooks()
+
+
 def collect_updates(exp: LMExperiment, clients: list[int], global_state: StateDict, rnd: int,
                     hooks: Hooks) -> tuple[list[ClientUpdate], dict[str, int]]:
     """Run the sampled clients; leave out failed or non-finite updates (warned and counted)."""
@@ -88,12 +96,9 @@ def collect_updates(exp: LMExperiment, clients: list[int], global_state: StateDi
 
 
 def run_federated(exp: LMExperiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
-    recipe, hooks = exp.recipe, hooks or Hooks()
-    fed = recipe.federation
+    recipe, fed = exp.recipe, exp.recipe.federation
+    writer, state, hooks = _start(exp, "federated", out, hooks)
     aggregate, server = MeanAggregator(weighted=fed.is_weighted), ApplyDelta()
-    writer = RunWriter(run_dir(recipe, "federated", out), recipe, exp.data.partition_json())
-    state = clone_state(exp.initial_state)
-    writer.log_round(*_round0("federated", exp, state))
     down_bytes = serialized_bytes(state)
     for rnd in range(1, fed.rounds + 1):
         hooks.on_round(rnd, fed.rounds)
@@ -121,12 +126,9 @@ def run_federated(exp: LMExperiment, out: str | None = None, hooks: Hooks | None
 
 
 def run_centralized(exp: LMExperiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
-    recipe, hooks = exp.recipe, hooks or Hooks()
-    fed = recipe.federation
-    writer = RunWriter(run_dir(recipe, "centralized", out), recipe, exp.data.partition_json())
+    recipe, fed = exp.recipe, exp.recipe.federation
+    writer, state, hooks = _start(exp, "centralized", out, hooks)
     pooled = exp.data.train_examples
-    state = clone_state(exp.initial_state)
-    writer.log_round(*_round0("centralized", exp, state))
     for rnd in range(1, fed.rounds + 1):
         hooks.on_round(rnd, fed.rounds)
         t0 = time.perf_counter()
@@ -148,11 +150,8 @@ def run_centralized(exp: LMExperiment, out: str | None = None, hooks: Hooks | No
 
 def run_local(exp: LMExperiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
     """Each client alone; rows carry the mean over clients and a ``per_client`` breakdown."""
-    recipe, hooks = exp.recipe, hooks or Hooks()
-    fed = recipe.federation
-    writer = RunWriter(run_dir(recipe, "local", out), recipe, exp.data.partition_json())
-    row0, samples0 = _round0("local", exp, exp.initial_state)
-    writer.log_round(row0, samples0)
+    recipe, fed = exp.recipe, exp.recipe.federation
+    writer, _, hooks = _start(exp, "local", out, hooks)
     per_round: dict[int, dict[int, dict[str, Any]]] = {r: {} for r in range(1, fed.rounds + 1)}
     finals: dict[int, StateDict] = {}
     for k in range(recipe.partition.num_clients):

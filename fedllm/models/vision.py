@@ -19,7 +19,8 @@ class LeNet300100(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU())
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(),
+                                  nn.Linear(300, 100), nn.ReLU())
         self.head = nn.Linear(100, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,113 @@
+"""The client for vision baselines: a LightningModule training a small classifier with SGD.
+
+An optional pruning mask (HP-FL, SNIP, random) is re-applied after every optimizer step, so the
+pruned weights stay exactly zero however the optimizer (momentum, weight decay) moves them.
+The same module serves the federated, centralized and local modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedllm.algorithms.prune import check_mask
+
+
+@dataclass(frozen=True)
+class VisionTrainConfig:
+    """Local SGD settings for the vision baselines."""
+
+    lr: float = 0.1              # SGD learning rate
+    momentum: float = 0.0        # SGD momentum
+    weight_decay: float = 0.0    # L2 penalty added by the optimizer
+    batch_size: int = 60         # mini-batch size
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+class VisionClassifier(L.LightningModule):
+    """Cross-entropy training of ``model``; ``mask`` is keyed like ``model.state_dict()``."""
+
+    def __init__(self, model: nn.Module, cfg: VisionTrainConfig | None = None,
+                 mask: Mapping[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg or VisionTrainConfig()
+        self.mask: dict[str, torch.Tensor] = {}
+        self.losses: list[float] = []
+        self.set_mask(mask)
+
+    def set_mask(self, mask: Mapping[str, torch.Tensor] | None) -> None:
+        """Install (or clear, with ``None``) the pruning mask and zero the pruned weights now."""
+        mask = dict(mask or {})
+        check_mask(dict(self.model.named_parameters()), mask)
+        self.mask = mask
+        self.apply_mask()
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        params = dict(self.model.named_parameters())
+        for k, m in self.mask.items():
+            params[k].masked_fill_(~m.to(params[k].device), 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        self.losses.append(float(loss.detach()))
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.apply_mask()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
+
+
+def vision_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,
+                  seed: int = 0) -> DataLoader:
+    """A DataLoader over in-memory tensors, shuffled from ``seed`` (no worker processes)."""
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y); restores the model's train/eval mode."""
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"need matching non-empty x and y, got {len(x)} and {len(y)}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, correct = 0.0, 0
+    try:
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+            logits = model(xb)
+            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return loss_sum / len(x), correct / len(x)
