@@ -2,7 +2,7 @@
 doing the same client training steps (same model, batches, AdamW, clipping) — the overhead of
 fedllm's Lightning client and orchestration. Prints both times and the ratio (target <= 1.10).
 
-    python benchmarks/bench_round_overhead.py [--preset smollm2-135m|tiny] [--repeats 2]
+    python benchmarks/bench_round_overhead.py [--preset smollm2-135m|tiny] [--repeats 2] [--local-steps 4]
 """
 
 from __future__ import annotations
@@ -63,11 +63,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--local-steps", type=int, default=4, help="client steps per round (demo: 4)")
     args = ap.parse_args()
     quiet()
     from fedllm.federation.experiment import LMExperiment
 
-    exp = LMExperiment(demo_recipe(f"model.preset={args.preset}"))
+    exp = LMExperiment(demo_recipe(f"model.preset={args.preset}", f"train.local_steps={args.local_steps}"))
     state = exp.initial_state
     fedllm_round(exp, state, 1)  # warm-up (first-call allocations, lazy imports)
     times = {"plain": [], "fedllm": []}
