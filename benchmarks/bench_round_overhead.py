@@ -30,7 +30,7 @@ def plain_round(exp, global_state, rnd: int) -> None:
         params = exp.state.parameters()
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = math.ceil(cfg.warmup_ratio * cfg.local_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warm: warmup_factor(s, w))
         exp.model.train()
         step, it = 0, iter(loader)
         while step < cfg.local_steps:
@@ -72,7 +72,7 @@ def main() -> None:
     state = exp.initial_state
     fedllm_round(exp, state, 1)  # warm-up (first-call allocations, lazy imports)
     times = {"plain": [], "fedllm": []}
-    for r in range(args.repeats):
+    for _ in range(args.repeats):
         for name, fn in (("plain", plain_round), ("fedllm", fedllm_round)):
             t0 = time.perf_counter()
             fn(exp, state, 1)

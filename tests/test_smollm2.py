@@ -21,8 +21,8 @@ def test_smollm2_4bit_federated_round(tmp_path):
     # a real instruct model on real text: far below the uniform baseline ln(49,152) ≈ 10.8
     assert rows[0]["eval_loss"] < 0.75 * math.log(49152)
     assert rows[1]["bytes_up"] > 0 and rows[1]["train_loss"] is not None
-    from fedllm.models.llm import load_base
     from fedllm.config import ModelConfig
+    from fedllm.models.llm import load_base
 
     base, _ = load_base(ModelConfig(), 0)
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedllm.config import RecipeError, Recipe
+from fedllm.config import Recipe, RecipeError
 from fedllm.data.partition import holdout, partition
 from fedllm.data.text import Example, load_records, tokenize
 

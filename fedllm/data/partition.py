@@ -92,7 +92,7 @@ def partition(n: int, labels: Sequence | None, cfg: PartitionConfig, seed: int) 
     if labels is None:
         raise RecipeError("partition.column", f"method {cfg.method!r} needs a label column in the data")
     if cfg.method == "dirichlet":
-        for attempt in range(100):  # resample until every client reaches min_examples
+        for _ in range(100):  # resample until every client reaches min_examples
             parts = dirichlet(labels, cfg.num_clients, cfg.alpha, rng)
             if min(len(p) for p in parts) >= cfg.min_examples:
                 break

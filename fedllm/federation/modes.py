@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from fedllm.algorithms.aggregate import ApplyDelta, MeanAggregator
-from fedllm.config import Recipe
 from fedllm.federation.experiment import LMExperiment
 from fedllm.federation.rundir import RunWriter, run_dir, summarize
 from fedllm.types import ClientUpdate, StateDict, add, clone_state, serialized_bytes
