@@ -1,0 +1,173 @@
+"""Client-drift corrections for heterogeneous (non-IID) clients: FedProx, SCAFFOLD, FedNova.
+
+- FedProx (Li et al., 2020, "Federated Optimization in Heterogeneous Networks"): each client
+  minimizes Fᵢ(w) + (μ/2)‖w − w_g‖², whose extra gradient is μ(w − w_g) (not μ/2, not 2μ).
+- SCAFFOLD (Karimireddy et al., 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated
+  Learning"): each local step uses g(w) + c − cᵢ; after K steps of lr η, option II sets
+  cᵢ⁺ = cᵢ − c + (θ_g − θᵢ)/(Kη) = cᵢ − c − Δᵢ/(Kη), and the server sets
+  c ← c + (|S|/N)·mean_{i∈S}(cᵢ⁺ − cᵢ) = c + (1/N) Σ_{i∈S}(cᵢ⁺ − cᵢ).
+- FedNova (Wang et al., 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous
+  Federated Optimization"): clients that ran τᵢ local steps are normalized before averaging,
+  Δ = τ_eff Σ pᵢ Δᵢ/τᵢ with τ_eff = Σ pᵢ τᵢ (vanilla local SGD, where aᵢ = τᵢ; with momentum or a
+  proximal term ‖aᵢ‖₁ differs and is not modelled here).
+
+Everything is a pure function over ``dict[str, Tensor]``; :class:`ScaffoldState` is the one
+stateful piece and checkpoints as plain tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedllm.algorithms.aggregate import client_weights
+from fedllm.types import ClientUpdate, StateDict, weighted_sum
+
+
+def _same_keys(what: str, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    if a.keys() != b.keys():
+        missing, extra = sorted(set(a) - set(b))[:3], sorted(set(b) - set(a))[:3]
+        raise ValueError(f"{what}: keys differ from the reference state: missing {missing}, "
+                         f"unexpected {extra}")
+
+
+# ---------------------------------------------------------------------------- FedProx
+
+
+def _global_for(params: Mapping[str, torch.Tensor], global_params: Mapping[str, torch.Tensor],
+                ) -> dict[str, torch.Tensor]:
+    missing = sorted(set(params) - set(global_params))
+    if missing:
+        raise ValueError(f"FedProx: global_params lacks {missing[:3]}; expected every trainable key")
+    return {k: global_params[k].detach().to(device=w.device, dtype=w.dtype) for k, w in params.items()}
+
+
+def _check_mu(mu: float) -> None:
+    if not mu >= 0:
+        raise ValueError(f"FedProx mu must be >= 0, got {mu}")
+
+
+def prox_gradient(params: Mapping[str, torch.Tensor], global_params: Mapping[str, torch.Tensor],
+                  mu: float) -> StateDict:
+    """μ(w − w_g) per key: the gradient of (μ/2)‖w − w_g‖², to add to each parameter's gradient."""
+    _check_mu(mu)
+    anchors = _global_for(params, global_params)
+    return {k: mu * (w.detach() - anchors[k]) for k, w in params.items()}
+
+
+def prox_penalty(params: Mapping[str, torch.Tensor], global_params: Mapping[str, torch.Tensor],
+                 mu: float) -> torch.Tensor:
+    """(μ/2)‖w − w_g‖² as a scalar tensor that keeps autograd, to add to the client's loss."""
+    _check_mu(mu)
+    anchors = _global_for(params, global_params)
+    if not params:
+        return torch.zeros(())
+    total = sum(((w - anchors[k]) ** 2).sum() for k, w in params.items())
+    return 0.5 * mu * total
+
+
+# ---------------------------------------------------------------------------- SCAFFOLD
+
+
+def scaffold_correction(c: Mapping[str, torch.Tensor], c_i: Mapping[str, torch.Tensor]) -> StateDict:
+    """c − cᵢ: added to the gradient at every local step of client i."""
+    _same_keys("SCAFFOLD c_i", c, c_i)
+    return {k: c[k] - c_i[k] for k in c}
+
+
+def scaffold_client_control(c_i: Mapping[str, torch.Tensor], c: Mapping[str, torch.Tensor],
+                            delta: Mapping[str, torch.Tensor], local_steps: int, lr: float) -> StateDict:
+    """Option II: cᵢ⁺ = cᵢ − c − Δᵢ/(K·η), where Δᵢ = θᵢ − θ_g after K local steps of lr η."""
+    if local_steps <= 0:
+        raise ValueError(f"SCAFFOLD needs local_steps > 0, got {local_steps}")
+    if not lr > 0:
+        raise ValueError(f"SCAFFOLD needs a local lr > 0, got {lr}")
+    _same_keys("SCAFFOLD c", c_i, c)
+    _same_keys("SCAFFOLD delta", c_i, delta)
+    scale = 1.0 / (local_steps * lr)
+    return {k: c_i[k] - c[k] - scale * delta[k].to(c_i[k].dtype) for k in c_i}
+
+
+class ScaffoldState:
+    """The server control c and every client's control cᵢ (zeros until a client first reports).
+
+    ``template`` fixes the keys, shapes and dtypes (the trainable state); controls live on the CPU.
+    """
+
+    def __init__(self, template: Mapping[str, torch.Tensor]) -> None:
+        self.c: StateDict = {k: torch.zeros_like(v, device="cpu") for k, v in template.items()}
+        self.clients: dict[int, StateDict] = {}
+
+    def client_control(self, client_id: int) -> StateDict:
+        """cᵢ for ``client_id`` (zeros if it has never been updated)."""
+        found = self.clients.get(client_id)
+        return {k: v.clone() for k, v in (found or self._zeros()).items()}
+
+    def server_update(self, client_ids: Sequence[int], new_controls: Sequence[Mapping[str, torch.Tensor]],
+                      num_clients_total: int) -> dict[int, StateDict]:
+        """c ← c + (|S|/N)·mean(cᵢ⁺ − cᵢ); store each cᵢ⁺; return {client_id: cᵢ⁺ − cᵢ}.
+
+        The returned control deltas are what a client would upload besides Δᵢ, so
+        ``serialized_bytes`` of each is SCAFFOLD's extra communication.
+        """
+        ids = list(client_ids)
+        if len(ids) != len(new_controls):
+            raise ValueError(f"{len(ids)} client ids but {len(new_controls)} new controls")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"client ids must be unique, got {ids}")
+        if num_clients_total < len(ids) or num_clients_total <= 0:
+            raise ValueError(f"num_clients_total={num_clients_total} must be >= the {len(ids)} "
+                             "participating clients and > 0")
+        deltas: dict[int, StateDict] = {}
+        for cid, new in zip(ids, new_controls):
+            _same_keys(f"SCAFFOLD control of client {cid}", self.c, new)
+            new_cpu = {k: v.detach().to(device="cpu", dtype=self.c[k].dtype) for k, v in new.items()}
+            old = self.clients.get(cid) or self._zeros()
+            deltas[cid] = {k: new_cpu[k] - old[k] for k in self.c}
+            self.clients[cid] = new_cpu
+        if ids:
+            # (|S|/N) · mean over S  ==  (1/N) · sum over S
+            total = weighted_sum(list(deltas.values()), [1.0 / num_clients_total] * len(ids))
+            self.c = {k: self.c[k] + total[k] for k in self.c}
+        return deltas
+
+    def _zeros(self) -> StateDict:
+        return {k: torch.zeros_like(v) for k, v in self.c.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"c": {k: v.clone() for k, v in self.c.items()},
+                "clients": {cid: {k: v.clone() for k, v in s.items()} for cid, s in self.clients.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"c", "clients"}:
+            raise ValueError(f"ScaffoldState needs keys ['c', 'clients'], got {sorted(state)}")
+        _same_keys("ScaffoldState c", self.c, state["c"])
+        self.c = {k: v.clone() for k, v in state["c"].items()}
+        self.clients = {int(cid): {k: v.clone() for k, v in s.items()} for cid, s in state["clients"].items()}
+
+
+# ---------------------------------------------------------------------------- FedNova
+
+
+def fednova_aggregate(updates: Sequence[ClientUpdate], weighted: bool = True) -> StateDict:
+    """Δ = τ_eff Σ pᵢ Δᵢ/τᵢ, τ_eff = Σ pᵢ τᵢ, with pᵢ = nᵢ/n (or 1/K) and τᵢ = local_steps."""
+    p = client_weights(updates, weighted)
+    for u in updates:
+        if u.local_steps <= 0:
+            raise ValueError(f"FedNova: client {u.client_id} reports local_steps={u.local_steps}; "
+                             "expected > 0")
+    tau_eff = sum(pi * u.local_steps for pi, u in zip(p, updates))
+    coefficients = [tau_eff * pi / u.local_steps for pi, u in zip(p, updates)]
+    return weighted_sum([u.delta for u in updates], coefficients)
+
+
+class FedNovaAggregator:
+    """FedNova's normalized averaging as an :class:`~fedllm.algorithms.aggregate.Aggregator`."""
+
+    def __init__(self, weighted: bool = True) -> None:
+        self.weighted = weighted
+
+    def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
+        return fednova_aggregate(updates, self.weighted)

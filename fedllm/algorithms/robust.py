@@ -1,0 +1,177 @@
+"""Byzantine-robust aggregators: each maps the round's client deltas to one delta.
+
+- ``Median`` — coordinate-wise median (Yin et al., 2018, "Byzantine-Robust Distributed Learning:
+  Towards Optimal Statistical Rates"): Δ[j] = median_i Δᵢ[j] (mean of the two middle values when
+  K is even).
+- ``TrimmedMean(β)`` — coordinate-wise trimmed mean (same paper): per coordinate, sort the K values,
+  drop the k = ⌊βK⌋ smallest and k largest, average the K − 2k left.
+- ``Krum(f, m)`` — Blanchard et al., 2017, "Machine Learning with Adversaries: Byzantine Tolerant
+  Gradient Descent": score(i) = Σ of the squared L2 distances from Δᵢ to its K − f − 2 nearest other
+  deltas (each delta flattened to one vector); Krum returns the delta of lowest score, multi-Krum the
+  plain mean of the m lowest-scoring ones. Needs K > 2f + 2.
+- ``NormBound(C, inner)`` — clip each delta to ‖Δᵢ‖₂ ≤ C, then aggregate with ``inner`` (Sun et al.,
+  2019, "Can You Really Backdoor Federated Learning?").
+
+Robust rules ignore example counts (a Byzantine client could lie about them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fedllm.algorithms.aggregate import Aggregator, MeanAggregator
+from fedllm.algorithms.drift import FedNovaAggregator
+from fedllm.types import ClientUpdate, StateDict, global_norm
+
+
+def _check_nonempty(updates: Sequence[ClientUpdate]) -> None:
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    keys = updates[0].delta.keys()
+    for u in updates[1:]:
+        if u.delta.keys() != keys:
+            raise ValueError(f"client {u.client_id} sent keys that differ from client "
+                             f"{updates[0].client_id}'s; expected the same trainable state")
+
+
+def _sorted_stack(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor:
+    """The K values of ``key`` stacked on dim 0 (float64) and sorted per coordinate."""
+    return torch.stack([u.delta[key].detach().to(torch.float64) for u in updates]).sort(dim=0).values
+
+
+def coordinate_median(updates: Sequence[ClientUpdate]) -> StateDict:
+    """Coordinate-wise median of the deltas (mean of the two middle values for even K)."""
+    _check_nonempty(updates)
+    k = len(updates)
+    out: StateDict = {}
+    for key, ref in updates[0].delta.items():
+        s = _sorted_stack(updates, key)
+        mid = s[k // 2] if k % 2 else 0.5 * (s[k // 2 - 1] + s[k // 2])
+        out[key] = mid.to(ref.dtype)
+    return out
+
+
+class Median:
+    """Coordinate-wise median (Yin et al., 2018)."""
+
+    def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
+        return coordinate_median(updates)
+
+
+class TrimmedMean:
+    """Coordinate-wise β-trimmed mean (Yin et al., 2018): drop ⌊βK⌋ values at each end."""
+
+    def __init__(self, beta: float = 0.1) -> None:
+        if not 0.0 <= beta < 0.5:
+            raise ValueError(f"trimmed mean beta must be in [0, 0.5), got {beta}")
+        self.beta = beta
+
+    def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
+        _check_nonempty(updates)
+        n = len(updates)
+        k = math.floor(self.beta * n)
+        if n - 2 * k < 1:
+            raise ValueError(f"trimming {k} of {n} updates at each end leaves nothing; lower beta")
+        return {key: _sorted_stack(updates, key)[k:n - k].mean(dim=0).to(ref.dtype)
+                for key, ref in updates[0].delta.items()}
+
+
+def _pairwise_sq_distances(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """K×K squared L2 distances between the flattened deltas (accumulated key by key, float64)."""
+    n = len(updates)
+    dist = torch.zeros(n, n, dtype=torch.float64)
+    for key in updates[0].delta:
+        x = torch.stack([u.delta[key].detach().cpu().flatten().to(torch.float64) for u in updates])
+        # the direct-difference mode, not ‖a‖²+‖b‖²−2ab, which cancels badly for close deltas
+        dist += torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    return dist
+
+
+def krum_select(updates: Sequence[ClientUpdate], num_byzantine: int, multi: int = 1) -> list[int]:
+    """Indices (into ``updates``) of the ``multi`` deltas with the lowest Krum score, best first."""
+    _check_nonempty(updates)
+    n, f = len(updates), num_byzantine
+    if n <= 2 * f + 2:
+        raise ValueError(f"Krum needs more than 2f + 2 = {2 * f + 2} updates for f={f}, got {n}")
+    if not 1 <= multi <= n:
+        raise ValueError(f"multi-Krum m must be in [1, {n}], got {multi}")
+    dist = _pairwise_sq_distances(updates)
+    dist.fill_diagonal_(float("inf"))
+    nearest = dist.sort(dim=1).values[:, : n - f - 2]
+    scores = nearest.sum(dim=1)
+    return [int(i) for i in torch.argsort(scores, stable=True)[:multi]]
+
+
+class Krum:
+    """Krum (m=1) and multi-Krum (mean of the m best) of Blanchard et al., 2017.
+
+    ``multi=None`` takes m = K − f, the usual multi-Krum choice.
+    """
+
+    def __init__(self, num_byzantine: int, multi: int | None = 1) -> None:
+        if num_byzantine < 0:
+            raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}")
+        if multi is not None and multi < 1:
+            raise ValueError(f"multi must be >= 1 (or None for K − f), got {multi}")
+        self.num_byzantine, self.multi = num_byzantine, multi
+
+    def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
+        m = len(updates) - self.num_byzantine if self.multi is None else self.multi
+        chosen = krum_select(updates, self.num_byzantine, m)
+        return MeanAggregator(weighted=False)([updates[i] for i in chosen])
+
+
+def clip_update(update: ClientUpdate, max_norm: float) -> ClientUpdate:
+    """``update`` with its delta scaled by min(1, C/‖Δ‖₂) (global L2 norm over all keys)."""
+    norm = global_norm(update.delta)
+    if norm <= max_norm:
+        return update
+    scale = max_norm / norm
+    return dataclasses.replace(update, delta={k: v * scale for k, v in update.delta.items()})
+
+
+class NormBound:
+    """Clip each delta to L2 norm ``max_norm``, then delegate to ``inner`` (plain mean by default)."""
+
+    def __init__(self, max_norm: float, inner: Aggregator | None = None) -> None:
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        self.max_norm = max_norm
+        self.inner: Aggregator = inner if inner is not None else MeanAggregator()
+
+    def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
+        return self.inner([clip_update(u, self.max_norm) for u in updates])
+
+
+def _multi_krum(num_byzantine: int, multi: int | None = None) -> Krum:
+    return Krum(num_byzantine, multi)
+
+
+AGGREGATORS: dict[str, Any] = {
+    "mean": MeanAggregator,
+    "median": Median,
+    "trimmed_mean": TrimmedMean,
+    "krum": Krum,
+    "multi_krum": _multi_krum,
+    "fednova": FedNovaAggregator,
+}
+
+
+def build_aggregator(name: str, max_norm: float | None = None, **kw: Any) -> Aggregator:
+    """The aggregator called ``name`` (one of :data:`AGGREGATORS`) built with ``kw``.
+
+    ``weighted`` goes to "mean" and "fednova"; ``max_norm`` wraps any of them in :class:`NormBound`.
+    """
+    factory = AGGREGATORS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown aggregator {name!r}; expected one of {sorted(AGGREGATORS)}")
+    try:
+        agg = factory(**kw)
+    except TypeError as err:
+        raise ValueError(f"aggregator {name!r} got bad options {sorted(kw)}: {err}") from err
+    return agg if max_norm is None else NormBound(max_norm, agg)
