@@ -36,8 +36,15 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors follow the same contract as recipe errors: one line, exit 2."""
+
+    def error(self, message: str):
+        raise RecipeError(self.prog, message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedllm", description="Federated fine-tuning of 4-bit LoRA LMs.")
+    p = _Parser(prog="fedllm", description="Federated fine-tuning of 4-bit LoRA LMs.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "train one mode (recipe `mode`, or --mode)"),
                         ("compare", "run federated, centralized and local on the same partition"),
@@ -105,9 +112,9 @@ def _print_table(summaries: dict[str, dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _quiet_libraries()
     try:
+        args = _parser().parse_args(argv)
+        _quiet_libraries()
         if args.command == "report":
             from fedllm.metrics.report import write_report
 

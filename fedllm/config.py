@@ -10,10 +10,13 @@ the CLI prints it as one line and exits with code 2.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,11 +24,31 @@ from typing import Any, Literal
 import yaml
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (``\\n``, ``\\x85``, ...)."""
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") else ch
+                   for ch in text)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A short repr for error messages (a huge value must not flood the one-line error)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's 4,300-digit str limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class RecipeError(ValueError):
-    """A recipe problem, reported to the user as one line: ``<where>: <what was expected>``."""
+    """A recipe problem, reported to the user as one line: ``<where>: <what was expected>``.
+
+    Both parts come from user input (keys, values, file names), so line breaks and control
+    characters in them are escaped: the message is always exactly one line.
+    """
 
     def __init__(self, where: str, message: str) -> None:
-        super().__init__(f"{where}: {message}")
+        where = one_line(str(where))
+        super().__init__(f"{where}: {one_line(str(message))}")
         self.where = where
 
 
@@ -51,7 +74,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.path is not None:
-            _check(Path(self.path).is_dir(), "model.path", f"directory {self.path!r} does not exist")
+            _check(self.path.strip() != "" and Path(self.path).is_dir(), "model.path",
+                   f"directory {self.path!r} does not exist")
 
 
 @dataclass(frozen=True)
@@ -85,7 +109,8 @@ class DataConfig:
         _check((self.builtin is None) != (self.path is None), "data",
                "set exactly one of data.builtin or data.path")
         if self.path is not None:
-            _check(Path(self.path).exists(), "data.path", f"file {self.path!r} does not exist")
+            _check(self.path.strip() != "" and Path(self.path).exists(), "data.path",
+                   f"file {self.path!r} does not exist")
         _check(8 <= self.max_length <= 32768, "data.max_length", f"expected in [8, 32768], got {self.max_length}")
         _check(self.eval_size >= 1, "data.eval_size", f"expected >= 1, got {self.eval_size}")
         if self.max_examples is not None:
@@ -192,8 +217,10 @@ class Recipe:
     faults: FaultsConfig = doc("injected client faults", FaultsConfig())
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
-               f"expected a plain folder name, got {self.name!r}")
+        _check(bool(self.name.strip()) and not any(c in self.name for c in "/\\\0")
+               and self.name not in (".", "..") and len(self.name.encode("utf-8", "replace")) <= 200,
+               "name", f"expected a plain folder name (no / or \\, at most 200 bytes), got {_show(self.name)}")
+        _check(0 <= self.seed < 2**32, "seed", f"expected an integer in [0, 2**32), got {self.seed}")
         _check(self.federation.min_clients <= self.partition.num_clients, "federation.min_clients",
                f"expected <= partition.num_clients ({self.partition.num_clients}), got {self.federation.min_clients}")
         for kind in ("nan_clients", "error_clients"):
@@ -234,28 +261,31 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except RecipeError:
                 continue
-        raise RecipeError(where, f"expected {_type_name(tp)}, got {value!r}")
+        raise RecipeError(where, f"expected {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
         near = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise RecipeError(where, f"expected {_type_name(tp)}, got {value!r}{hint}")
+        raise RecipeError(where, f"expected {_type_name(tp)}, got {_show(value)}{hint}")
     if origin is list:
         if not isinstance(value, list):
-            raise RecipeError(where, f"expected {_type_name(tp)}, got {value!r}")
+            raise RecipeError(where, f"expected {_type_name(tp)}, got {_show(value)}")
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is type(None):
         if value is None:
             return None
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        number = float(value) if abs(value) < 1e300 else math.inf  # float(10**400) would overflow
+        if not math.isfinite(number):
+            raise RecipeError(where, f"expected a finite number, got {_show(value)}")
+        return number
     elif tp is bool and isinstance(value, bool):
         return value
     elif tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
         return value
-    raise RecipeError(where, f"expected {_type_name(tp)}, got {value!r}")
+    raise RecipeError(where, f"expected {_type_name(tp)}, got {_show(value)}")
 
 
 def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
@@ -290,14 +320,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(text, "expected an override of the form group.field=value")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+        value = raw  # not YAML: keep the text (the field's type check then names it)
     return key.split("."), value
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted ``key=value`` overrides to a raw recipe mapping (returns a new mapping)."""
-    out = yaml.safe_load(yaml.safe_dump(values))  # deep copy through plain types
+    out = copy.deepcopy(values)
     for text in overrides:
         path, value = parse_override(text)
         node = out
@@ -325,6 +355,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"{path}{line}", f"not valid YAML ({getattr(exc, 'problem', exc)})") from None
     except UnicodeDecodeError:
         raise RecipeError(str(path), "not a UTF-8 text file") from None
+    except (ValueError, OverflowError) as exc:  # e.g. an invalid date or a 5,000-digit integer
+        raise RecipeError(str(path), f"not valid YAML ({exc})") from None
+    except RecursionError:
+        raise RecipeError(str(path), "not valid YAML (nested too deeply)") from None
+    except OSError as exc:
+        raise RecipeError(str(path), f"could not be read ({exc.strerror or exc})") from None
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -334,9 +370,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load, override and validate a recipe. Relative data/model paths resolve from the CWD."""
-    values = apply_overrides(read_yaml(path), overrides or [])
-    values.setdefault("name", Path(path).stem)
-    return build(Recipe, values)
+    try:
+        values = apply_overrides(read_yaml(path), overrides or [])
+        values.setdefault("name", Path(path).stem)
+        return build(Recipe, values)
+    except RecursionError:
+        raise RecipeError(str(path), "a value is nested too deeply") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -44,18 +44,18 @@ class TextData:
 def build_text_data(recipe: Recipe, tokenizer) -> TextData:
     """Load, tokenize (response-only labels), hold out eval, partition. Deterministic from the seed."""
     cfg = recipe.data
-    rows, source = load_records(cfg)
+    rows, source, places = load_records(cfg)
     order = list(range(len(rows)))
     if cfg.max_examples is not None and cfg.max_examples < len(rows):
         order = sorted(np.random.default_rng(recipe.seed).choice(len(rows), cfg.max_examples, replace=False).tolist())
     column = recipe.partition.column
-    if column is not None and column not in rows[order[0]]:
+    if column is not None and not any(column in rows[i] for i in order):
         raise RecipeError("partition.column", f"column {column!r} not found in {source}; "
-                          f"available: {sorted(rows[order[0]])}")
+                          f"available: {sorted(map(str, rows[order[0]]))}")
     examples: list[Example] = []
     stats = {"rows": len(order), "skipped_bad_rows": 0, "skipped_no_response_tokens": 0}
     for i in order:
-        where = f"{source} row {i + 1}"
+        where = f"{source} {places[i]}"
         try:
             ex = tokenize(rows[i], i, tokenizer, cfg, where, column)
         except RecipeError:

@@ -10,6 +10,7 @@ its end-of-turn token) is learned and scored.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from fedllm.config import DataConfig, RecipeError
 from fedllm.data.coralmap import coralmap_records
 
 IGNORE = -100
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -36,23 +38,63 @@ class Example:
     topic: Any = None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecipeError(f"{path} line {line_no}", f"not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise RecipeError(f"{path} line {line_no}", "expected a JSON object per line")
-            rows.append(row)
-    return rows
+Rows = tuple[list[dict[str, Any]], list[str]]  # the rows and where each one is ("line 7", "row 3")
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is dropped); an encoding error names its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"{path} line {line}", f"not UTF-8 text (byte {exc.start})") from None
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows, places = [], []
+    for line_no, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"{path} line {line_no}", f"not valid JSON ({exc.msg})") from None
+        except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+            raise RecipeError(f"{path} line {line_no}", f"not valid JSON ({exc})") from None
+        except RecursionError:
+            raise RecipeError(f"{path} line {line_no}", "not valid JSON (nested too deeply)") from None
+        if not isinstance(row, dict):
+            raise RecipeError(f"{path} line {line_no}", "expected a JSON object per line")
+        rows.append(row)
+        places.append(f"line {line_no}")
+    return rows, places
+
+
+def _read_csv(path: Path) -> Rows:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    rows, places, start = [], [], 2  # line 1 is the header
+    try:
+        for row in reader:
+            rows.append(dict(row))
+            places.append(f"line {start}")
+            start = reader.line_num + 1
+    except csv.Error as exc:  # e.g. a field over csv's size limit
+        raise RecipeError(f"{path} line {reader.reader.line_num}", f"not valid CSV ({exc})") from None
+    return rows, places
+
+
+def _read_parquet(path: Path) -> Rows:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow's errors also subclass TypeError, KeyError, NotImplementedError...
+        raise RecipeError(str(path), f"could not be read as parquet ({type(exc).__name__}: {exc})") from None
+    return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
+
+
+def _read_file(path: Path) -> Rows:
     try:
         if path.is_dir():
             import datasets
@@ -60,33 +102,32 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-            return [dict(r) for r in ds]
+            rows = [dict(r) for r in ds]
+            return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
             return _read_jsonl(path)
         if suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as fh:
-                return [dict(r) for r in csv.DictReader(fh)]
+            return _read_csv(path)
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
+            return _read_parquet(path)
     except RecipeError:
         raise
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         raise RecipeError(str(path), f"could not be read as data ({type(exc).__name__}: {exc})") from None
     raise RecipeError("data.path", f"expected a .jsonl, .csv, .parquet file or a datasets directory, got {path}")
 
 
-def load_records(cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:
-    """The raw rows and a name for error messages."""
+def load_records(cfg: DataConfig) -> tuple[list[dict[str, Any]], str, list[str]]:
+    """The raw rows, a name for error messages, and each row's place in it ("line 7", "row 3")."""
     if cfg.builtin == "coralmap":
-        return coralmap_records(), "builtin:coralmap"
+        rows = coralmap_records()
+        return rows, "builtin:coralmap", [f"row {i}" for i in range(1, len(rows) + 1)]
     path = Path(cfg.path)
-    rows = _read_file(path)
+    rows, places = _read_file(path)
     if not rows:
         raise RecipeError(str(path), "contains no rows")
-    return rows, str(path)
+    return rows, str(path), places
 
 
 def conversation(row: dict[str, Any], cfg: DataConfig, where: str) -> list[dict[str, str]]:
@@ -94,11 +135,15 @@ def conversation(row: dict[str, Any], cfg: DataConfig, where: str) -> list[dict[
     if cfg.messages_field:
         msgs = row.get(cfg.messages_field)
         if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in msgs
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ROLES for m in msgs
         ):
-            raise RecipeError(where, f"field {cfg.messages_field!r}: expected a list of {{role, content}} messages")
+            raise RecipeError(where, f"field {cfg.messages_field!r}: expected a list of {{role, content}} "
+                              f"messages with role in {ROLES}")
         if msgs[-1]["role"] != "assistant":
             raise RecipeError(where, f"field {cfg.messages_field!r}: the last message must be the assistant's")
+        if not any(m["role"] == "user" for m in msgs[:-1]):
+            raise RecipeError(where, f"field {cfg.messages_field!r}: expected a user message before the "
+                              "assistant's response")
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
     else:
         for name in (cfg.prompt_field, cfg.response_field):
@@ -111,12 +156,22 @@ def conversation(row: dict[str, Any], cfg: DataConfig, where: str) -> list[dict[
     return msgs
 
 
+def _is_label(value: Any) -> bool:
+    return isinstance(value, (str, int, float)) and value == value  # NaN != NaN
+
+
 def tokenize(row: dict[str, Any], index: int, tokenizer: Any, cfg: DataConfig, where: str,
              topic_field: str | None = None) -> Example | None:
     """Tokenize one row with the chat template; ``None`` when truncation leaves no response token."""
     msgs = conversation(row, cfg, where)
-    prompt_ids = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True)
-    full_ids = tokenizer.apply_chat_template(msgs, tokenize=True)
+    topic = row.get(topic_field) if topic_field else None
+    if topic_field and not _is_label(topic):  # partitioners group by it: hashable, equal to itself
+        raise RecipeError(where, f"field {topic_field!r}: expected a string or number label, got {topic!r:.60}")
+    try:
+        prompt_ids = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True)
+        full_ids = tokenizer.apply_chat_template(msgs, tokenize=True)
+    except Exception as exc:  # a template's own checks (jinja raise_exception) on this row's messages
+        raise RecipeError(where, f"the tokenizer's chat template rejected it ({type(exc).__name__}: {exc})") from None
     prompt_ids = list(getattr(prompt_ids, "input_ids", prompt_ids))
     full_ids = list(getattr(full_ids, "input_ids", full_ids))
     if full_ids[: len(prompt_ids)] != prompt_ids:  # template not prefix-stable: fall back to concat
@@ -125,9 +180,9 @@ def tokenize(row: dict[str, Any], index: int, tokenizer: Any, cfg: DataConfig, w
     labels = [IGNORE] * min(len(prompt_ids), len(full_ids)) + full_ids[len(prompt_ids):]
     if all(t == IGNORE for t in labels):
         return None
+    prompt = next(m["content"] for m in reversed(msgs) if m["role"] == "user")
     return Example(index=index, input_ids=full_ids, labels=labels, prompt_ids=prompt_ids,
-                   prompt=msgs[-2]["content"], reference=msgs[-1]["content"],
-                   topic=row.get(topic_field) if topic_field else None)
+                   prompt=prompt, reference=msgs[-1]["content"], topic=topic)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,380 @@
+"""Fuzzing bad input (hypothesis): malformed recipes and malformed data files.
+
+- Recipes: mutations of recipes/tiny.yaml (deleted keys, wrong types, unknown keys, out-of-range
+  numbers), junk YAML, non-mapping roots and bad override strings go through
+  ``fedllm.cli.main(["validate", ...])`` in-process. Each must exit 0 or 2 — never raise — and an
+  exit 2 prints exactly one line starting with ``fedllm: error:``.
+- Data: JSONL / CSV / parquet files with bad lines go through ``build_text_data`` with
+  ``data.bad_rows`` error and skip. Every failure is a RecipeError naming the file, and the line
+  when a row is at fault.
+
+Runs are derandomized (same examples every run) so CI stays stable; the example counts below add
+up to well over 1,000 recipes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import re
+import typing
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from fedllm.cli import main
+from fedllm.config import Recipe, RecipeError, load_recipe
+from fedllm.data.build import build_text_data
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+TINY_TEXT = TINY.read_text(encoding="utf-8")
+BASE = yaml.safe_load(TINY_TEXT)
+DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present: the fuzz loop is dump-bound
+
+FUZZ = settings(deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _field_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted field path of the recipe dataclasses (``lora.r``, ``data.path``, ...)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        out.append(path)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _field_paths(hints[f.name], path + ".")
+    return out
+
+
+PATHS = _field_paths(Recipe)
+
+# ----------------------------------------------------------------------------- strategies
+
+SPECIAL = [None, True, False, 0, -1, 1, 2**31, 2**64, 10**400, -(10**400), 0.5, -0.5, 1e308,
+           float("inf"), float("-inf"), float("nan"), "", " ", "tiny", "natral", "nf4", "1e3", "0x10",
+           "\n", "a\nb", "\x00", "../..", "/", "C:\\x", [], [1, 2], ["q_proj"], {}, {"a": 1}, [[[]]]]
+
+junk = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
+              st.sampled_from(SPECIAL)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.one_of(st.text(max_size=6), st.integers()), inner, max_size=3)),
+    max_leaves=6,
+)
+keys = st.one_of(st.sampled_from([p.rsplit(".", 1)[-1] for p in PATHS] + ["", "lora_r", "rounds"]),
+                 st.text(max_size=10), st.integers())
+
+mutation = st.one_of(
+    st.tuples(st.just("delete"), st.sampled_from(PATHS)),
+    st.tuples(st.just("set"), st.sampled_from(PATHS), junk),
+    st.tuples(st.just("unknown"), st.sampled_from(["", *[p for p in PATHS if "." not in p]]), keys, junk),
+)
+
+
+def _mutate(values: dict, op: tuple) -> None:
+    kind, path = op[0], op[1]
+    parts = path.split(".") if path else []
+    node = values
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if kind == "delete" and isinstance(node, dict):
+        node.pop(parts[-1], None)
+    elif kind == "set" and isinstance(node, dict):
+        node[parts[-1]] = op[2]
+    elif kind == "unknown":
+        group = values if not path else values.get(path)
+        if isinstance(group, dict):
+            group[op[2]] = op[3]
+
+
+def _splice(text: str, cuts: list[tuple[int, int, str]]) -> str:
+    for start, length, insert in cuts:
+        i = start % (len(text) + 1)
+        text = text[:i] + insert + text[i + length:]
+    return text
+
+
+junk_yaml = st.one_of(
+    st.binary(max_size=200),
+    st.text(max_size=200).map(str.encode),
+    st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 20),
+                       st.sampled_from(["", ":", "{", "}", "[", "- ", "\t", "'", '"', "&a", "*a", "!!python/name:os.system",
+                                        "<<: *a", "? ", "\n  ", "%YAML 1.1\n", "---\n", "...\n", "\x00"])),
+             min_size=1, max_size=4).map(lambda cuts: _splice(TINY_TEXT, cuts).encode()),
+    junk.map(lambda v: yaml.dump(v, Dumper=DUMPER).encode()),  # non-mapping roots (and a few odd mappings)
+    st.sampled_from([3, 90, 400, 700]).map(lambda n: ("model: " + "[" * n + "]" * n + "\n").encode()),  # deep nesting
+    st.sampled_from([b"", b"\xff\xfe\x00", b"---\n", b"~\n", b"- 1\n", b"a: &a [*a]\n", b"x: 2001-13-45\n",
+                     b"seed: " + b"9" * 5000 + b"\n", b"\xef\xbb\xbfname: t\n"]),
+)
+
+override_text = st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda p, v: f"{p}={v}", st.sampled_from(PATHS), st.text(max_size=20)),
+    st.builds(lambda p, v: f"{p}={yaml.safe_dump(v, default_flow_style=True).strip()}",
+              st.sampled_from(PATHS), junk),
+    st.builds(lambda p, k, v: f"{p}.{k}={v}", st.sampled_from(PATHS), st.text(max_size=6), st.text(max_size=6)),
+    st.sampled_from(["=", "=1", "a", "a..b=1", ".a=1", "a.=1", "lora=1", "lora.r.x=1", "name.x=1",
+                     "seed=" + "9" * 5000, "seed=" + "[" * 700, "data={a: b}", "lora.r=!!binary AAAA"]),
+).filter(lambda s: not s.startswith("-"))  # leading dashes: see test_dash_overrides_are_one_line_errors
+
+
+# ----------------------------------------------------------------------------- recipe checks
+
+
+def _validate(args: list[str]) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["validate", *args])
+    return code, err.getvalue()
+
+
+def _assert_exit_contract(code: int, err: str) -> None:
+    assert code in (0, 2), code
+    if code == 0:
+        assert err == ""
+    else:
+        assert err.startswith("fedllm: error:"), err
+        assert err.endswith("\n") and err.count("\n") == 1 and "\r" not in err, repr(err)
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz") / "recipe.yaml"
+
+
+@settings(FUZZ, max_examples=450)
+@given(ops=st.lists(mutation, min_size=1, max_size=3))
+def test_mutated_recipes_exit_0_or_2(recipe_file, ops):
+    # Prepare
+    values = copy.deepcopy(BASE)
+    for op in ops:
+        _mutate(values, op)
+    recipe_file.write_text(yaml.dump(values, Dumper=DUMPER, allow_unicode=True), encoding="utf-8")
+    # Execute
+    code, err = _validate([str(recipe_file)])
+    # Assert
+    _assert_exit_contract(code, err)
+
+
+@settings(FUZZ, max_examples=300)
+@given(blob=junk_yaml)
+def test_junk_yaml_exits_0_or_2(recipe_file, blob):
+    recipe_file.write_bytes(blob)
+    code, err = _validate([str(recipe_file)])
+    _assert_exit_contract(code, err)
+
+
+@settings(FUZZ, max_examples=300)
+@given(overrides=st.lists(override_text, min_size=1, max_size=3))
+def test_bad_overrides_exit_0_or_2(overrides):
+    code, err = _validate([str(TINY), *overrides])
+    _assert_exit_contract(code, err)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--lora.r=4"], 2), (["-x"], 2), (["--", "-lora.r=4"], 2), (["--nope"], 2),
+    (["lora.r=4", "--"], 0),  # a trailing "--" only ends the options: the override still applies
+])
+def test_dash_arguments_follow_the_exit_contract(args, expected):
+    # argparse's own errors must follow the same contract (one line, exit 2, no SystemExit)
+    code, err = _validate([str(TINY), *args])
+    _assert_exit_contract(code, err)
+    assert code == expected
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("seed=-1", "seed: expected an integer in [0, 2**32)"),
+    ("train.lr=.inf", "train.lr: expected a finite number"),
+    ("lora.alpha=.nan", "lora.alpha: expected a finite number"),
+    ("partition.alpha=" + "9" * 400, "partition.alpha: expected a finite number"),
+    ("seed=" + "9" * 5000, "seed: expected int"),
+    ("name=a\\b", "name: expected a plain folder name"),
+    ("data.path=", "data.path: file '' does not exist"),
+    ("lora.rr\n=4", "lora.rr\\n: unknown key"),
+])
+def test_found_bugs_now_clear_errors(override, expected):
+    extra = ["data.builtin=null"] if override.startswith("data.path") else []
+    code, err = _validate([str(TINY), *extra, override])
+    _assert_exit_contract(code, err)
+    assert code == 2 and err.startswith(f"fedllm: error: {expected}"), err
+
+
+def test_deep_and_huge_yaml_name_the_file(recipe_file):
+    for blob in (b"model: " + b"[" * 700 + b"]" * 700, b"seed: " + b"9" * 5000, b"x: 2001-13-45"):
+        recipe_file.write_bytes(blob)
+        code, err = _validate([str(recipe_file)])
+        _assert_exit_contract(code, err)
+        assert code == 2 and str(recipe_file) in err
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from fedllm.models.llm import load_tokenizer, smollm2_tokenizer_dir
+
+    return load_tokenizer(smollm2_tokenizer_dir())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzzdata")
+
+
+def _recipe(path: Path, bad_rows: str, messages: bool = False, column: bool = False) -> Recipe:
+    over = ["data.builtin=null", f"data.path={path}", f"data.bad_rows={bad_rows}", "data.eval_size=1",
+            "data.max_examples=null", "data.max_length=64", "partition.num_clients=1",
+            "partition.method=natural" if column else "partition.method=iid",
+            "partition.column=topic" if column else "partition.column=null"]
+    if messages:
+        over.append("data.messages_field=messages")
+    return load_recipe(TINY, over)
+
+
+LINE_FAULT = re.compile(r" (line|row) \d+: ")
+
+
+def _assert_data_contract(recipe: Recipe, tokenizer, path: Path) -> None:
+    try:
+        data = build_text_data(recipe, tokenizer)
+    except RecipeError as exc:
+        msg = str(exc)
+        assert "\n" not in msg and str(path) in msg, msg
+        if "field " in msg:  # a row is at fault: its line/row is named
+            assert LINE_FAULT.search(msg), msg
+        event("row error" if LINE_FAULT.search(msg) else "file error")
+        return
+    except Exception as exc:  # pragma: no cover - the failure this test exists to catch
+        pytest.fail(f"{type(exc).__name__} instead of RecipeError: {exc}")
+    s = data.stats
+    event("loaded, some rows skipped" if s["examples"] < s["rows"] else "loaded")
+    assert s["rows"] == s["examples"] + s["skipped_bad_rows"] + s["skipped_no_response_tokens"]
+    assert s["examples"] >= 2
+    if recipe.data.bad_rows == "error":
+        assert s["skipped_bad_rows"] == 0
+
+
+text_value = st.one_of(st.text(max_size=20), st.sampled_from(["", "  ", "\n", "{{ x }}", "<|im_end|>", "\u2028"]),
+                       st.integers(0, 200).map(lambda n: "w " * (n * 100)))  # up to 40k-char lines
+field_value = st.one_of(text_value, junk)
+good_row = st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=20).filter(str.strip),
+                                  "response": st.text(min_size=1, max_size=20).filter(str.strip),
+                                  "topic": st.sampled_from(["a", "b"])})
+bad_row = st.dictionaries(st.sampled_from(["prompt", "response", "topic", "messages", "x"]), field_value, max_size=4)
+message = st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "", 1]),
+                                           "content": field_value}), junk)
+messages_row = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=4), junk),
+                                      "topic": st.sampled_from(["a", "b"])})
+jsonl_line = st.one_of(
+    good_row.map(json.dumps), bad_row.map(lambda r: json.dumps(r, allow_nan=True)),
+    messages_row.map(json.dumps), junk.map(json.dumps),  # non-object JSON values
+    st.text(max_size=30),  # not JSON
+    st.sampled_from(["", "   ", "{", '{"prompt": "a",}', "[" * 5000 + "]" * 5000, '{"prompt": ' + "1" * 5000 + "}",
+                     "\ufeff{}", "NaN"]),
+).map(str.encode)
+raw_line = st.one_of(jsonl_line, jsonl_line, jsonl_line, st.binary(max_size=40))
+
+
+@settings(FUZZ, max_examples=150)
+@given(lines=st.lists(raw_line, max_size=8), bad_rows=st.sampled_from(["error", "skip"]),
+       messages=st.booleans(), column=st.booleans())
+def test_malformed_jsonl_gives_recipe_errors(tokenizer, data_dir, lines, bad_rows, messages, column):
+    path = data_dir / "data.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    _assert_data_contract(_recipe(path, bad_rows, messages, column), tokenizer, path)
+
+
+csv_cell = st.one_of(st.text(max_size=15), st.sampled_from(['"', '""', "a,b", "x\ny", "\x00", "a" * 140_000]))
+
+
+@settings(FUZZ, max_examples=120)
+@given(header=st.lists(st.sampled_from(["prompt", "response", "topic", "x", "", "prompt "]), max_size=4),
+       rows=st.lists(st.lists(csv_cell, max_size=5), max_size=6),
+       junk_bytes=st.one_of(st.just(b""), st.binary(max_size=30)),
+       bad_rows=st.sampled_from(["error", "skip"]), column=st.booleans())
+def test_malformed_csv_gives_recipe_errors(tokenizer, data_dir, header, rows, junk_bytes, bad_rows, column):
+    path = data_dir / "data.csv"
+    buf = io.StringIO()
+    writer = __import__("csv").writer(buf)
+    for r in ([header] if header else []) + rows:
+        writer.writerow(r)
+    path.write_bytes(buf.getvalue().encode() + junk_bytes)
+    _assert_data_contract(_recipe(path, bad_rows, column=column), tokenizer, path)
+
+
+@settings(FUZZ, max_examples=30)
+@given(blob=st.one_of(st.binary(max_size=200), st.binary(max_size=200).map(lambda b: b"PAR1" + b + b"PAR1")))
+def test_junk_parquet_gives_recipe_errors(tokenizer, data_dir, blob):
+    path = data_dir / "data.parquet"
+    path.write_bytes(blob)
+    _assert_data_contract(_recipe(path, "skip"), tokenizer, path)
+
+
+# ----------------------------------------------------------------------------- pinned data faults
+
+GOOD = '{"prompt": "p%d", "response": "r%d", "topic": "t"}'
+GOOD_CHAT = '{"messages": [{"role": "user", "content": "p%d"}, {"role": "assistant", "content": "r%d"}]}'
+
+
+@pytest.mark.parametrize("bad_line,expected", [
+    ('{"prompt": "p", "response": ""}', "line 3: field 'response': expected a non-empty string"),
+    ('{"prompt": 5, "response": "r"}', "line 3: field 'prompt': expected a non-empty string"),
+    ('{"prompt": "p", "response": "r", "topic": [1]}', "line 3: field 'topic': expected a string or number label"),
+    ('{"messages": [{"role": "assistant", "content": "x"}]}', "line 3: field 'messages': expected a user message"),
+    ('{"messages": [{"role": 1, "content": "x"}, {"role": "assistant", "content": "y"}]}',
+     "line 3: field 'messages': expected a list of {role, content} messages"),
+    ("[1, 2]", "line 3: expected a JSON object per line"),
+    ('{"prompt": "a",', "line 3: not valid JSON"),
+    ("[" * 5000 + "]" * 5000, "line 3: not valid JSON (nested too deeply)"),
+    ('{"prompt": ' + "1" * 5000 + "}", "line 3: not valid JSON"),
+    (b'{"prompt": "\xff"}', "line 3: not UTF-8 text"),
+])
+def test_bad_jsonl_line_is_named(tokenizer, data_dir, bad_line, expected):
+    # Prepare: line 2 is blank, so the bad row (3rd line) is the 2nd row: the message must say line 3
+    path = data_dir / "pinned.jsonl"
+    bad = bad_line if isinstance(bad_line, bytes) else bad_line.encode()
+    messages, column = b"messages" in bad, b"topic" in bad
+    good = GOOD_CHAT if messages else GOOD
+    path.write_bytes(f"{good % (1, 1)}\n\n".encode() + bad + f"\n{good % (2, 2)}\n{good % (3, 3)}\n".encode())
+    # Execute
+    with pytest.raises(RecipeError) as info:
+        build_text_data(_recipe(path, "error", messages, column), tokenizer)
+    # Assert
+    assert str(info.value).startswith(f"{path} {expected}"), str(info.value)
+
+
+def test_skip_mode_counts_bad_rows(tokenizer, data_dir):
+    path = data_dir / "skip.jsonl"
+    path.write_text("\n".join([GOOD % (1, 1), '{"prompt": "p"}', GOOD % (2, 2), '{"response": 3}', GOOD % (3, 3)]))
+    data = build_text_data(_recipe(path, "skip"), tokenizer)
+    assert data.stats["skipped_bad_rows"] == 2 and data.stats["examples"] == 3
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("prompt,response\nq1,r1\n\"q2\nstill q2\",\nq3,r3\n", "line 3: field 'response': expected a non-empty string"),
+    ("prompt\nq1\nq2\n", "line 2: field 'response': expected a non-empty string"),
+    ("prompt,response\nq1,r1\n" + "a" * 140_000 + ",r\n", "line 3: not valid CSV"),
+    ("", ": contains no rows"),
+    ("prompt,response\n", ": contains no rows"),
+])
+def test_bad_csv_row_is_named(tokenizer, data_dir, text, expected):
+    path = data_dir / "pinned.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(RecipeError) as info:
+        build_text_data(_recipe(path, "error"), tokenizer)
+    assert str(info.value).startswith(f"{path}{'' if expected.startswith(':') else ' '}{expected}"), str(info.value)
+
+
+def test_csv_with_bom_reads_its_header(tokenizer, data_dir):
+    path = data_dir / "bom.csv"
+    path.write_bytes("\ufeffprompt,response\nq1,r1\nq2,r2\nq3,r3\n".encode())
+    assert build_text_data(_recipe(path, "error"), tokenizer).stats["examples"] == 3
