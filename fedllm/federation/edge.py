@@ -1,0 +1,476 @@
+"""Asynchronous edge learning by cloned knowledge distillation (the paper's Algorithm 1), and a study.
+
+"Asynchronous Edge Learning using Cloned Knowledge Distillation" (ICLR 2021 submission,
+OpenReview MqWHrrIfBMN). One core model, edges that each show up once, in a stream:
+
+  Phase 0  train the core on the small labeled core dataset D_c (cross-entropy).
+  per edge e, when it arrives:
+    downlink  send a clone of the current core θ_c (CPP). Baselines: a freshly initialized model
+              from another seed (IsPP, "independent"), or one such model first trained on D_c
+              (IPP, "independent_pretrained").
+    Phase 1   the edge trains its copy on its own data D_e (cross-entropy, SGD) for ``edge_steps``
+              or until the mean of its last 20 losses ≤ ``edge_loss_threshold``; with an ensemble,
+              n copies, each with its own batch order.
+    uplink    the trained model(s) go back; the core never waits for them (see EdgeSchedule).
+  on each return:
+    Phase 2   push the returned model(s) into the temporal memory (the last M edges) and train
+              the core on D_c with L = CE + α·t²·mean_k KL(teacher_k/t ‖ core/t)
+              (:func:`fedllm.algorithms.distill.kd_loss`) for ``distill_steps``.
+
+Data (Fashion-MNIST here; the paper used CIFAR-100 and ResNet-32): a seeded shuffle of the training
+set (optionally cut to ``max_train_examples``) gives the first ``core_fraction`` to the core and
+splits the rest into ``num_edges`` equal iid parts (or Dirichlet(α) label skew when
+``edge_alpha`` > 0). Accuracy is on the test set. :func:`run_sync_fedavg` runs synchronous FedAvg on
+the same splits from the same Phase-0 core; :func:`run_edge_study` runs the paper's comparisons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedllm.algorithms.aggregate import ApplyDelta, mean_delta
+from fedllm.algorithms.distill import TeacherMemory, consensus_iou, kd_loss, shuffle_labels
+from fedllm.data.partition import dirichlet
+from fedllm.data.vision import DEFAULT_ROOT, VisionData, load_fashion_mnist
+from fedllm.models.vision import build_vision_model
+from fedllm.types import ClientUpdate, StateDict, clone_state, subtract
+
+TEACHER_INITS = ("clone", "independent", "independent_pretrained")
+_CORE, _EDGE, _DISTILL, _INDEP, _NOISE, _FEDAVG = range(6)  # tags that keep each RNG stream apart
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EdgeStudyConfig:
+    """One asynchronous edge-learning run (edge ids are 0-based)."""
+
+    model: str = "lenet300100"          # fedllm.models.vision name
+    num_edges: int = 9                  # edges in the stream
+    core_fraction: float = 0.02         # share of the training pool that is the core dataset D_c
+    edge_alpha: float = 0.0             # 0: iid edges; > 0: Dirichlet(α) label skew over the edges
+    core_steps: int = 600               # Phase 0 SGD steps on D_c
+    edge_steps: int = 250               # Phase 1 SGD steps per edge model (upper bound)
+    edge_loss_threshold: float = 0.0    # stop Phase 1 early at this mean loss (0: never)
+    distill_steps: int = 150            # Phase 2 SGD steps on D_c per returned edge
+    lr: float = 0.05                    # SGD learning rate (every phase)
+    momentum: float = 0.9               # SGD momentum
+    batch_size: int = 64
+    temperature: float = 4.0            # t of the KD loss
+    alpha: float = 1.0                  # weight of the t²·KL term
+    memory: int = 1                     # M: returned edges kept as teachers
+    ensemble: int = 1                   # n: clones per edge, each with its own batch order
+    teacher_init: str = "clone"         # "clone" (CPP) | "independent" (IsPP) | "independent_pretrained" (IPP)
+    arrival: tuple[int, ...] = ()       # edge ids in arrival order; () = 0, 1, …, num_edges-1
+    lags: tuple[tuple[int, int], ...] = ()          # (edge, j): returns j arrivals late
+    never_return: tuple[int, ...] = ()              # edges whose model never comes back
+    noisy_edges: tuple[tuple[int, float], ...] = ()  # (edge, p): labels shuffled with probability p
+    seed: int = 0
+    max_train_examples: int = 0         # cut the training pool (0: all 60k) to keep CI fast
+    max_test_examples: int = 0          # cut the test set (0: all 10k)
+
+    def __post_init__(self) -> None:
+        positive = ("num_edges", "core_steps", "edge_steps", "distill_steps", "batch_size", "memory", "ensemble")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.core_fraction < 1.0:
+            raise ValueError(f"core_fraction must be in (0, 1), got {self.core_fraction}")
+        if self.lr <= 0 or self.temperature <= 0 or self.alpha < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"expected lr > 0, temperature > 0, alpha >= 0, momentum in [0, 1); got "
+                             f"{self.lr}, {self.temperature}, {self.alpha}, {self.momentum}")
+        if self.teacher_init not in TEACHER_INITS:
+            raise ValueError(f"teacher_init must be one of {TEACHER_INITS}, got {self.teacher_init!r}")
+        if min(self.max_train_examples, self.max_test_examples, self.edge_alpha) < 0:
+            raise ValueError("max_train_examples, max_test_examples and edge_alpha must be >= 0")
+        EdgeSchedule.from_config(self)  # validates arrival, lags, never_return, noisy_edges
+
+
+@dataclass(frozen=True)
+class EdgeSchedule:
+    """Arrival order, lag and label noise of each edge, as a list of protocol events.
+
+    Edge ``arrival[s]`` is sent a clone at step s. An edge with lag j returns at step s + j, after
+    the on-time edges that arrived in between have been processed (the core never waits for it);
+    lag 0 returns at once. Edges in ``never`` are sent a clone but never come back.
+    """
+
+    arrival: tuple[int, ...]
+    lag: dict[int, int] = field(default_factory=dict)
+    never: frozenset[int] = frozenset()
+    noise: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        known = set(self.arrival)
+        if len(known) != len(self.arrival):
+            raise ValueError(f"arrival {self.arrival} lists an edge twice; expected each edge once")
+        for what, ids in (("lags", self.lag), ("never_return", self.never), ("noisy_edges", self.noise)):
+            if not set(ids) <= known:
+                raise ValueError(f"{what} names edges {sorted(set(ids) - known)} not in arrival {self.arrival}")
+        if any(j < 0 for j in self.lag.values()) or any(not 0 <= p <= 1 for p in self.noise.values()):
+            raise ValueError(f"expected lags >= 0 and noise p in [0, 1], got {self.lag} and {self.noise}")
+
+    @classmethod
+    def from_config(cls, cfg: EdgeStudyConfig) -> EdgeSchedule:
+        arrival = cfg.arrival or tuple(range(cfg.num_edges))
+        if sorted(arrival) != list(range(cfg.num_edges)):
+            raise ValueError(f"arrival must be a permutation of 0..{cfg.num_edges - 1}, got {arrival}")
+        return cls(arrival, dict(cfg.lags), frozenset(cfg.never_return), dict(cfg.noisy_edges))
+
+    def events(self) -> list[tuple[int, str, int]]:
+        """(step, "send" | "return", edge) in processing order."""
+        due: dict[int, list[int]] = {}
+        for s, e in enumerate(self.arrival):
+            if e not in self.never:
+                due.setdefault(s + self.lag.get(e, 0), []).append(e)
+        out: list[tuple[int, str, int]] = []
+        for step in range(max([len(self.arrival) - 1, *due]) + 1):
+            if step < len(self.arrival):
+                out.append((step, "send", self.arrival[step]))
+            out += [(step, "return", e) for e in sorted(due.get(step, []), key=lambda e: self.lag.get(e, 0))]
+        return out
+
+
+@dataclass(frozen=True)
+class EdgeSplits:
+    """Index tensors: the core dataset and each edge's data (train set), and the test examples."""
+
+    core: Tensor
+    edges: tuple[Tensor, ...]
+    test: Tensor
+
+
+def make_splits(cfg: EdgeStudyConfig, data: VisionData) -> EdgeSplits:
+    rng = np.random.default_rng([cfg.seed, _CORE])
+    n = len(data.train_y)
+    pool = rng.permutation(n)[: cfg.max_train_examples or n]
+    n_core = round(cfg.core_fraction * len(pool))
+    core, rest = pool[:n_core], pool[n_core:]
+    if cfg.edge_alpha > 0:
+        parts = [rest[p] for p in dirichlet(data.train_y[rest].tolist(), cfg.num_edges, cfg.edge_alpha, rng)]
+    else:
+        parts = np.array_split(rest, cfg.num_edges)
+    if n_core < 1 or min(len(p) for p in parts) < 1:
+        raise ValueError(f"split left the core {n_core} and edges {[len(p) for p in parts]} examples; "
+                         "expected >= 1 each (raise max_train_examples or core_fraction)")
+    n_test = len(data.test_y)
+    test = np.random.default_rng([cfg.seed, _CORE, 1]).permutation(n_test)[: cfg.max_test_examples or n_test]
+    as_t = lambda a: torch.as_tensor(np.sort(a), dtype=torch.long)  # noqa: E731
+    return EdgeSplits(as_t(core), tuple(as_t(p) for p in parts), as_t(test))
+
+
+def _seed(cfg: EdgeStudyConfig, *tags: int) -> int:
+    return int(np.random.SeedSequence([cfg.seed, *tags]).generate_state(1)[0])
+
+
+def new_model(cfg: EdgeStudyConfig, state: StateDict | None = None, init_seed: int = 0) -> nn.Module:
+    """A model from ``state``, or freshly initialized from ``init_seed`` (global RNG left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = build_vision_model(cfg.model)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def fit(model: nn.Module, x: Tensor, y: Tensor, cfg: EdgeStudyConfig, steps: int, seed: int,
+        teacher_logits: Tensor | None = None, loss_threshold: float = 0.0) -> float:
+    """SGD on (x, y): cross-entropy, or the KD loss with ``teacher_logits`` [K, N, C] over the same x.
+
+    The learning rate decays from ``cfg.lr`` to 0 along a cosine over ``steps`` (so each phase ends
+    on a settled model). Batches are drawn without replacement, reshuffled every epoch from ``seed``.
+    Returns the mean of the last 20 losses (stops early once it is ≤ ``loss_threshold`` > 0).
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    gen, order, recent = torch.Generator().manual_seed(seed), torch.empty(0, dtype=torch.long), deque(maxlen=20)
+    model.train()
+    for _ in range(steps):
+        if order.numel() < min(cfg.batch_size, len(y)):
+            order = torch.cat([order, torch.randperm(len(y), generator=gen)])
+        b, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        out = model(x[b])
+        loss = (F.cross_entropy(out, y[b]) if teacher_logits is None
+                else kd_loss(out, list(teacher_logits[:, b]), y[b], cfg.temperature, cfg.alpha))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        recent.append(loss.item())
+        if loss_threshold > 0 and len(recent) == recent.maxlen and statistics.fmean(recent) <= loss_threshold:
+            break
+    return statistics.fmean(recent)
+
+
+@torch.no_grad()
+def logits_of(cfg: EdgeStudyConfig, state: StateDict, x: Tensor, chunk: int = 4096) -> Tensor:
+    model = new_model(cfg, state).eval()
+    return torch.cat([model(x[i: i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def accuracy(cfg: EdgeStudyConfig, state: StateDict, x: Tensor, y: Tensor) -> float:
+    return float((logits_of(cfg, state, x).argmax(1) == y).float().mean())
+
+
+def train_core(cfg: EdgeStudyConfig, data: VisionData, splits: EdgeSplits, init: int = 0) -> StateDict:
+    """Phase 0: a model (init stream ``init``; 0 = the core) trained on the core dataset."""
+    model = new_model(cfg, init_seed=_seed(cfg, _CORE, init))
+    fit(model, data.train_x[splits.core], data.train_y[splits.core], cfg, cfg.core_steps, _seed(cfg, _CORE, init, 1))
+    return clone_state(model.state_dict())
+
+
+def edge_data(cfg: EdgeStudyConfig, data: VisionData, splits: EdgeSplits, edge: int) -> tuple[Tensor, Tensor]:
+    """Edge ``edge``'s images and labels, its labels shuffled when the schedule calls it noisy."""
+    idx = splits.edges[edge]
+    y, p = data.train_y[idx], dict(cfg.noisy_edges).get(edge, 0.0)
+    if p > 0:
+        y = shuffle_labels(y, p, torch.Generator().manual_seed(_seed(cfg, _NOISE, edge)))
+    return data.train_x[idx], y
+
+
+def train_edge(cfg: EdgeStudyConfig, data: VisionData, splits: EdgeSplits, edge: int,
+               core_state: StateDict) -> tuple[list[StateDict], float]:
+    """Downlink + Phase 1: the ``ensemble`` trained edge models and their mean final loss."""
+    if cfg.teacher_init == "clone":
+        start = core_state
+    elif cfg.teacher_init == "independent":
+        start = clone_state(new_model(cfg, init_seed=_seed(cfg, _INDEP, edge)).state_dict())
+    else:
+        start = train_core(cfg, data, splits, init=1 + edge)
+    x, y = edge_data(cfg, data, splits, edge)
+    states, losses = [], []
+    for i in range(cfg.ensemble):
+        model = new_model(cfg, start)
+        losses.append(fit(model, x, y, cfg, cfg.edge_steps, _seed(cfg, _EDGE, edge, i),
+                          loss_threshold=cfg.edge_loss_threshold))
+        states.append(clone_state(model.state_dict()))
+    return states, statistics.fmean(losses)
+
+
+def run_edge_learning(cfg: EdgeStudyConfig, data: VisionData, core_state: StateDict | None = None) -> list[dict]:
+    """Algorithm 1 over the schedule; one row per returned edge (the core's test accuracy after it).
+
+    ``core_state`` skips Phase 0 (pass :func:`train_core`'s result to share it between runs).
+    ``teacher_acc`` and ``consensus_iou`` use the edge's ensemble (mean softmax) on the test set.
+    """
+    t0, splits, schedule = time.perf_counter(), make_splits(cfg, data), EdgeSchedule.from_config(cfg)
+    x_test, y_test = data.test_x[splits.test], data.test_y[splits.test]
+    x_core, y_core = data.train_x[splits.core], data.train_y[splits.core]
+    core = new_model(cfg, core_state if core_state is not None else train_core(cfg, data, splits))
+    memory, pending, rows = TeacherMemory(cfg.memory * cfg.ensemble), {}, []
+    acc = accuracy(cfg, core.state_dict(), x_test, y_test)
+    for step, kind, edge in schedule.events():
+        if kind == "send":
+            pending[edge] = (step, *train_edge(cfg, data, splits, edge, clone_state(core.state_dict())))
+            continue
+        sent, states, edge_loss = pending.pop(edge)
+        for state in states:
+            memory.push(state)
+        z = torch.stack([logits_of(cfg, s, x_core) for s in memory.teachers()])
+        fit(core, x_core, y_core, cfg, cfg.distill_steps, _seed(cfg, _DISTILL, len(rows)), teacher_logits=z)
+        core_pred = logits_of(cfg, core.state_dict(), x_test).argmax(1)
+        teacher_pred = torch.stack([logits_of(cfg, s, x_test).softmax(1) for s in states]).mean(0).argmax(1)
+        before, acc = acc, float((core_pred == y_test).float().mean())
+        rows.append({"position": len(rows) + 1, "edge": edge, "sent_at": sent, "returned_at": step,
+                     "lag": step - sent, "noise_p": dict(cfg.noisy_edges).get(edge, 0.0), "acc_before": before,
+                     "acc": acc, "teacher_acc": float((teacher_pred == y_test).float().mean()),
+                     "consensus_iou": consensus_iou(teacher_pred, core_pred, y_test),
+                     "edge_loss": edge_loss, "teachers": len(memory), "time_s": time.perf_counter() - t0})
+    return rows
+
+
+def run_sync_fedavg(cfg: EdgeStudyConfig, data: VisionData, rounds: int,
+                    core_state: StateDict | None = None) -> list[dict]:
+    """Synchronous FedAvg baseline: every round all edges train ``edge_steps`` from the global model,
+    which moves by their example-weighted mean delta. Same splits and Phase-0 start as the edges."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    t0, splits = time.perf_counter(), make_splits(cfg, data)
+    state = clone_state(core_state) if core_state is not None else train_core(cfg, data, splits)
+    rows = []
+    for rnd in range(1, rounds + 1):
+        updates = []
+        for edge in range(cfg.num_edges):
+            x, y = edge_data(cfg, data, splits, edge)
+            model = new_model(cfg, state)
+            loss = fit(model, x, y, cfg, cfg.edge_steps, _seed(cfg, _FEDAVG, rnd, edge))
+            updates.append(ClientUpdate(edge, subtract(model.state_dict(), state), len(y), cfg.edge_steps, loss))
+        state = ApplyDelta().step(state, mean_delta(updates, weighted=True))
+        rows.append({"round": rnd, "edge_visits": rnd * cfg.num_edges, "time_s": time.perf_counter() - t0,
+                     "acc": accuracy(cfg, state, data.test_x[splits.test], data.test_y[splits.test])})
+    return rows
+
+
+def study_variants(base: EdgeStudyConfig) -> list[tuple[str, str, EdgeStudyConfig]]:
+    """(group, name, config) for the paper's Figure 5 (transfer), 7 (lag) and 8 (noise), plus memory
+    under label-skewed edges. Each group's first variant is its reference."""
+    cpp = replace(base, teacher_init="clone", memory=1, ensemble=1, lags=(), never_return=(), noisy_edges=())
+    n, m = base.ensemble if base.ensemble > 1 else 3, base.memory if base.memory > 1 else 3
+    late, noisy, alpha = cpp.num_edges // 4, cpp.num_edges // 2, base.edge_alpha or 0.3
+    j = min(4, cpp.num_edges - 1 - late)
+    skew = replace(cpp, edge_alpha=alpha)
+    return [
+        ("transfer", "CPP: clone of the core", cpp),
+        ("transfer", "IsPP: independent init", replace(cpp, teacher_init="independent")),
+        ("transfer", "IPP: independent init, core-pretrained", replace(cpp, teacher_init="independent_pretrained")),
+        ("transfer", f"CPP + ensemble n={n}", replace(cpp, ensemble=n)),
+        ("transfer", f"CPP + memory M={m}", replace(cpp, memory=m)),
+        ("transfer", f"CPP + ensemble n={n} + memory M={m}", replace(cpp, ensemble=n, memory=m)),
+        ("lag", "no delay", cpp),
+        ("lag", f"edge {late} lagged by {j}, used", replace(cpp, lags=((late, j),))),
+        ("lag", f"edge {late} lagged, omitted", replace(cpp, never_return=(late,))),
+        ("noise", "clean", cpp),
+        ("noise", f"edge {noisy} noisy p=0.5", replace(cpp, noisy_edges=((noisy, 0.5),))),
+        ("noise", f"edge {noisy} noisy p=1.0", replace(cpp, noisy_edges=((noisy, 1.0),))),
+        ("non-iid", f"Dirichlet α={alpha}: CPP, M=1", skew),
+        ("non-iid", f"Dirichlet α={alpha}: CPP + memory M={m}", replace(skew, memory=m)),
+        ("non-iid", f"Dirichlet α={alpha}: CPP + memory M={cpp.num_edges}", replace(skew, memory=cpp.num_edges)),
+    ]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per variant, averaged over seeds: final / mean / min core accuracy, the final accuracy's paired
+    difference to its group's first variant, final consensus IoU and wall time."""
+    curves: dict[tuple[str, str], dict[int, list[dict]]] = {}
+    for r in rows:
+        curves.setdefault((r["group"], r["variant"]), {}).setdefault(r["seed"], []).append(r)
+    final = {k: {s: rs[-1]["acc"] for s, rs in v.items()} for k, v in curves.items()}
+    ref = {}
+    for group, name in curves:
+        ref.setdefault(group, name)
+    out = []
+    for (group, name), per_seed in curves.items():
+        runs, base = list(per_seed.values()), final[(group, ref[group])]
+        diffs = [final[(group, name)][s] - base[s] for s in per_seed]
+        ious = [rs[-1]["consensus_iou"] for rs in runs if "consensus_iou" in rs[-1]]
+        out.append({"group": group, "variant": name, "seeds": len(runs), "points": len(runs[0]),
+                    "final_acc": statistics.fmean(final[(group, name)].values()),
+                    "final_sd": statistics.stdev(final[(group, name)].values()) if len(runs) > 1 else 0.0,
+                    "delta_vs_ref": statistics.fmean(diffs), "reference": ref[group],
+                    "mean_acc": statistics.fmean(statistics.fmean(r["acc"] for r in rs) for rs in runs),
+                    "min_acc": statistics.fmean(min(r["acc"] for r in rs) for rs in runs),
+                    "final_iou": statistics.fmean(ious) if ious else None,
+                    "time_s": statistics.fmean(rs[-1]["time_s"] for rs in runs)})
+    return out
+
+
+def write_table(summary: list[dict], base: EdgeStudyConfig, seeds: list[int], path: Path) -> None:
+    lines = ["# Asynchronous edge learning by cloned KD: study", "",
+             f"Model `{base.model}`, {base.num_edges} edges, core fraction {base.core_fraction}, edges "
+             f"{'Dirichlet α=' + str(base.edge_alpha) if base.edge_alpha else 'iid'} unless named, seeds {seeds}; "
+             "edge ids are 0-based. "
+             "Core test accuracy after each returned edge (FedAvg: after each round), mean over seeds; "
+             "final ± sd over seeds; Δ = final minus its group's first variant, paired by seed.", "",
+             "| group | variant | points | final acc | Δ final | mean acc | min acc | final IoU | time s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        iou = "" if s["final_iou"] is None else f"{s['final_iou']:.3f}"
+        lines.append(f"| {s['group']} | {s['variant']} | {s['points']} | {s['final_acc']:.4f} ± "
+                     f"{s['final_sd']:.4f} | {s['delta_vs_ref']:+.4f} | {s['mean_acc']:.4f} | {s['min_acc']:.4f} | "
+                     f"{iou} | {s['time_s']:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_study(rows: list[dict], path: Path) -> None:
+    """One panel per group: core accuracy (mean over seeds) against returned edges processed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in dict.fromkeys(r["group"] for r in rows) if g != "baseline"]
+    cols = min(2, len(groups))
+    rows_ = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(6.5 * cols, 4.5 * rows_), squeeze=False)
+    lines = {s["variant"]: s["final_acc"] for s in summarize([r for r in rows if r["group"] == "baseline"])}
+    for ax, group in zip(axes.flat, groups):
+        for name in dict.fromkeys(r["variant"] for r in rows if r["group"] == group):
+            curve: dict[int, list[float]] = {}
+            for r in rows:
+                if r["group"] == group and r["variant"] == name:
+                    curve.setdefault(r["position"], []).append(r["acc"])
+            ax.plot(list(curve), [statistics.fmean(v) for v in curve.values()], marker="o", ms=3, label=name)
+        for i, (name, acc) in enumerate(lines.items()):
+            ax.axhline(acc, ls="--", lw=1, color=f"C{7 + i}", label=f"{name} (final)")
+        ax.set(title=group, xlabel="returned edges processed", ylabel="core test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _study_one_seed(cfg: EdgeStudyConfig, data: VisionData, fedavg_rounds: int) -> list[dict]:
+    t0, splits = time.perf_counter(), make_splits(cfg, data)
+    core = train_core(cfg, data, splits)
+    acc = accuracy(cfg, core, data.test_x[splits.test], data.test_y[splits.test])
+    rows = [{"group": "baseline", "variant": "core only (Phase 0)", "position": 0, "acc": acc,
+             "time_s": time.perf_counter() - t0}]
+    done: dict[EdgeStudyConfig, list[dict]] = {}
+    for group, name, variant in study_variants(cfg):
+        if variant not in done:
+            done[variant] = run_edge_learning(variant, data, core_state=core)
+            log.info("seed %d  %-8s %-45s final acc %.4f", cfg.seed, group, name, done[variant][-1]["acc"])
+        rows += [{"group": group, "variant": name, **r} for r in done[variant]]
+    name = f"sync FedAvg ({fedavg_rounds} rounds x {cfg.num_edges} edges)"
+    rows += [{"group": "baseline", "variant": name, "position": r["round"], **r}
+             for r in run_sync_fedavg(cfg, data, fedavg_rounds, core_state=core)]
+    return [{"seed": cfg.seed, **r} for r in rows]
+
+
+def run_edge_study(base_cfg: EdgeStudyConfig, data: VisionData, out_dir: str | Path,
+                   seeds: list[int] | None = None, fedavg_rounds: int = 3) -> list[dict]:
+    """Run :func:`study_variants` and the baselines (core only, sync FedAvg) for each seed (default:
+    the config's), sharing one Phase-0 core per seed and running identical configs once; write
+    edge_study.json (config, summary, rows), edge_study.md (table) and edge_study.png to ``out_dir``."""
+    seeds = list(seeds) if seeds else [base_cfg.seed]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for s in seeds for r in _study_one_seed(replace(base_cfg, seed=s), data, fedavg_rounds)]
+    summary = summarize(rows)
+    variants = [{"group": g, "variant": n, "config": asdict(c)} for g, n, c in study_variants(base_cfg)]
+    (out / "edge_study.json").write_text(json.dumps(
+        {"config": asdict(base_cfg), "seeds": seeds, "fedavg_rounds": fedavg_rounds, "summary": summary,
+         "variants": variants, "rows": rows}, indent=1))
+    write_table(summary, base_cfg, seeds, out / "edge_study.md")
+    plot_study(rows, out / "edge_study.png")
+    return rows
+
+
+QUICK = EdgeStudyConfig(max_train_examples=2000, max_test_examples=500, core_fraction=0.1, core_steps=40,
+                        edge_steps=15, distill_steps=15, batch_size=32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedllm.federation.edge",
+                                     description="Asynchronous edge learning by cloned KD: the paper's study.")
+    parser.add_argument("--out", default="runs/edge_study", help="folder for edge_study.{json,md,png}")
+    parser.add_argument("--quick", action="store_true", help="reduced CI-size run (seconds)")
+    parser.add_argument("--model", choices=["lenet300100", "cnn", "resnet"], default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one study per seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for LeNet)")
+    parser.add_argument("--data-root", default=str(DEFAULT_ROOT), help="folder of the Fashion-MNIST .gz files")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    cfg = QUICK if args.quick else EdgeStudyConfig()
+    cfg = replace(cfg, model=args.model) if args.model else cfg
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    run_edge_study(cfg, load_fashion_mnist(args.data_root), args.out, seeds=seeds)
+    print((Path(args.out) / "edge_study.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Asynchronous edge learning: the schedule (lag, never-return), the protocol on tiny data, the study."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedllm.data.vision import FILES, VisionData
+from fedllm.federation.edge import (
+    EdgeSchedule,
+    EdgeStudyConfig,
+    main,
+    make_splits,
+    run_edge_learning,
+    run_sync_fedavg,
+    study_variants,
+    train_core,
+    train_edge,
+)
+from fedllm.types import global_norm, subtract
+
+REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
+needs_real = pytest.mark.skipif(not (REAL_ROOT / FILES["train_x"]).is_file(),
+                                reason="dataset-fashion-mnist is not installed")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """LeNet steps are tiny: one thread avoids oversubscription on shared CI cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def toy_data(n_train=400, n_test=100, seed=0):
+    """Ten classes, each a bright 4×4 patch at its own place plus faint noise: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        y = torch.arange(n) % 10
+        x = 0.1 * torch.rand(n, 1, 28, 28, generator=g)
+        for i, c in enumerate(y.tolist()):
+            r, col = 4 * (c // 5) + 6, 4 * (c % 5) + 4
+            x[i, 0, r:r + 4, col:col + 4] = 1.0
+        return x, y
+
+    (tx, ty), (vx, vy) = make(n_train), make(n_test)
+    return VisionData(tx, ty, vx, vy)
+
+
+TOY = EdgeStudyConfig(num_edges=4, core_fraction=0.2, core_steps=20, edge_steps=5, distill_steps=5,
+                      batch_size=16, lr=0.05)
+
+
+def test_schedule_lag_and_never_return():
+    # Prepare: edge 1 returns two arrivals late, edge 3 never returns
+    schedule = EdgeSchedule((0, 1, 2, 3), lag={1: 2}, never=frozenset({3}))
+    # Execute
+    events = schedule.events()
+    # Assert
+    assert events == [(0, "send", 0), (0, "return", 0), (1, "send", 1), (2, "send", 2), (2, "return", 2),
+                      (3, "send", 3), (3, "return", 1)]
+
+
+def test_schedule_late_past_the_stream_and_same_step_order():
+    late = EdgeSchedule((0, 1, 2), lag={0: 5}).events()
+    assert late[-1] == (5, "return", 0)
+    assert [e for _, kind, e in late if kind == "return"] == [1, 2, 0]
+    # two edges due at step 2: the on-time edge first, then by increasing lag
+    crowd = EdgeSchedule((0, 1, 2), lag={0: 2, 1: 1}).events()
+    assert crowd == [(0, "send", 0), (1, "send", 1), (2, "send", 2), (2, "return", 2), (2, "return", 1),
+                     (2, "return", 0)]
+
+
+def test_schedule_follows_arrival_order_from_config():
+    cfg = replace(TOY, arrival=(2, 0, 3, 1), never_return=(0,))
+    events = EdgeSchedule.from_config(cfg).events()
+    assert [e for _, kind, e in events if kind == "send"] == [2, 0, 3, 1]
+    assert [e for _, kind, e in events if kind == "return"] == [2, 3, 1]
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"lags": ((7, 1),)}, "not in arrival"),
+    ({"lags": ((1, -1),)}, "lags >= 0"),
+    ({"noisy_edges": ((0, 1.5),)}, r"noise p in \[0, 1\]"),
+    ({"arrival": (0, 1, 2, 2)}, "permutation"),
+    ({"teacher_init": "random"}, "teacher_init"),
+    ({"memory": 0}, "memory"),
+    ({"core_fraction": 1.0}, "core_fraction"),
+])
+def test_config_rejects_bad_values(change, match):
+    with pytest.raises(ValueError, match=match):
+        replace(TOY, **change)
+
+
+def test_splits_are_disjoint_and_cover_the_pool():
+    data = toy_data()
+    splits = make_splits(replace(TOY, max_train_examples=300, max_test_examples=50), data)
+    parts = [splits.core, *splits.edges]
+    union = torch.cat(parts)
+    assert len(splits.core) == 60 and [len(p) for p in splits.edges] == [60] * 4
+    assert len(union) == len(set(union.tolist())) == 300
+    assert len(splits.test) == 50
+    skewed = make_splits(replace(TOY, edge_alpha=0.3), data)
+    assert torch.equal(skewed.core, make_splits(TOY, data).core)  # the core does not depend on the skew
+
+
+def test_downlink_is_a_clone_or_an_independent_init():
+    # Prepare: an almost zero learning rate, so the returned model is where it started
+    data, cfg = toy_data(), replace(TOY, lr=1e-9, edge_steps=1)
+    splits = make_splits(cfg, data)
+    core = train_core(cfg, data, splits)
+    # Execute
+    (clone,), _ = train_edge(cfg, data, splits, 0, core)
+    (indep,), _ = train_edge(replace(cfg, teacher_init="independent"), data, splits, 0, core)
+    (ens_a, ens_b), _ = train_edge(replace(TOY, ensemble=2), data, splits, 0, core)
+    # Assert
+    assert global_norm(subtract(clone, core)) < 1e-5
+    assert global_norm(subtract(indep, core)) > 1.0
+    assert global_norm(subtract(ens_a, ens_b)) > 0  # different batch orders, different models
+
+
+def test_run_edge_learning_rows_follow_the_schedule_and_are_reproducible():
+    data = toy_data()
+    cfg = replace(TOY, lags=((1, 2),), never_return=(3,), memory=2, noisy_edges=((2, 1.0),))
+    core = train_core(cfg, data, make_splits(cfg, data))
+    rows = run_edge_learning(cfg, data, core_state=core)
+    again = run_edge_learning(cfg, data, core_state=core)
+    assert [r["edge"] for r in rows] == [0, 2, 1]
+    assert [r["lag"] for r in rows] == [0, 0, 2]
+    assert [r["noise_p"] for r in rows] == [0.0, 1.0, 0.0]
+    assert [r["teachers"] for r in rows] == [1, 2, 2]
+    assert rows[1]["acc_before"] == rows[0]["acc"]
+    assert all(0.0 <= r["acc"] <= 1.0 and 0.0 <= r["consensus_iou"] <= 1.0 for r in rows)
+    assert [r["acc"] for r in rows] == [r["acc"] for r in again]
+
+
+def test_edges_teach_the_core_on_learnable_data():
+    data, cfg = toy_data(), replace(TOY, core_steps=3, edge_steps=40, distill_steps=20)
+    rows = run_edge_learning(cfg, data)
+    assert rows[-1]["acc"] > rows[0]["acc_before"] + 0.2
+
+
+def test_sync_fedavg_rows():
+    data = toy_data()
+    rows = run_sync_fedavg(TOY, data, rounds=2)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["edge_visits"] for r in rows] == [4, 8]
+    with pytest.raises(ValueError, match="rounds"):
+        run_sync_fedavg(TOY, data, rounds=0)
+
+
+def test_study_variants_cover_the_papers_figures():
+    variants = study_variants(EdgeStudyConfig())
+    groups = {g for g, _, _ in variants}
+    assert groups == {"transfer", "lag", "noise", "non-iid"}
+    inits = {c.teacher_init for g, _, c in variants if g == "transfer"}
+    assert inits == {"clone", "independent", "independent_pretrained"}
+    assert any(c.never_return for _, _, c in variants) and any(c.lags for _, _, c in variants)
+
+
+@needs_real
+def test_quick_study_end_to_end(tmp_path):
+    # Execute: the user's command, reduced size
+    assert main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    # Assert: all files, every variant, the omitted edge missing from its curve
+    for name in ("edge_study.json", "edge_study.md", "edge_study.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    result = json.loads((tmp_path / "edge_study.json").read_text())
+    names = {r["variant"] for r in result["rows"]}
+    assert {v["variant"] for v in result["variants"]} <= names
+    points = {s["variant"]: s["points"] for s in result["summary"]}
+    omitted = next(n for n in points if n.endswith("omitted"))
+    assert points[omitted] == 8 and points["no delay"] == 9
+    assert "| transfer | CPP: clone of the core |" in (tmp_path / "edge_study.md").read_text()
