@@ -65,9 +65,14 @@ def _check(cond: bool, where: str, message: str) -> None:
         raise RecipeError(where, message)
 
 
+VISION_PRESETS = ("lenet300100", "cnn", "resnet")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: Literal["smollm2-135m", "tiny"] = doc("built-in model: SmolLM2-135M-Instruct or a tiny random llama", "smollm2-135m")
+    preset: Literal["smollm2-135m", "tiny", "lenet300100", "cnn", "resnet"] = doc(
+        "built-in model: SmolLM2-135M-Instruct, a tiny random llama, or a vision baseline "
+        "(LeNet-300-100, small CNN, small ResNet)", "smollm2-135m")
     path: str | None = doc("local Hugging Face model directory; overrides the preset's weights", None)
     quantization: Literal["nf4", "none"] = doc("load the base in 4-bit NF4 (bitsandbytes) or full precision", "nf4")
     device: Literal["auto", "cpu", "cuda"] = doc("where to train; auto picks CUDA when present", "auto")
@@ -76,6 +81,11 @@ class ModelConfig:
         if self.path is not None:
             _check(self.path.strip() != "" and Path(self.path).is_dir(), "model.path",
                    f"directory {self.path!r} does not exist")
+
+    @property
+    def task(self) -> str:
+        """"vision" for the CNN/MLP baselines, "lm" for causal language models."""
+        return "vision" if self.preset in VISION_PRESETS else "lm"
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,11 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    builtin: Literal["coralmap"] | None = doc("built-in demo corpus (instruction pairs built from an installed package)", None)
+    builtin: Literal["coralmap", "fashion_mnist"] | None = doc(
+        "built-in data: coralmap (instruction pairs built from an installed package) or "
+        "fashion_mnist (IDX files of the Debian package dataset-fashion-mnist)", None)
+    root: str | None = doc("folder with Fashion-MNIST-style IDX files (vision; default: the Debian package's)", None)
+    open_data: int = doc("vision: unlabeled training images held out for the server (HP-FL pre-training)", 0)
     path: str | None = doc("JSONL, CSV, parquet file or a saved `datasets` directory", None)
     prompt_field: str = doc("column with the user prompt", "prompt")
     response_field: str = doc("column with the reference response", "response")
@@ -115,13 +129,16 @@ class DataConfig:
         _check(self.eval_size >= 1, "data.eval_size", f"expected >= 1, got {self.eval_size}")
         if self.max_examples is not None:
             _check(self.max_examples >= 2, "data.max_examples", f"expected >= 2, got {self.max_examples}")
+        _check(0 <= self.open_data <= 1_000_000, "data.open_data", f"expected in [0, 1000000], got {self.open_data}")
+        if self.root is not None:
+            _check(Path(self.root).is_dir(), "data.root", f"directory {self.root!r} does not exist")
 
 
 @dataclass(frozen=True)
 class PartitionConfig:
     method: Literal["iid", "dirichlet", "natural", "quantity_skew", "shards"] = doc("how examples are split across clients", "iid")
     num_clients: int = doc("number of simulated clients", 3)
-    column: str | None = doc("label/topic column for dirichlet, natural and shards", None)
+    column: str | None = doc("label/topic column for dirichlet, natural and shards (vision: the class label)", None)
     alpha: float = doc("Dirichlet concentration (dirichlet: over labels; quantity_skew: over sizes)", 0.5)
     shards_per_client: int = doc("shards each client gets (shards method)", 2)
     min_examples: int = doc("every client must hold at least this many examples", 1)
@@ -131,33 +148,191 @@ class PartitionConfig:
         _check(self.alpha > 0, "partition.alpha", f"expected > 0, got {self.alpha}")
         _check(self.shards_per_client >= 1, "partition.shards_per_client", "expected >= 1")
         _check(self.min_examples >= 1, "partition.min_examples", "expected >= 1")
-        if self.method in ("dirichlet", "natural", "shards"):
-            _check(self.column is not None, "partition.column", f"method {self.method!r} needs a column name")
 
 
 @dataclass(frozen=True)
 class FederationConfig:
-    algorithm: Literal["gradualdiff", "fedavg"] = doc("gradualdiff: mean of deltas (1/K); fedavg: example-weighted mean", "gradualdiff")
-    weighted: bool | None = doc("weight the mean by examples (default: false for gradualdiff, true for fedavg)", None)
+    algorithm: Literal["gradualdiff", "fedavg", "fedprox", "scaffold", "fednova"] = doc(
+        "gradualdiff: mean of deltas (1/K); fedavg: example-weighted mean; fedprox: + proximal term "
+        "mu/2 |theta - theta_g|^2; scaffold: control variates; fednova: deltas normalized by local steps",
+        "gradualdiff")
+    weighted: bool | None = doc("weight the mean by examples (default: false for gradualdiff, true otherwise)", None)
     rounds: int = doc("federated rounds", 3)
     fraction: float = doc("fraction of clients sampled each round (seeded)", 1.0)
     min_clients: int = doc("fewest valid updates needed to apply a round", 1)
+    on_too_few: Literal["skip", "retry"] = doc("a round with < min_clients valid updates: keep the global state "
+                                               "(skip) or sample again (retry)", "skip")
+    max_retries: int = doc("re-samples of a round before it is skipped (on_too_few: retry)", 2)
+    mu: float = doc("FedProx proximal coefficient", 0.01)
+    lora_aggregation: Literal["factorwise", "exact", "frozen_a"] = doc(
+        "factorwise: average dA and dB (the paper's); exact: average B_i A_i and re-factorize by SVD; "
+        "frozen_a: A frozen at its shared init, only B trained", "factorwise")
+    engine: Literal["inprocess", "flower"] = doc("inprocess: simulate all clients here; flower: Flower simulation", "inprocess")
 
     def __post_init__(self) -> None:
         _check(1 <= self.rounds <= 100_000, "federation.rounds", f"expected in [1, 100000], got {self.rounds}")
         _check(0 < self.fraction <= 1, "federation.fraction", f"expected in (0, 1], got {self.fraction}")
         _check(self.min_clients >= 1, "federation.min_clients", f"expected >= 1, got {self.min_clients}")
+        _check(0 <= self.max_retries <= 100, "federation.max_retries", f"expected in [0, 100], got {self.max_retries}")
+        _check(0 <= self.mu <= 1e6, "federation.mu", f"expected in [0, 1e6], got {self.mu}")
 
     @property
     def is_weighted(self) -> bool:
-        return self.weighted if self.weighted is not None else self.algorithm == "fedavg"
+        return self.weighted if self.weighted is not None else self.algorithm != "gradualdiff"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = doc(
+        "server optimizer applied to the aggregated delta (none: theta_g += delta)", "none")
+    lr: float = doc("server learning rate (fedavgm, fedadam, fedyogi, fedadagrad)", 1.0)
+    momentum: float = doc("fedavgm momentum", 0.9)
+    beta1: float = doc("first-moment decay (adaptive optimizers)", 0.9)
+    beta2: float = doc("second-moment decay (adaptive optimizers)", 0.99)
+    tau: float = doc("adaptivity epsilon (adaptive optimizers)", 1e-3)
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "server.lr", f"expected > 0, got {self.lr}")
+        for name in ("momentum", "beta1", "beta2"):
+            v = getattr(self, name)
+            _check(0 <= v < 1, f"server.{name}", f"expected in [0, 1), got {v}")
+        _check(self.tau > 0, "server.tau", f"expected > 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = doc(
+        "mean (per the algorithm), coordinate-wise median, trimmed mean, Krum or multi-Krum", "mean")
+    trim_ratio: float = doc("trimmed_mean: fraction beta cut from each end per coordinate", 0.1)
+    byzantine: int = doc("krum/multi_krum: assumed number f of Byzantine clients per round", 1)
+    multi: int | None = doc("multi_krum: updates kept (default K - f)", None)
+    max_norm: float | None = doc("clip every update to this L2 norm before aggregating (norm bound)", None)
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.trim_ratio < 0.5, "robust.trim_ratio", f"expected in [0, 0.5), got {self.trim_ratio}")
+        _check(self.byzantine >= 0, "robust.byzantine", f"expected >= 0, got {self.byzantine}")
+        if self.multi is not None:
+            _check(self.multi >= 1, "robust.multi", f"expected >= 1, got {self.multi}")
+        if self.max_norm is not None:
+            _check(self.max_norm > 0, "robust.max_norm", f"expected > 0, got {self.max_norm}")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    method: Literal["uniform", "round_robin", "importance", "power_of_choice"] = doc(
+        "uniform fraction, round-robin, importance (prop. to examples) or power-of-choice", "uniform")
+    candidates: int | None = doc("power_of_choice: d candidates sampled, the m = fraction*K with the highest "
+                                 "local loss kept (default 2m)", None)
+
+    def __post_init__(self) -> None:
+        if self.candidates is not None:
+            _check(self.candidates >= 1, "selection.candidates", f"expected >= 1, got {self.candidates}")
+
+
+@dataclass(frozen=True)
+class HierarchyConfig:
+    regions: int = doc("group clients into this many regions (0: flat federation)", 0)
+    by: Literal["round_robin", "column"] = doc("assign clients to regions round-robin or by partition.column", "round_robin")
+    global_every: int = doc("regional aggregation every round, global aggregation every this many rounds", 1)
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.regions <= 10_000, "hierarchy.regions", f"expected in [0, 10000], got {self.regions}")
+        _check(1 <= self.global_every <= 10_000, "hierarchy.global_every", f"expected >= 1, got {self.global_every}")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    kind: Literal["none", "label_flip", "sign_flip", "scale", "noise"] = doc("simulated attack (studies and tests)", "none")
+    fraction: float = doc("fraction of clients that attack", 0.2)
+    scale: float = doc("sign_flip/scale: factor applied to the update", 10.0)
+    noise_std: float = doc("noise: std of the Gaussian update sent", 1.0)
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.fraction <= 1, "attack.fraction", f"expected in [0, 1], got {self.fraction}")
+        _check(self.noise_std >= 0, "attack.noise_std", f"expected >= 0, got {self.noise_std}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    dp: Literal["none", "server", "client"] = doc(
+        "client-level DP: server adds noise to the clipped sum (trusted aggregator) or each client adds its share", "none")
+    clip: float = doc("C: L2 bound on each client's delta", 1.0)
+    noise_multiplier: float = doc("sigma: noise std in units of C", 1.0)
+    target_epsilon: float | None = doc("derive sigma so the planned rounds spend this epsilon", None)
+    delta: float = doc("delta of the (epsilon, delta) guarantee", 1e-5)
+    accountant: Literal["rdp", "prv"] = doc("opacus accountant", "rdp")
+    adaptive_clip: bool = doc("adaptive quantile clipping (Andrew et al. 2021; server mode)", False)
+    target_quantile: float = doc("adaptive clipping: fraction of updates left unclipped", 0.5)
+    secure_aggregation: bool = doc("pairwise-mask secure aggregation (server sees only the sum)", False)
+    secagg_threshold: float = doc("fraction of a round's clients whose shares rebuild a dropped client's masks", 0.6)
+    dpsgd: bool = doc("sample-level DP-SGD on each client through Opacus (vision models)", False)
+    dpsgd_noise: float = doc("DP-SGD noise multiplier", 1.0)
+    dpsgd_clip: float = doc("DP-SGD per-sample clipping norm", 1.0)
+
+    def __post_init__(self) -> None:
+        _check(self.clip > 0, "privacy.clip", f"expected > 0, got {self.clip}")
+        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", f"expected >= 0, got {self.noise_multiplier}")
+        if self.target_epsilon is not None:
+            _check(self.target_epsilon > 0, "privacy.target_epsilon", f"expected > 0, got {self.target_epsilon}")
+        _check(0 < self.delta < 1, "privacy.delta", f"expected in (0, 1), got {self.delta}")
+        _check(0 < self.target_quantile < 1, "privacy.target_quantile", f"expected in (0, 1), got {self.target_quantile}")
+        _check(0 < self.secagg_threshold <= 1, "privacy.secagg_threshold", f"expected in (0, 1], got {self.secagg_threshold}")
+        _check(self.dpsgd_noise >= 0, "privacy.dpsgd_noise", f"expected >= 0, got {self.dpsgd_noise}")
+        _check(self.dpsgd_clip > 0, "privacy.dpsgd_clip", f"expected > 0, got {self.dpsgd_clip}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.dp != "none"
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    codec: Literal["none", "fp16", "q8", "q4", "q2", "sign", "topk"] = doc(
+        "update encoding: none, fp16, 8/4/2-bit stochastic quantization, 1-bit sign with scale, top-k", "none")
+    topk_fraction: float = doc("topk: fraction of coordinates kept", 0.01)
+    error_feedback: bool = doc("keep the compression error on the client and add it to the next update", True)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.topk_fraction <= 1, "compression.topk_fraction", f"expected in (0, 1], got {self.topk_fraction}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: Literal["none", "hpfl", "snip", "random"] = doc(
+        "train a subnetwork: HP-FL lottery ticket (DAE on open data + IMP with rewinding), SNIP, or a random mask",
+        "none")
+    remaining: float = doc("fraction of prunable weights kept", 0.1)
+    iterations: int = doc("hpfl: pruning iterations N_p (each prunes the same fraction of survivors)", 5)
+    dae_epochs: int = doc("hpfl: DAE training epochs per iteration on the open data", 2)
+    dae_lr: float = doc("hpfl: Adam learning rate of the DAE", 1e-3)
+    pretrain: bool = doc("hpfl: start FL from the DAE-trained encoder (false: rewind to init, the lottery ticket)", False)
+    snip_batch: int = doc("snip: examples in the one mini-batch that scores connections", 100)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.remaining <= 1, "prune.remaining", f"expected in (0, 1], got {self.remaining}")
+        _check(1 <= self.iterations <= 100, "prune.iterations", f"expected in [1, 100], got {self.iterations}")
+        _check(0 <= self.dae_epochs <= 1000, "prune.dae_epochs", f"expected in [0, 1000], got {self.dae_epochs}")
+        _check(self.dae_lr > 0, "prune.dae_lr", f"expected > 0, got {self.dae_lr}")
+        _check(self.snip_batch >= 1, "prune.snip_batch", f"expected >= 1, got {self.snip_batch}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = doc("write the whole server state after every round (atomic, checksummed)", True)
+    keep: int = doc("checkpoints kept (older ones deleted)", 2)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.keep <= 1000, "checkpoint.keep", f"expected in [1, 1000], got {self.keep}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     local_steps: int = doc("optimizer steps each client runs per round", 10)
     batch_size: int = doc("examples per step", 4)
-    lr: float = doc("AdamW learning rate", 2e-4)
+    optimizer: Literal["adamw", "sgd"] = doc("client optimizer (adamw for LoRA, sgd for the vision baselines)", "adamw")
+    lr: float = doc("learning rate", 2e-4)
+    momentum: float = doc("sgd momentum", 0.0)
+    local_epochs: int | None = doc("train this many epochs over the client's data each round instead of local_steps", None)
     weight_decay: float = doc("AdamW weight decay", 0.001)
     warmup_ratio: float = doc("fraction of a client's steps with linear warm-up", 0.03)
     max_grad_norm: float = doc("gradient clipping norm (0 disables)", 0.3)
@@ -169,6 +344,9 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", f"expected >= 0, got {self.weight_decay}")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"expected in [0, 1), got {self.warmup_ratio}")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"expected >= 0, got {self.max_grad_norm}")
+        _check(0 <= self.momentum < 1, "train.momentum", f"expected in [0, 1), got {self.momentum}")
+        if self.local_epochs is not None:
+            _check(1 <= self.local_epochs <= 10_000, "train.local_epochs", f"expected in [1, 10000], got {self.local_epochs}")
 
 
 @dataclass(frozen=True)
@@ -176,11 +354,16 @@ class EvalConfig:
     batch_size: int = doc("examples per evaluation forward pass", 8)
     bleu_samples: int = doc("eval prompts answered greedily for BLEU (0 disables)", 8)
     max_new_tokens: int = doc("tokens generated per BLEU prompt", 48)
+    targets: list[float] = doc("vision: test accuracies x for NRA@x, CCA@x, CTA@x in the summary", [])
+    every: int = doc("evaluate every this many rounds (the last round always)", 1)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", f"expected >= 1, got {self.batch_size}")
         _check(self.bleu_samples >= 0, "eval.bleu_samples", f"expected >= 0, got {self.bleu_samples}")
         _check(1 <= self.max_new_tokens <= 4096, "eval.max_new_tokens", f"expected in [1, 4096], got {self.max_new_tokens}")
+        for x in self.targets:
+            _check(0 < x <= 1, "eval.targets", f"expected accuracies in (0, 1], got {x}")
+        _check(1 <= self.every <= 100_000, "eval.every", f"expected >= 1, got {self.every}")
 
 
 @dataclass(frozen=True)
@@ -195,10 +378,31 @@ class FaultsConfig:
     nan_clients: list[int] = doc("clients whose update is replaced by NaN (fault injection for tests/demos)", [])
     error_clients: list[int] = doc("clients that raise an exception during local training", [])
     rounds: list[int] = doc("rounds in which the faults fire (empty: every round)", [])
+    error_prob: float = doc("probability that a sampled client raises during training (seeded per round/client)", 0.0)
+    nan_prob: float = doc("probability that a sampled client returns a NaN update (seeded)", 0.0)
+    dropout_prob: float = doc("probability that a sampled client never reports (seeded)", 0.0)
+    straggler_fraction: float = doc("fraction of sampled clients that are slow (seeded)", 0.0)
+    straggler_speed: float = doc("a straggler completes this fraction of its local steps by the deadline", 0.5)
+    stragglers: Literal["partial", "drop"] = doc("a straggler's partial work is aggregated (partial) or dropped", "partial")
+
+    def __post_init__(self) -> None:
+        for name in ("error_prob", "nan_prob", "dropout_prob", "straggler_fraction"):
+            v = getattr(self, name)
+            _check(0 <= v <= 1, f"faults.{name}", f"expected a probability in [0, 1], got {v}")
+        _check(0 < self.straggler_speed <= 1, "faults.straggler_speed", f"expected in (0, 1], got {self.straggler_speed}")
+
+    def _draw(self, client_id: int, rnd: int, kind: str) -> float:
+        import numpy as np  # noqa: PLC0415  (config stays import-light)
+
+        return float(np.random.default_rng([rnd, client_id, {"error": 1, "nan": 2}[kind], 4242]).random())
 
     def fires(self, client_id: int, rnd: int, kind: str) -> bool:
+        """Whether fault ``kind`` ("error" or "nan") hits ``client_id`` in round ``rnd``."""
         ids = self.nan_clients if kind == "nan" else self.error_clients
-        return client_id in ids and (not self.rounds or rnd in self.rounds)
+        if client_id in ids and (not self.rounds or rnd in self.rounds):
+            return True
+        prob = self.nan_prob if kind == "nan" else self.error_prob
+        return prob > 0 and self._draw(client_id, rnd, kind) < prob
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,7 +418,16 @@ class Recipe:
     train: TrainConfig = doc("client training", TrainConfig())
     eval: EvalConfig = doc("evaluation", EvalConfig())
     output: OutputConfig = doc("run directory", OutputConfig())
-    faults: FaultsConfig = doc("injected client faults", FaultsConfig())
+    server: ServerConfig = doc("server optimizer", ServerConfig())
+    robust: RobustConfig = doc("robust aggregation", RobustConfig())
+    selection: SelectionConfig = doc("client selection", SelectionConfig())
+    hierarchy: HierarchyConfig = doc("hierarchical (regional) aggregation", HierarchyConfig())
+    attack: AttackConfig = doc("simulated attackers (studies, tests)", AttackConfig())
+    privacy: PrivacyConfig = doc("differential privacy and secure aggregation", PrivacyConfig())
+    compression: CompressionConfig = doc("update compression", CompressionConfig())
+    prune: PruneConfig = doc("sparse subnetworks (vision)", PruneConfig())
+    checkpoint: CheckpointConfig = doc("checkpoints for --resume", CheckpointConfig())
+    faults: FaultsConfig = doc("injected client faults and availability", FaultsConfig())
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()) and not any(c in self.name for c in "/\\\0")
@@ -227,9 +440,134 @@ class Recipe:
             for c in getattr(self.faults, kind):
                 _check(0 <= c < self.partition.num_clients, f"faults.{kind}",
                        f"client ids must be in [0, {self.partition.num_clients}), got {c}")
+        for rule in COMPATIBILITY:
+            problem = rule(self)
+            if problem is not None:
+                raise RecipeError(*problem)
+
+    @property
+    def clients_per_round(self) -> int:
+        """m = max(1, round(fraction * K)): clients sampled each round."""
+        return max(1, min(self.partition.num_clients, round(self.federation.fraction * self.partition.num_clients)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- compatibility
+# Each rule looks at a whole recipe and returns (field, reason) when a combination cannot work.
+# ``tests/test_compatibility.py`` walks the matrix of algorithm x aggregator x privacy x ... .
+
+Problem = tuple[str, str] | None
+
+
+def _task_data(r: Recipe) -> Problem:
+    vision_data = r.data.builtin == "fashion_mnist" or r.data.root is not None
+    if r.model.task == "vision" and not vision_data:
+        return "data", f"vision model {r.model.preset!r} needs image data: data.builtin: fashion_mnist (or data.root)"
+    if r.model.task == "lm" and vision_data:
+        return "data.builtin", f"language model {r.model.preset!r} needs text data, not images"
+    if r.model.task == "lm" and r.partition.method in ("dirichlet", "natural", "shards") and r.partition.column is None:
+        return "partition.column", f"method {r.partition.method!r} needs a column name"
+    return None
+
+
+def _lm_only(r: Recipe) -> Problem:
+    if r.model.task == "vision" and r.federation.lora_aggregation != "factorwise":
+        return "federation.lora_aggregation", "LoRA aggregation modes need a LoRA model (vision models have no adapters)"
+    if r.model.task == "lm" and r.privacy.dpsgd:
+        return ("privacy.dpsgd", "Opacus cannot compute per-sample gradients through bitsandbytes 4-bit layers "
+                "and peft LoRA wrappers; use client-level DP (privacy.dp) for language models")
+    return None
+
+
+def _vision_only(r: Recipe) -> Problem:
+    if r.model.task == "lm":
+        if r.prune.method != "none":
+            return "prune.method", "pruning masks are implemented for the vision baselines only"
+        if r.eval.targets:
+            return "eval.targets", "accuracy targets need a classifier (a vision model)"
+        if r.attack.kind == "label_flip":
+            return "attack.kind", "label_flip needs class labels (a vision model); use sign_flip, scale or noise"
+        if r.data.open_data:
+            return "data.open_data", "open (unlabeled) data is a vision setting"
+    return None
+
+
+def _aggregator(r: Recipe) -> Problem:
+    f, rob, m = r.federation, r.robust, r.clients_per_round
+    if f.algorithm == "fednova" and rob.aggregator != "mean":
+        return "robust.aggregator", "FedNova is itself the aggregator (deltas normalized by local steps); use mean"
+    if rob.aggregator != "mean" and f.lora_aggregation == "exact":
+        return "federation.lora_aggregation", "exact LoRA aggregation averages products; robust aggregators pick coordinates"
+    if rob.aggregator in ("krum", "multi_krum") and m < 2 * rob.byzantine + 3:
+        return "robust.byzantine", (f"Krum needs clients per round >= 2f + 3 = {2 * rob.byzantine + 3}, "
+                                    f"got {m} (fraction x num_clients)")
+    if rob.aggregator == "multi_krum" and rob.multi is not None and rob.multi > m:
+        return "robust.multi", f"expected <= clients per round ({m}), got {rob.multi}"
+    if f.min_clients > m:
+        return "federation.min_clients", f"expected <= clients per round ({m}); no round could ever be applied"
+    if r.selection.method == "power_of_choice" and r.selection.candidates is not None and r.selection.candidates < m:
+        return "selection.candidates", f"expected >= clients per round ({m}), got {r.selection.candidates}"
+    return None
+
+
+def _privacy(r: Recipe) -> Problem:
+    p, f = r.privacy, r.federation
+    if p.secure_aggregation:
+        if r.robust.aggregator != "mean":
+            return ("privacy.secure_aggregation", f"robust aggregator {r.robust.aggregator!r} needs individual "
+                    "updates, but secure aggregation shows the server only their sum")
+        if f.algorithm == "fednova":
+            return "privacy.secure_aggregation", "FedNova reweights individual updates; the server sees only the sum"
+        if f.lora_aggregation == "exact":
+            return "privacy.secure_aggregation", "exact LoRA aggregation multiplies individual factors; the server sees only the sum"
+        if r.compression.codec not in ("none", "fp16"):
+            return ("compression.codec", "masked updates are uniform integers mod 2^b: they cannot be quantized "
+                    "or sparsified after masking; use none or fp16 with secure aggregation")
+        if r.hierarchy.regions:
+            return "privacy.secure_aggregation", "hierarchical aggregation with secure aggregation is not supported"
+        if p.adaptive_clip:
+            return "privacy.adaptive_clip", "adaptive clipping needs each update's norm; secure aggregation hides it"
+        if f.is_weighted:
+            return "federation.weighted", "secure aggregation sums updates uniformly; set federation.weighted: false"
+    if p.enabled:
+        if r.robust.aggregator != "mean" or f.algorithm == "fednova":
+            return "privacy.dp", "DP noise is calibrated to the clipped uniform mean; use robust.aggregator: mean, not FedNova"
+        if f.is_weighted:
+            return "federation.weighted", "DP sensitivity C/K holds for the unweighted mean; set federation.weighted: false"
+        if p.dp == "client" and p.adaptive_clip:
+            return "privacy.adaptive_clip", "adaptive clipping needs the server to see update norms (dp: server)"
+        if r.hierarchy.regions:
+            return "privacy.dp", "client-level DP with hierarchical aggregation is not supported"
+    return None
+
+
+def _hierarchy(r: Recipe) -> Problem:
+    h = r.hierarchy
+    if h.regions:
+        if h.regions > r.partition.num_clients:
+            return "hierarchy.regions", f"expected <= partition.num_clients ({r.partition.num_clients}), got {h.regions}"
+        if r.federation.algorithm in ("scaffold", "fednova"):
+            return "hierarchy.regions", f"{r.federation.algorithm} corrects against the global model each round; use gradualdiff, fedavg or fedprox"
+        if h.by == "column" and r.partition.column is None:
+            return "hierarchy.by", "regions by column need partition.column"
+    return None
+
+
+def _engine(r: Recipe) -> Problem:
+    if r.federation.engine == "flower":
+        unsupported = [name for name, on in (
+            ("privacy.secure_aggregation", r.privacy.secure_aggregation),
+            ("hierarchy.regions", bool(r.hierarchy.regions)),
+            ("selection.method", r.selection.method != "uniform"),
+        ) if on]
+        if unsupported:
+            return "federation.engine", f"the Flower engine does not run {unsupported[0]} yet; use engine: inprocess"
+    return None
+
+
+COMPATIBILITY = (_task_data, _lm_only, _vision_only, _aggregator, _privacy, _hierarchy, _engine)
 
 
 # ----------------------------------------------------------------------------- generic loading
