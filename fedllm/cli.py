@@ -68,7 +68,7 @@ def _progress():
 
 
 def _run_modes(recipe, modes: list[str], out: str | None) -> dict[str, dict]:
-    from fedllm.federation.experiment import LMExperiment
+    from fedllm.federation.experiment import make_experiment
     from fedllm.federation.modes import RUNNERS, Hooks
     from fedllm.federation.progress import StepProgress
     from fedllm.metrics.report import write_report
@@ -76,7 +76,7 @@ def _run_modes(recipe, modes: list[str], out: str | None) -> dict[str, dict]:
     summaries = {}
     with _progress() as progress:
         setup = progress.add_task("loading model and data", total=None)
-        exp = LMExperiment(recipe)
+        exp = make_experiment(recipe)
         progress.remove_task(setup)
         steps = StepProgress(progress)
         exp.step_callbacks.append(steps)

@@ -24,6 +24,7 @@ class EvalResult:
     perplexity: float
     bleu: float | None
     samples: list[dict]
+    accuracy: float | None = None  # classifiers only
 
 
 @torch.no_grad()

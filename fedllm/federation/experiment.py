@@ -77,3 +77,19 @@ class LMExperiment:
         """Save in peft's format: ``PeftModel.from_pretrained(base, path)`` loads it."""
         self.state.set(state)
         self.model.save_pretrained(str(path))
+
+
+def make_experiment(recipe: Recipe):
+    """The experiment for the recipe's task: :class:`LMExperiment` or the vision baseline.
+
+    Both satisfy the same protocol, used by the modes, the server and the CLI: ``recipe``,
+    ``data`` (``partition_json()``, ``client_examples(k)``, ``train_examples``, ``stats``),
+    ``initial_state``, ``step_callbacks``, ``fit(client_id, examples, start, rnd, steps,
+    grad_term=None) -> ClientUpdate``, ``evaluate(state) -> EvalResult`` and
+    ``save_adapter(state, path)``.
+    """
+    if recipe.model.task == "vision":
+        from fedllm.federation.vision_experiment import VisionExperiment  # noqa: PLC0415
+
+        return VisionExperiment(recipe)
+    return LMExperiment(recipe)

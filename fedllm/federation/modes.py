@@ -44,7 +44,7 @@ def _eval_row(exp: LMExperiment, state: StateDict) -> tuple[dict[str, Any], list
     t0 = time.perf_counter()
     res = exp.evaluate(state)
     return ({"eval_loss": res.eval_loss, "perplexity": res.perplexity, "bleu": res.bleu,
-             "eval_time_s": time.perf_counter() - t0}, res.samples)
+             "accuracy": res.accuracy, "eval_time_s": time.perf_counter() - t0}, res.samples)
 
 
 def _round0(mode: str, exp: LMExperiment, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
@@ -169,11 +169,11 @@ def run_local(exp: LMExperiment, out: str | None = None, hooks: Hooks | None = N
     for rnd in range(1, fed.rounds + 1):
         rows = per_round[rnd]
         mean = {key: _mean([v[key] for v in rows.values()])
-                for key in ("train_loss", "eval_loss", "bleu", "train_time_s", "eval_time_s")}
+                for key in ("train_loss", "eval_loss", "bleu", "accuracy", "train_time_s", "eval_time_s")}
         mean["perplexity"] = math.exp(min(mean["eval_loss"], 700.0))
         row = {"round": rnd, "mode": "local", **mean, "aggregate_time_s": 0.0, "bytes_up": 0,
                "bytes_down": 0, "clients": sorted(rows),
-               "per_client": {str(k): {m: v[m] for m in ("train_loss", "eval_loss", "perplexity", "bleu")}
+               "per_client": {str(k): {m: v[m] for m in ("train_loss", "eval_loss", "perplexity", "bleu", "accuracy")}
                               for k, v in rows.items()}}
         row["round_time_s"] = row["train_time_s"] + row["eval_time_s"]
         samples = [{"client": k, **s} for k, v in rows.items() for s in v["samples"]]

@@ -83,8 +83,8 @@ def summarize(rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -
     trained = rows[1:]
     out = {
         "mode": last["mode"], "rounds": last["round"],
-        "initial": {k: first[k] for k in ("eval_loss", "perplexity", "bleu")},
-        "final": {k: last[k] for k in ("eval_loss", "perplexity", "bleu", "train_loss")},
+        "initial": {k: first.get(k) for k in ("eval_loss", "perplexity", "bleu", "accuracy")},
+        "final": {k: last.get(k) for k in ("eval_loss", "perplexity", "bleu", "accuracy", "train_loss")},
         "total_bytes_up": sum(r["bytes_up"] for r in trained),
         "total_bytes_down": sum(r["bytes_down"] for r in trained),
         "total_time_s": sum(r["round_time_s"] for r in trained),
