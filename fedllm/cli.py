@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", help="root folder for run directories (default: recipe output.dir)")
         if name == "run":
             sp.add_argument("--mode", choices=("federated", "centralized", "local"))
+            sp.add_argument("--resume", action="store_true",
+                            help="continue the federated run in the run directory from its last checkpoint")
     rp = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
     rp.add_argument("run_dir")
     return p
@@ -67,7 +69,7 @@ def _progress():
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
-def _run_modes(recipe, modes: list[str], out: str | None) -> dict[str, dict]:
+def _run_modes(recipe, modes: list[str], out: str | None, resume: bool = False) -> dict[str, dict]:
     from fedllm.federation.experiment import make_experiment
     from fedllm.federation.modes import RUNNERS, Hooks
     from fedllm.federation.progress import StepProgress
@@ -84,7 +86,8 @@ def _run_modes(recipe, modes: list[str], out: str | None) -> dict[str, dict]:
             rounds = progress.add_task(f"{mode}: rounds", total=recipe.federation.rounds)
             hooks = Hooks(on_round=lambda r, total, t=rounds: progress.update(t, completed=r - 1),
                           on_client=lambda k, m=mode: steps.label(f"{m}: client {k} steps"))
-            summaries[mode] = RUNNERS[mode](exp, out, hooks)
+            kwargs = {"resume": True} if resume and mode == "federated" else {}
+            summaries[mode] = RUNNERS[mode](exp, out, hooks, **kwargs)
             progress.update(rounds, completed=recipe.federation.rounds)
             write_report(_mode_dir(recipe, mode, out), recipe.output.plots)
     return summaries
@@ -126,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{recipe.partition.num_clients} clients, {recipe.federation.rounds} rounds)")
             return 0
         if args.command == "run":
-            summaries = _run_modes(recipe, [args.mode or recipe.mode], args.out)
+            mode = args.mode or recipe.mode
+            if args.resume and mode != "federated":
+                raise RecipeError("--resume", f"only federated runs checkpoint; mode is {mode!r}")
+            summaries = _run_modes(recipe, [mode], args.out, args.resume)
         else:
             from fedllm.federation.modes import MODES
             from fedllm.metrics.report import write_comparison

@@ -163,6 +163,7 @@ class FederationConfig:
     on_too_few: Literal["skip", "retry"] = doc("a round with < min_clients valid updates: keep the global state "
                                                "(skip) or sample again (retry)", "skip")
     max_retries: int = doc("re-samples of a round before it is skipped (on_too_few: retry)", 2)
+    reject_norm: float | None = doc("reject (do not aggregate) an update whose L2 norm exceeds this", None)
     mu: float = doc("FedProx proximal coefficient", 0.01)
     lora_aggregation: Literal["factorwise", "exact", "frozen_a"] = doc(
         "factorwise: average dA and dB (the paper's); exact: average B_i A_i and re-factorize by SVD; "
@@ -175,6 +176,8 @@ class FederationConfig:
         _check(self.min_clients >= 1, "federation.min_clients", f"expected >= 1, got {self.min_clients}")
         _check(0 <= self.max_retries <= 100, "federation.max_retries", f"expected in [0, 100], got {self.max_retries}")
         _check(0 <= self.mu <= 1e6, "federation.mu", f"expected in [0, 1e6], got {self.mu}")
+        if self.reject_norm is not None:
+            _check(self.reject_norm > 0, "federation.reject_norm", f"expected > 0, got {self.reject_norm}")
 
     @property
     def is_weighted(self) -> bool:
@@ -232,7 +235,7 @@ class SelectionConfig:
 @dataclass(frozen=True)
 class HierarchyConfig:
     regions: int = doc("group clients into this many regions (0: flat federation)", 0)
-    by: Literal["round_robin", "column"] = doc("assign clients to regions round-robin or by partition.column", "round_robin")
+    by: Literal["round_robin", "contiguous"] = doc("assign clients to regions round-robin (k mod R) or in contiguous id blocks", "round_robin")
     global_every: int = doc("regional aggregation every round, global aggregation every this many rounds", 1)
 
     def __post_init__(self) -> None:
@@ -447,8 +450,8 @@ class Recipe:
 
     @property
     def clients_per_round(self) -> int:
-        """m = max(1, round(fraction * K)): clients sampled each round."""
-        return max(1, min(self.partition.num_clients, round(self.federation.fraction * self.partition.num_clients)))
+        """m = max(1, floor(fraction * K)): clients sampled each round (McMahan et al.'s C*K)."""
+        return max(1, math.floor(self.federation.fraction * self.partition.num_clients + 1e-9))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -540,6 +543,8 @@ def _privacy(r: Recipe) -> Problem:
             return "privacy.adaptive_clip", "adaptive clipping needs the server to see update norms (dp: server)"
         if r.hierarchy.regions:
             return "privacy.dp", "client-level DP with hierarchical aggregation is not supported"
+        if f.lora_aggregation == "exact":
+            return "federation.lora_aggregation", "exact re-factorization is not covered by the DP clipping; use factorwise or frozen_a"
     return None
 
 
@@ -550,8 +555,6 @@ def _hierarchy(r: Recipe) -> Problem:
             return "hierarchy.regions", f"expected <= partition.num_clients ({r.partition.num_clients}), got {h.regions}"
         if r.federation.algorithm in ("scaffold", "fednova"):
             return "hierarchy.regions", f"{r.federation.algorithm} corrects against the global model each round; use gradualdiff, fedavg or fedprox"
-        if h.by == "column" and r.partition.column is None:
-            return "hierarchy.by", "regions by column need partition.column"
     return None
 
 

@@ -20,6 +20,17 @@ from fedllm.models.state import TrainableState
 from fedllm.types import StateDict, subtract
 
 
+@torch.no_grad()
+def add_grad_term(params: dict[str, torch.nn.Parameter], grad_term) -> None:
+    """p.grad += grad_term(params)[name] for every trainable parameter that has a gradient."""
+    if grad_term is None:
+        return
+    extra = grad_term(params)
+    for name, p in params.items():
+        if p.grad is not None and name in extra:
+            p.grad.add_(extra[name].to(p.grad.device, p.grad.dtype))
+
+
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Linear warm-up to 1, then constant (HF's ``warmup_ratio`` semantics over a client's steps)."""
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -33,24 +44,25 @@ class CausalLMModule(L.LightningModule):
     """
 
     def __init__(self, model: torch.nn.Module, state: TrainableState, train: TrainConfig, total_steps: int,
-                 extra_loss=None) -> None:
+                 grad_term=None) -> None:
         super().__init__()
         self.model = model
         self.state = state
         self.train_cfg = train
         self.warmup_steps = math.ceil(train.warmup_ratio * total_steps)
-        self.extra_loss = extra_loss  # e.g. FedProx's proximal term: f(named params) -> scalar
+        self.grad_term = grad_term  # e.g. FedProx's μ(θ − θ_g): f(named params) -> {name: tensor}
         self.losses: list[float] = []
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
         self.losses.append(float(loss.detach()))
-        if self.extra_loss is not None:
-            loss = loss + self.extra_loss(self.state.params)
         return loss
 
+    def on_after_backward(self) -> None:
+        add_grad_term(self.state.params, self.grad_term)
+
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.state.parameters(), lr=self.train_cfg.lr,
+        opt = torch.optim.AdamW([p for p in self.state.parameters() if p.requires_grad], lr=self.train_cfg.lr,
                                 weight_decay=self.train_cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, self.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -45,19 +45,29 @@ class LMExperiment:
         self.model = add_lora(base, recipe.lora, recipe.seed)
         self.state = TrainableState(self.model)
         self.initial_state: StateDict = self.state.get()
+        if recipe.federation.lora_aggregation == "frozen_a":
+            # A stays at its shared initialisation on every client (no gradient, so AdamW leaves it
+            # untouched and ΔA ≡ 0): averaging B alone is then exactly the mean of the products B·A.
+            for key, p in self.state.params.items():
+                if ".lora_A" in key:
+                    p.requires_grad_(False)
         self.data: TextData = build_text_data(recipe, self.tokenizer)
         self.accelerator = "gpu" if pick_device(recipe.model) == "cuda" else "cpu"
         self.step_callbacks: list = []  # e.g. progress bars; added by the caller
 
     def fit(self, client_id: int, examples: list[Example], start: StateDict, rnd: int, steps: int,
-            extra_loss=None) -> ClientUpdate:
-        """Train from ``start`` for ``steps`` steps on ``examples``; return the update Δ."""
+            grad_term=None) -> ClientUpdate:
+        """Train from ``start`` for ``steps`` steps on ``examples``; return the update Δ.
+
+        ``grad_term(params) -> {key: tensor}``, when given, is added to the gradients after each
+        backward pass (FedProx's μ(θ − θ_g), SCAFFOLD's c − cᵢ).
+        """
         if self.recipe.faults.fires(client_id, rnd, "error"):
             raise ClientFault(f"injected failure of client {client_id} in round {rnd}")
         seed = round_seed(self.recipe.seed, rnd)
         torch.manual_seed(seed)  # LoRA dropout masks
         loader = make_loader(examples, self.recipe.train.batch_size, self.tokenizer.pad_token_id, seed)
-        module = CausalLMModule(self.model, self.state, self.recipe.train, steps, extra_loss)
+        module = CausalLMModule(self.model, self.state, self.recipe.train, steps, grad_term)
         round_cb = FederatedRoundCallback(start)
         losses = fit_steps(module, loader, steps, [round_cb, *self.step_callbacks], self.accelerator)
         delta = round_cb.delta
@@ -72,6 +82,10 @@ class LMExperiment:
         e = self.recipe.eval
         return evaluate(self.model, self.tokenizer, self.data.eval_examples, e.batch_size, e.bleu_samples,
                         e.max_new_tokens)
+
+    def payload_bytes(self, state: StateDict) -> int:
+        """Bytes of one adapter state or delta on the wire (safetensors)."""
+        return serialized_bytes(state)
 
     def save_adapter(self, state: StateDict, path: Path) -> None:
         """Save in peft's format: ``PeftModel.from_pretrained(base, path)`` loads it."""

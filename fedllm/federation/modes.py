@@ -19,12 +19,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from fedllm.algorithms.aggregate import ApplyDelta, MeanAggregator
-from fedllm.federation.experiment import LMExperiment
+from fedllm.algorithms.selection import UniformSampler
+from fedllm.config import one_line
+from fedllm.federation.checkpoint import (
+    ServerState,
+    capture_rng,
+    checkpoint_dir,
+    recipe_fingerprint,
+    restore_rng,
+    resume_state,
+    save_checkpoint,
+)
 from fedllm.federation.rundir import RunWriter, run_dir, summarize
-from fedllm.types import ClientUpdate, StateDict, add, clone_state, serialized_bytes
+from fedllm.federation.server import FederatedServer
+from fedllm.types import StateDict, add, clone_state
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +40,18 @@ MODES = ("federated", "centralized", "local")
 
 
 def sample_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
-    """Seeded uniform sample of ``max(1, round(fraction*K))`` clients (stateless: resumable)."""
-    m = max(1, round(fraction * num_clients))
-    if m >= num_clients:
-        return list(range(num_clients))
-    rng = np.random.default_rng([seed, rnd, 17])
-    return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
+    """The uniform sample of round ``rnd`` (the federated default; centralized mode matches its steps)."""
+    return UniformSampler(fraction, seed).sample(rnd, range(num_clients))
 
 
-def _eval_row(exp: LMExperiment, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
+def _eval_row(exp, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
     t0 = time.perf_counter()
     res = exp.evaluate(state)
     return ({"eval_loss": res.eval_loss, "perplexity": res.perplexity, "bleu": res.bleu,
              "accuracy": res.accuracy, "eval_time_s": time.perf_counter() - t0}, res.samples)
 
 
-def _round0(mode: str, exp: LMExperiment, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
+def _round0(mode: str, exp, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
     metrics, samples = _eval_row(exp, state)
     row = {"round": 0, "mode": mode, "train_loss": None, **metrics, "round_time_s": 0.0,
            "train_time_s": 0.0, "aggregate_time_s": 0.0, "bytes_up": 0, "bytes_down": 0, "clients": []}
@@ -63,7 +67,7 @@ class Hooks:
         self.on_client = on_client or (lambda k: None)
 
 
-def _start(exp: LMExperiment, mode: str, out: str | None, hooks: Hooks | None):
+def _start(exp, mode: str, out: str | None, hooks: Hooks | None):
     """A fresh run directory with its round-0 row, the starting state, and the hooks to use."""
     writer = RunWriter(run_dir(exp.recipe, mode, out), exp.recipe, exp.data.partition_json())
     state = clone_state(exp.initial_state)
@@ -71,60 +75,110 @@ def _start(exp: LMExperiment, mode: str, out: str | None, hooks: Hooks | None):
     return writer, state, hooks or Hooks()
 
 
-def collect_updates(exp: LMExperiment, clients: list[int], global_state: StateDict, rnd: int,
-                    hooks: Hooks) -> tuple[list[ClientUpdate], dict[str, int]]:
-    """Run the sampled clients; leave out failed or non-finite updates (warned and counted)."""
-    updates, counts = [], {"failed_clients": 0, "skipped_nonfinite": 0}
-    steps = exp.recipe.train.local_steps
-    for k in clients:
+def local_steps(recipe, num_examples: int) -> int:
+    """Optimizer steps a client runs per round: ``train.local_steps``, or whole epochs over its data."""
+    t = recipe.train
+    if t.local_epochs is not None:
+        return max(1, math.ceil(num_examples / t.batch_size)) * t.local_epochs
+    return t.local_steps
+
+
+def _draw_key(rnd: int, attempt: int) -> int:
+    """The sampling key of a round's attempt: the round itself first, a distinct one per retry."""
+    return rnd if attempt == 0 else rnd + attempt * 10_000_019
+
+
+def _train_clients(exp, server: FederatedServer, plan, state: StateDict, rnd: int,
+                   hooks: Hooks) -> tuple[list[float], dict[str, int]]:
+    """Run the plan's clients and hand each update to the server's upload path."""
+    losses, counts = [], {"failed_clients": 0}
+    speed = exp.recipe.faults.straggler_speed
+    for k in plan.training:
         hooks.on_client(k)
+        examples = exp.data.client_examples(k)
+        steps = local_steps(exp.recipe, len(examples))
+        if k in plan.stragglers:
+            steps = max(1, math.floor(steps * speed))
+        start = server.start_state(k, state)
         try:
-            upd = exp.fit(k, exp.data.client_examples(k), global_state, rnd, steps)
+            upd = exp.fit(k, examples, start, rnd, steps, grad_term=server.grad_term(k, start))
         except Exception as exc:  # a failing client never takes the round down
             log.warning("round %d: client %d failed (%s: %s); left out of aggregation",
-                        rnd, k, type(exc).__name__, exc)
+                        rnd, k, type(exc).__name__, one_line(str(exc)))
             counts["failed_clients"] += 1
             continue
-        if not upd.is_finite():
-            log.warning("round %d: client %d sent a non-finite update (NaN/Inf); left out of aggregation",
-                        rnd, k)
-            counts["skipped_nonfinite"] += 1
-            continue
-        updates.append(upd)
-    return updates, counts
+        if math.isfinite(upd.train_loss):
+            losses.append(upd.train_loss)
+        server.upload(rnd, upd, start)
+    return losses, counts
 
 
-def run_federated(exp: LMExperiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
+def _resume_or_start(exp, server: FederatedServer, out: str | None, hooks: Hooks | None, resume: bool):
+    """(writer, global state, hooks, first round): from the last good checkpoint, or fresh."""
+    path = run_dir(exp.recipe, "federated", out)
+    ckpt = resume_state(checkpoint_dir(path), exp.recipe) if resume else None
+    if ckpt is None:
+        writer, state, hooks = _start(exp, "federated", out, hooks)
+        return writer, state, hooks, 1
+    server.load_state_dict(ckpt.server_state)
+    restore_rng(ckpt.rng_states)
+    writer = RunWriter(path, exp.recipe, exp.data.partition_json(), resume_rows=ckpt.metrics_rows)
+    log.info("resuming %s after round %d", path, ckpt.round)
+    return writer, clone_state(ckpt.global_state), hooks or Hooks(), ckpt.round + 1
+
+
+def run_federated(exp, out: str | None = None, hooks: Hooks | None = None,
+                  resume: bool = False) -> dict[str, Any]:
+    """Rounds of: sample, train, upload, validate, aggregate, apply, evaluate, checkpoint.
+
+    With ``resume`` the run continues after the newest checkpoint that verifies (identical
+    results to an uninterrupted run: sampling and client seeds depend only on (seed, round), and
+    every stateful piece of the server is in the checkpoint).
+    """
     recipe, fed = exp.recipe, exp.recipe.federation
-    writer, state, hooks = _start(exp, "federated", out, hooks)
-    aggregate, server = MeanAggregator(weighted=fed.is_weighted), ApplyDelta()
-    down_bytes = serialized_bytes(state)
-    for rnd in range(1, fed.rounds + 1):
+    sizes = [len(exp.data.client_examples(k)) for k in range(recipe.partition.num_clients)]
+    server = FederatedServer(recipe, exp.initial_state, sizes, getattr(exp, "payload_bytes", None),
+                             getattr(exp, "mask", None), getattr(exp, "mask_bytes", 0))
+    writer, state, hooks, first = _resume_or_start(exp, server, out, hooks, resume)
+    for rnd in range(first, fed.rounds + 1):
         hooks.on_round(rnd, fed.rounds)
         t0 = time.perf_counter()
-        clients = sample_clients(recipe.partition.num_clients, fed.fraction, recipe.seed, rnd)
-        updates, counts = collect_updates(exp, clients, state, rnd, hooks)
-        t1 = time.perf_counter()
-        applied = len(updates) >= fed.min_clients
-        if applied:
-            state = server.step(state, aggregate(updates))
-        else:
-            log.warning("round %d: %d valid updates < federation.min_clients=%d; global state unchanged",
-                        rnd, len(updates), fed.min_clients)
+        train_s = 0.0
+        for attempt in range(fed.max_retries + 1 if fed.on_too_few == "retry" else 1):
+            plan = server.begin_round(_draw_key(rnd, attempt))
+            t_train = time.perf_counter()
+            losses, counts = _train_clients(exp, server, plan, state, rnd, hooks)
+            train_s += time.perf_counter() - t_train
+            new_state, extra = server.finish_round(rnd, state)
+            if extra["applied"]:
+                break
+        state = new_state
         t2 = time.perf_counter()
-        metrics, samples = _eval_row(exp, state)
-        row = {"round": rnd, "mode": "federated",
-               "train_loss": statistics.fmean(u.train_loss for u in updates) if updates else None,
-               **metrics, "round_time_s": 0.0, "train_time_s": t1 - t0, "aggregate_time_s": t2 - t1,
-               "bytes_up": sum(u.bytes_up for u in updates), "bytes_down": down_bytes * len(clients),
-               "clients": clients, "aggregated_clients": [u.client_id for u in updates],
-               "applied": applied, **counts}
+        metrics, samples = _maybe_eval(exp, server.eval_state(state), rnd)
+        nonfinite = sum("non-finite" in why for why in extra["rejected"].values())
+        row = {"round": rnd, "mode": "federated", "train_loss": statistics.fmean(losses) if losses else None,
+               **metrics, "round_time_s": 0.0, "train_time_s": train_s,
+               "aggregate_time_s": t2 - t0 - train_s, "clients": plan.sampled, "attempts": attempt + 1,
+               "dropped_clients": plan.dropped, "stragglers": plan.stragglers,
+               "skipped_nonfinite": nonfinite, **counts, **extra}
         row["round_time_s"] = row["train_time_s"] + row["aggregate_time_s"] + row["eval_time_s"]
         writer.log_round(row, samples)
+        if recipe.checkpoint.enabled:
+            save_checkpoint(checkpoint_dir(writer.path), ServerState(
+                round=rnd, global_state=state, server_state=server.state_dict(), rng_states=capture_rng(),
+                metrics_rows=writer.rows, fingerprint=recipe_fingerprint(recipe)), keep=recipe.checkpoint.keep)
     return _finish(exp, writer, state)
 
 
-def run_centralized(exp: LMExperiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
+def _maybe_eval(exp, state: StateDict, rnd: int) -> tuple[dict[str, Any], list[dict]]:
+    """Evaluate every ``eval.every`` rounds and at the last round; otherwise null metrics."""
+    every, last = exp.recipe.eval.every, exp.recipe.federation.rounds
+    if rnd % every == 0 or rnd == last:
+        return _eval_row(exp, state)
+    return {"eval_loss": None, "perplexity": None, "bleu": None, "accuracy": None, "eval_time_s": 0.0}, []
+
+
+def run_centralized(exp, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
     recipe, fed = exp.recipe, exp.recipe.federation
     writer, state, hooks = _start(exp, "centralized", out, hooks)
     pooled = exp.data.train_examples
@@ -132,7 +186,8 @@ def run_centralized(exp: LMExperiment, out: str | None = None, hooks: Hooks | No
         hooks.on_round(rnd, fed.rounds)
         t0 = time.perf_counter()
         sampled = sample_clients(recipe.partition.num_clients, fed.fraction, recipe.seed, rnd)
-        upd = exp.fit(-1, pooled, state, rnd, recipe.train.local_steps * len(sampled))
+        steps = sum(local_steps(recipe, len(exp.data.client_examples(k))) for k in sampled)
+        upd = exp.fit(-1, pooled, state, rnd, steps)
         if upd.is_finite():
             state = add(state, upd.delta)
         else:
@@ -147,7 +202,7 @@ def run_centralized(exp: LMExperiment, out: str | None = None, hooks: Hooks | No
     return _finish(exp, writer, state)
 
 
-def run_local(exp: LMExperiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
+def run_local(exp, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
     """Each client alone; rows carry the mean over clients and a ``per_client`` breakdown."""
     recipe, fed = exp.recipe, exp.recipe.federation
     writer, _, hooks = _start(exp, "local", out, hooks)
@@ -158,7 +213,8 @@ def run_local(exp: LMExperiment, out: str | None = None, hooks: Hooks | None = N
         state = clone_state(exp.initial_state)
         for rnd in range(1, fed.rounds + 1):
             t0 = time.perf_counter()
-            upd = exp.fit(k, exp.data.client_examples(k), state, rnd, recipe.train.local_steps)
+            examples = exp.data.client_examples(k)
+            upd = exp.fit(k, examples, state, rnd, local_steps(recipe, len(examples)))
             if upd.is_finite():
                 state = add(state, upd.delta)
             t1 = time.perf_counter()
@@ -187,7 +243,7 @@ def _mean(values: list[Any]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _finish(exp: LMExperiment, writer: RunWriter, state: StateDict, extra: dict | None = None) -> dict:
+def _finish(exp, writer: RunWriter, state: StateDict, extra: dict | None = None) -> dict:
     if exp.recipe.output.save_adapter:
         exp.save_adapter(state, writer.path / "adapter")
     summary = summarize(writer.rows, {"name": exp.recipe.name, "data": exp.data.stats, **(extra or {})})

@@ -48,8 +48,17 @@ def run_dir(recipe: Recipe, mode: str, out: str | None = None) -> Path:
 class RunWriter:
     """Writes one mode's run files as the run goes."""
 
-    def __init__(self, path: Path, recipe: Recipe, partition: dict[str, Any]) -> None:
+    def __init__(self, path: Path, recipe: Recipe, partition: dict[str, Any],
+                 resume_rows: list[dict[str, Any]] | None = None) -> None:
         self.path = path
+        if resume_rows is not None:  # continue a run: keep its files, rows up to the checkpoint
+            (path / "summary.json").unlink(missing_ok=True)
+            (path / "samples").mkdir(parents=True, exist_ok=True)
+            self.rows = [dict(r) for r in resume_rows]
+            tmp = path / "metrics.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in self.rows), encoding="utf-8")
+            os.replace(tmp, path / "metrics.jsonl")
+            return
         if path.exists():
             shutil.rmtree(path)  # a fresh run replaces an old or unfinished one
         (path / "samples").mkdir(parents=True)

@@ -1,0 +1,394 @@
+"""The server side of a federated round, composed from the pure algorithms a recipe names.
+
+One round, as :func:`fedllm.federation.modes.run_federated` drives it::
+
+    plan = server.begin_round(rnd)               # sampler + availability -> who trains, how long
+    for k in plan.training:                      # each client, from server.start_state(k):
+        upd = exp.fit(..., grad_term=server.grad_term(k, start))      # FedProx / SCAFFOLD terms
+        server.upload(rnd, upd, start)           # the client's side of the wire (below)
+    state, metrics = server.finish_round(rnd, state)
+
+``upload`` is what a client does to its update before it leaves the device: simulated attacks,
+client-side DP clipping and noise, lossy compression with error feedback, secure-aggregation
+masking. ``finish_round`` is what the server does with what arrived: validation (keys, shapes,
+dtypes, finiteness, norm bound), aggregation (mean / robust / FedNova / LoRA-exact, wrapped by
+server-side DP), the server optimizer, SCAFFOLD's control variates, hierarchical tiers and the
+privacy ledger. Under secure aggregation the server only ever holds masked tensors and their sum.
+
+Everything stateful (optimizer moments, control variates, error-feedback residuals, sampler,
+DP clip, privacy ledger, regional models) is in :meth:`state_dict`, so a checkpointed run resumes
+to the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedllm.algorithms.aggregate import MeanAggregator, mean_delta
+from fedllm.algorithms.attacks import Attack, attack_update, attackers
+from fedllm.algorithms.compress import ErrorFeedback, build_codec
+from fedllm.algorithms.drift import ScaffoldState, prox_gradient, scaffold_client_control, scaffold_correction
+from fedllm.algorithms.lora_agg import lora_aggregate, lora_pairs
+from fedllm.algorithms.privacy import DPAggregator, DPConfig, PrivacyLedger, resolve_noise_multiplier
+from fedllm.algorithms.prune import masked_values, unmask_values
+from fedllm.algorithms.robust import build_aggregator
+from fedllm.algorithms.secure import SecAggRound
+from fedllm.algorithms.selection import Availability, build_sampler
+from fedllm.algorithms.server_opt import build_server_update
+from fedllm.config import Recipe
+from fedllm.types import ClientUpdate, StateDict, add, clone_state, global_norm, serialized_bytes, subtract
+
+log = logging.getLogger(__name__)
+
+GradTerm = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+
+SECAGG_SCALE_BITS, SECAGG_MODULUS_BITS = 30, 62  # per-coordinate rounding 2^-31; |sum| < 2^31 / K
+
+
+@dataclass
+class RoundPlan:
+    """Who was sampled, who trains and for how many steps; who dropped or straggled."""
+
+    round: int
+    sampled: list[int]
+    steps: dict[int, int]  # clients that will report -> local steps they complete
+    dropped: list[int] = field(default_factory=list)
+    stragglers: list[int] = field(default_factory=list)
+
+    @property
+    def training(self) -> list[int]:
+        return sorted(self.steps)
+
+
+def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
+                    max_norm: float | None = None) -> str | None:
+    """Why ``update`` must not be aggregated (keys, shapes, dtypes, finiteness, norm), or None."""
+    if update.delta.keys() != reference.keys():
+        missing = sorted(set(reference) - set(update.delta))[:2]
+        extra = sorted(set(update.delta) - set(reference))[:2]
+        return f"keys differ from the global state (missing {missing}, unexpected {extra})"
+    for k, ref in reference.items():
+        v = update.delta[k]
+        if v.shape != ref.shape:
+            return f"{k}: shape {tuple(v.shape)}, expected {tuple(ref.shape)}"
+        if v.dtype != ref.dtype:
+            return f"{k}: dtype {v.dtype}, expected {ref.dtype}"
+    if not update.is_finite():
+        return "non-finite values (NaN/Inf)"
+    if max_norm is not None and global_norm(update.delta) > max_norm:
+        return f"L2 norm {global_norm(update.delta):.4g} exceeds federation.reject_norm={max_norm}"
+    return None
+
+
+def _regions(num_clients: int, regions: int, by: str) -> list[list[int]]:
+    if by == "contiguous":
+        bounds = [round(i * num_clients / regions) for i in range(regions + 1)]
+        return [list(range(bounds[i], bounds[i + 1])) for i in range(regions)]
+    return [list(range(r, num_clients, regions)) for r in range(regions)]
+
+
+class FederatedServer:
+    """The federated server for one recipe (see the module docstring for the round protocol)."""
+
+    def __init__(self, recipe: Recipe, initial_state: StateDict, client_sizes: Sequence[int],
+                 payload_bytes: Callable[[Mapping[str, torch.Tensor]], int] | None = None,
+                 mask: Mapping[str, torch.Tensor] | None = None, mask_bytes: int = 0) -> None:
+        self.recipe, r = recipe, recipe
+        fed, seed = r.federation, r.seed
+        self.num_clients, self.per_round = len(client_sizes), r.clients_per_round
+        self.template = clone_state(initial_state)
+        self.payload_bytes = payload_bytes or serialized_bytes
+        self.mask, self.mask_bytes = (dict(mask) if mask else None), mask_bytes
+        self.has_mask: set[int] = set()  # clients that already downloaded the mask (sent once)
+        sizes = {k: int(n) for k, n in enumerate(client_sizes)}
+        self.sampler = self._sampler(sizes)
+        f = r.faults
+        self.availability = Availability(f.dropout_prob, seed, f.straggler_fraction, f.straggler_speed)
+        opt = r.server
+        opt_kw = {"none": {}, "fedavgm": {"lr": opt.lr, "momentum": opt.momentum}}.get(
+            opt.optimizer, {"lr": opt.lr, "beta1": opt.beta1, "beta2": opt.beta2, "tau": opt.tau})
+        self.server_opt = build_server_update(opt.optimizer, **opt_kw)
+        self.aggregator = self._aggregator()
+        self.dp: DPAggregator | None = None
+        self.ledger: PrivacyLedger | None = None
+        self.sigma = 0.0
+        if r.privacy.enabled:
+            p, q = r.privacy, self.per_round / self.num_clients
+            cfg = DPConfig(noise_multiplier=p.noise_multiplier, clip_norm=p.clip, mode=p.dp,
+                           adaptive=p.adaptive_clip, target_quantile=p.target_quantile, delta=p.delta,
+                           target_epsilon=p.target_epsilon)
+            self.sigma = resolve_noise_multiplier(cfg, q, fed.rounds, p.accountant)
+            cfg = dataclasses.replace(cfg, noise_multiplier=self.sigma, target_epsilon=None)
+            self.dp = DPAggregator(self.aggregator, cfg, self.per_round, seed)
+            self.ledger = PrivacyLedger(self.sigma, q, p.delta, p.accountant)
+        self.scaffold = ScaffoldState(initial_state) if fed.algorithm == "scaffold" else None
+        c = r.compression
+        codec_kw = {"topk": {"fraction": c.topk_fraction}}.get(c.codec, {})
+        if c.codec in ("q8", "q4", "q2"):
+            codec_kw = {"seed": seed}
+        self.codec = build_codec(c.codec, **codec_kw)
+        self.feedback = ErrorFeedback() if c.error_feedback and c.codec not in ("none", "fp16") else None
+        self.attack = (Attack(r.attack.kind, r.attack.fraction, r.attack.scale, r.attack.noise_std, seed)
+                       if r.attack.kind != "none" else None)
+        self.attackers = attackers(range(self.num_clients), self.attack) if self.attack else set()
+        h = r.hierarchy
+        self.regions = _regions(self.num_clients, h.regions, h.by) if h.regions else []
+        self.region_of = {k: i for i, members in enumerate(self.regions) for k in members}
+        self.regional: dict[int, StateDict] = {}
+        self.has_lora = bool(lora_pairs(initial_state))
+        self._reset_round()
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _sampler(self, sizes: dict[int, int]):
+        sel, seed, m = self.recipe.selection, self.recipe.seed, self.per_round
+        fraction = self.recipe.federation.fraction
+        kw: dict[str, Any] = {
+            "uniform": {"fraction": fraction, "seed": seed},
+            "round_robin": {"per_round": m},
+            "importance": {"fraction": fraction, "seed": seed, "num_examples": sizes},
+            "power_of_choice": {"d": min(self.num_clients, sel.candidates or 2 * m), "m": m, "seed": seed,
+                                "num_examples": sizes},
+        }[sel.method]
+        return build_sampler(sel.method, **kw)
+
+    def _aggregator(self):
+        fed, rob = self.recipe.federation, self.recipe.robust
+        weighted = fed.is_weighted
+        if fed.algorithm == "fednova":
+            return build_aggregator("fednova", weighted=weighted, max_norm=rob.max_norm)
+        kw: dict[str, Any] = {
+            "mean": {"weighted": weighted}, "median": {}, "trimmed_mean": {"beta": rob.trim_ratio},
+            "krum": {"num_byzantine": rob.byzantine, "multi": 1},
+            "multi_krum": {"num_byzantine": rob.byzantine, "multi": rob.multi},
+        }[rob.aggregator]
+        return build_aggregator(rob.aggregator, max_norm=rob.max_norm, **kw)
+
+    def _reset_round(self) -> None:
+        self._arrived: list[ClientUpdate] = []
+        self._masked: dict[int, dict[str, torch.Tensor]] = {}
+        self._secagg: SecAggRound | None = None
+        self._controls: dict[int, StateDict] = {}
+        self._bytes_up = self._bytes_down = 0
+        self._rejected: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ the round, client side
+
+    def begin_round(self, rnd: int) -> RoundPlan:
+        """Sample the round's clients and decide (seeded) who drops out or straggles."""
+        self._reset_round()
+        sampled = sorted(self.sampler.sample(rnd, list(range(self.num_clients))))
+        fate = self.availability.decide(rnd, sampled, self.recipe.train.local_steps)
+        steps = dict(fate.steps)
+        if self.recipe.faults.stragglers == "drop":
+            for k in fate.stragglers:
+                steps.pop(k, None)
+        plan = RoundPlan(rnd, sampled, steps, list(fate.dropped), list(fate.stragglers))
+        for k in sampled:  # every sampled client downloads the model, including those who then drop
+            self._bytes_down += self.payload_bytes(self.template)
+            if self.mask is not None and k not in self.has_mask:
+                self._bytes_down += self.mask_bytes
+                self.has_mask.add(k)
+            if self.scaffold is not None:
+                self._bytes_down += self.payload_bytes(self.scaffold.c)
+        if self.recipe.privacy.secure_aggregation and len(plan.training) >= 2:
+            n = len(plan.training)
+            threshold = min(n, max(2, math.ceil(self.recipe.privacy.secagg_threshold * n)))
+            self._secagg = SecAggRound(plan.training, threshold, SECAGG_MODULUS_BITS, SECAGG_SCALE_BITS,
+                                       seed=self.recipe.seed * 100_003 + rnd)
+            self._secagg.advertise_keys()
+            self._secagg.share_keys()
+        return plan
+
+    def start_state(self, client_id: int, global_state: StateDict | None) -> StateDict:
+        """The state client ``client_id`` starts from: its region's model, or the global one."""
+        if self.regions and client_id in self.region_of and self.region_of[client_id] in self.regional:
+            return self.regional[self.region_of[client_id]]
+        return global_state if global_state is not None else self.template
+
+    def grad_term(self, client_id: int, start: StateDict) -> GradTerm | None:
+        """FedProx's μ(θ − θ_g) or SCAFFOLD's c − cᵢ, added to the client's gradients."""
+        fed = self.recipe.federation
+        if fed.algorithm == "fedprox" and fed.mu > 0:
+            mu = fed.mu
+            return lambda params: prox_gradient(params, start, mu)
+        if self.scaffold is not None:
+            corr = scaffold_correction(self.scaffold.c, self.scaffold.client_control(client_id))
+            return lambda params: corr
+        return None
+
+    def upload(self, rnd: int, update: ClientUpdate, start: StateDict) -> None:
+        """The client's side of the wire: attack, SCAFFOLD control, DP noise, compression, masking."""
+        k = update.client_id
+        if k in self.attackers and self.attack.kind != "label_flip":  # label flips happen in training
+            update = attack_update(update, self.attack, rnd)
+        if self.scaffold is not None and update.is_finite() and update.local_steps > 0:
+            self._controls[k] = scaffold_client_control(self.scaffold.client_control(k), self.scaffold.c,
+                                                        update.delta, update.local_steps, self.recipe.train.lr)
+            self._bytes_up += self.payload_bytes(self._controls[k])
+        delta = update.delta
+        if self.dp is not None and self.recipe.privacy.dp == "client" and update.is_finite():
+            gen = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + rnd * 7_919 + k)
+            delta = self.dp.client_noise(delta, gen)
+        delta, nbytes = self._encode(k, delta)
+        update = dataclasses.replace(update, delta=delta, bytes_up=nbytes)
+        if self._secagg is not None:
+            reason = validate_update(update, self.template)
+            if reason is not None:  # a client checks its own update before masking it
+                self._reject(rnd, k, reason)
+                return
+            masked = self._secagg.masked_input(k, update.delta)
+            self._masked[k] = masked
+            self._bytes_up += serialized_bytes(masked)
+            self._arrived.append(dataclasses.replace(update, delta={}))  # metadata only
+            return
+        self._bytes_up += nbytes
+        self._arrived.append(update)
+
+    def _encode(self, client_id: int, delta: StateDict) -> tuple[StateDict, int]:
+        """(what the server decodes, bytes on the wire) under the recipe's codec and mask."""
+        if self.recipe.compression.codec == "none" or not all(torch.isfinite(v).all() for v in delta.values()):
+            return delta, self.payload_bytes(delta)
+        values = masked_values(delta, self.mask) if self.mask is not None else delta
+        if self.feedback is not None:
+            enc = self.feedback.compress(client_id, values, self.codec)
+        else:
+            enc = self.codec.encode(values)
+        decoded = self.codec.decode(enc)
+        if self.mask is not None:
+            decoded = unmask_values(decoded, self.mask, delta)
+        return {k: v.to(delta[k].dtype) for k, v in decoded.items()}, enc.nbytes
+
+    def _reject(self, rnd: int, client_id: int, reason: str) -> None:
+        log.warning("round %d: update of client %d rejected: %s", rnd, client_id, reason)
+        self._rejected[client_id] = reason
+
+    # ------------------------------------------------------------------ the round, server side
+
+    def finish_round(self, rnd: int, global_state: StateDict) -> tuple[StateDict, dict[str, Any]]:
+        """Validate, aggregate and apply what arrived; the global state is unchanged if too few."""
+        reject_norm = self.recipe.federation.reject_norm
+        valid = []
+        for u in self._arrived:
+            reason = None if self._secagg is not None else validate_update(u, self.template, reject_norm)
+            if reason is None:
+                valid.append(u)
+            else:
+                self._reject(rnd, u.client_id, reason)
+        metrics: dict[str, Any] = {"rejected": dict(sorted(self._rejected.items())),
+                                   "aggregated_clients": [u.client_id for u in valid]}
+        min_clients = self.recipe.federation.min_clients
+        applied = len(valid) >= min_clients and (self._secagg is None or len(valid) >= self._secagg.threshold)
+        metrics["applied"] = applied
+        if not applied:
+            log.warning("round %d: %d valid updates < federation.min_clients=%d; global state unchanged",
+                        rnd, len(valid), min_clients)
+            return global_state, self._round_metrics(metrics)
+        if self.regions:
+            new_state = self._hierarchical(rnd, global_state, valid, metrics)
+        else:
+            delta = self._aggregate(global_state, valid, metrics)
+            new_state = self.server_opt.step(global_state, delta)
+        if self.scaffold is not None:
+            ids = [u.client_id for u in valid if u.client_id in self._controls]
+            self.scaffold.server_update(ids, [self._controls[k] for k in ids], self.num_clients)
+        if self.ledger is not None:
+            self.ledger.step()
+        if self.recipe.selection.method == "power_of_choice":
+            self.sampler.record_losses({u.client_id: u.train_loss for u in valid if math.isfinite(u.train_loss)})
+        return new_state, self._round_metrics(metrics)
+
+    def _aggregate(self, global_state: StateDict, updates: list[ClientUpdate], metrics: dict) -> StateDict:
+        fed = self.recipe.federation
+        if self._secagg is not None:
+            total = self._secagg.unmask({u.client_id: self._masked[u.client_id] for u in updates})
+            return {k: (v / len(updates)).to(global_state[k].dtype) for k, v in total.items()}
+        if self.dp is not None:
+            delta = self.dp(updates)
+            metrics.update({f"dp_{k}": v for k, v in self.dp.last_stats.items()})
+        elif fed.lora_aggregation == "exact" and self.has_lora:
+            delta, err = lora_aggregate(global_state, updates, "exact", fed.is_weighted)
+            metrics["lora_aggregation_error"] = err
+            return delta
+        else:
+            delta = self.aggregator(updates)
+        if self.has_lora and self.recipe.robust.aggregator == "mean" and fed.algorithm != "fednova":
+            # what averaging the factors loses against averaging the products B_i A_i
+            metrics["lora_aggregation_error"] = lora_aggregate(global_state, updates, fed.lora_aggregation
+                                                               if fed.lora_aggregation != "exact" else "factorwise",
+                                                               fed.is_weighted)[1]
+        return delta
+
+    def _hierarchical(self, rnd: int, global_state: StateDict, updates: list[ClientUpdate],
+                      metrics: dict) -> StateDict:
+        """Regions aggregate their clients every round; the server averages regions every R rounds.
+
+        Between syncs the global model is unchanged; :meth:`eval_state` is the regions' mean.
+        """
+        by_region: dict[int, list[ClientUpdate]] = {}
+        for u in updates:
+            by_region.setdefault(self.region_of[u.client_id], []).append(u)
+        for region, ups in by_region.items():
+            start = self.regional.get(region, global_state)
+            self.regional[region] = add(start, self.aggregator(ups))
+        metrics["global_sync"] = rnd % self.recipe.hierarchy.global_every == 0
+        metrics["bytes_up_regional"] = metrics["bytes_down_regional"] = 0
+        if not metrics["global_sync"]:
+            return global_state
+        deltas = [ClientUpdate(i, subtract(self.regional.get(i, global_state), global_state), len(members), 1, 0.0)
+                  for i, members in enumerate(self.regions)]
+        metrics["bytes_up_regional"] = sum(self.payload_bytes(d.delta) for d in deltas)
+        metrics["bytes_down_regional"] = self.payload_bytes(global_state) * len(self.regions)
+        self.regional = {}
+        return self.server_opt.step(global_state, mean_delta(deltas, weighted=True))
+
+    def eval_state(self, global_state: StateDict) -> StateDict:
+        """What to evaluate: the global model, or (between hierarchical syncs) the regions' mean."""
+        if not self.regions or not self.regional:
+            return global_state
+        models = [self.regional.get(i, global_state) for i in range(len(self.regions))]
+        return MeanAggregator(weighted=True)([ClientUpdate(i, m, len(self.regions[i]), 1, 0.0)
+                                              for i, m in enumerate(models)])
+
+    def _round_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        metrics.update({"bytes_up": self._bytes_up, "bytes_down": self._bytes_down,
+                        "rejected_updates": len(self._rejected)})
+        if self._secagg is not None:
+            metrics["secagg_overhead_bytes"] = sum(b.overhead for b in self._secagg.bytes_up.values())
+        if self.ledger is not None:
+            metrics["epsilon"] = self.ledger.epsilon()
+            metrics["noise_multiplier"] = self.sigma
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"server_opt": self.server_opt.state_dict(), "sampler": self.sampler.state_dict(),
+                               "availability": self.availability.state_dict(),
+                               "has_mask": sorted(self.has_mask),
+                               "regional": {i: clone_state(s) for i, s in self.regional.items()}}
+        for name in ("dp", "ledger", "scaffold", "feedback"):
+            part = getattr(self, name)
+            if part is not None:
+                out[name] = part.state_dict()
+        if hasattr(self.codec, "state_dict"):
+            out["codec"] = self.codec.state_dict()
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.server_opt.load_state_dict(state["server_opt"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.availability.load_state_dict(state["availability"])
+        self.has_mask = set(state["has_mask"])
+        self.regional = {int(i): clone_state(s) for i, s in state["regional"].items()}
+        for name in ("dp", "ledger", "scaffold", "feedback", "codec"):
+            part = self.codec if name == "codec" else getattr(self, name)
+            if name in state and part is not None and hasattr(part, "load_state_dict"):
+                part.load_state_dict(state[name])
