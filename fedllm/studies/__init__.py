@@ -1,0 +1,1 @@
+"""Studies whose measured tables go into the README and docs/ (each: python -m fedllm.studies.<name>)."""
