@@ -52,11 +52,15 @@ def plain_round(exp, global_state, rnd: int) -> None:
 
 
 def fedllm_round(exp, global_state, rnd: int) -> None:
-    from fedllm.algorithms.aggregate import ApplyDelta, MeanAggregator
-    from fedllm.federation.modes import Hooks, collect_updates
+    """The engine's own round: FederatedServer selection, Lightning clients, upload, aggregation."""
+    from fedllm.federation.modes import Hooks, _train_clients
+    from fedllm.federation.server import FederatedServer
 
-    updates, _ = collect_updates(exp, list(range(exp.recipe.partition.num_clients)), global_state, rnd, Hooks())
-    ApplyDelta().step(global_state, MeanAggregator()(updates))
+    sizes = [len(exp.data.client_examples(k)) for k in range(exp.recipe.partition.num_clients)]
+    server = FederatedServer(exp.recipe, global_state, sizes)
+    plan = server.begin_round(rnd)
+    _train_clients(exp, server, plan, global_state, rnd, Hooks())
+    server.finish_round(rnd, global_state)
 
 
 def main() -> None:

@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                             help="continue the federated run in the run directory from its last checkpoint")
     rp = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
     rp.add_argument("run_dir")
+    ep = sub.add_parser("edge", help="asynchronous edge learning by cloned KD from an edge recipe (recipes/edge/)")
+    ep.add_argument("recipe", help="edge recipe YAML")
+    ep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.memory=3 study.kind=single")
+    ep.add_argument("--out", default="runs/edge", help="folder for the result files (default: runs/edge)")
+    ep.add_argument("--quick", action="store_true", help="reduced CI-size run")
+    ep.add_argument("--check", action="store_true", help="validate the edge recipe without running it")
     return p
 
 
@@ -104,13 +110,18 @@ def _print_table(summaries: dict[str, dict]) -> None:
     from rich.table import Table
 
     table = Table(title="fedllm results (held-out split)")
-    for col in ("mode", "rounds", "eval loss (start→end)", "perplexity", "BLEU", "bytes up", "time s"):
+    vision = any(s["final"].get("accuracy") is not None for s in summaries.values())
+    quality = ("accuracy",) if vision else ("perplexity", "BLEU")
+    for col in ("mode", "rounds", "eval loss (start→end)", *quality, "bytes up", "time s"):
         table.add_column(col)
     for mode, s in summaries.items():
         i, f = s["initial"], s["final"]
-        bleu = "–" if f["bleu"] is None else f"{f['bleu']:.2f}"
-        table.add_row(mode, str(s["rounds"]), f"{i['eval_loss']:.3f} → {f['eval_loss']:.3f}",
-                      f"{f['perplexity']:.2f}", bleu, f"{s['total_bytes_up']:,}", f"{s['total_time_s']:.1f}")
+        if vision:
+            cells = [f"{f['accuracy']:.4f}"]
+        else:
+            cells = [f"{f['perplexity']:.2f}", "–" if f["bleu"] is None else f"{f['bleu']:.2f}"]
+        table.add_row(mode, str(s["rounds"]), f"{i['eval_loss']:.3f} → {f['eval_loss']:.3f}", *cells,
+                      f"{s['total_bytes_up']:,}", f"{s['total_time_s']:.1f}")
     Console().print(table)
 
 
@@ -118,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         _quiet_libraries()
+        if args.command == "edge":
+            from fedllm.studies.edge import edge_command
+
+            return edge_command(args.recipe, args.overrides, args.out, args.quick, args.check)
         if args.command == "report":
             from fedllm.metrics.report import write_report
 

@@ -9,7 +9,14 @@ from typing import Any
 
 from fedllm.federation.rundir import read_metrics, write_json_atomic
 
-CURVES = (("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("bleu", "BLEU"))
+CURVES = (("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("bleu", "BLEU"), ("accuracy", "accuracy"),
+          ("epsilon", "DP epsilon"))
+OPTIONAL_COLUMNS = ("accuracy", "epsilon", "lora_aggregation_error", "rejected_updates", "failed_clients")
+
+
+def _present(rows: list[dict], key: str) -> bool:
+    """Whether any row has a real (non-null, non-zero for counts) value for ``key``."""
+    return any(r.get(key) not in (None, 0) for r in rows)
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -26,8 +33,11 @@ def _plot(series: dict[str, list[dict]], out: Path, title: str) -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
-    for ax, (key, label) in zip(axes, CURVES):
+    curves = [(k, label) for k, label in CURVES if any(_present(rows, k) for rows in series.values())]
+    curves = curves or list(CURVES[:1])
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    axes = axes[0]
+    for ax, (key, label) in zip(axes, curves):
         for name, rows in series.items():
             pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
@@ -47,6 +57,7 @@ def write_report(path: Path, plots: bool = True) -> Path:
     rows = read_metrics(path)
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
     cols = ["round", "train_loss", "eval_loss", "perplexity", "bleu", "round_time_s", "bytes_up", "bytes_down"]
+    cols += [c for c in OPTIONAL_COLUMNS if _present(rows, c)]
     lines = [f"# {summary.get('name', path.parent.name)} — {rows[0]['mode']}", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
@@ -69,12 +80,14 @@ def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[s
         first, last = rows[0], rows[-1]
         table[mode] = {"rounds": last["round"], "initial_eval_loss": first["eval_loss"],
                        "final_eval_loss": last["eval_loss"], "final_perplexity": last["perplexity"],
-                       "final_bleu": last["bleu"], "bytes_up": sum(r["bytes_up"] for r in rows),
+                       "final_bleu": last["bleu"], "final_accuracy": last.get("accuracy"),
+                       "bytes_up": sum(r["bytes_up"] for r in rows),
                        "bytes_down": sum(r["bytes_down"] for r in rows),
                        "time_s": sum(r["round_time_s"] for r in rows)}
     write_json_atomic(root / "comparison.json", table)
-    cols = ["rounds", "initial_eval_loss", "final_eval_loss", "final_perplexity", "final_bleu", "bytes_up",
-            "bytes_down", "time_s"]
+    cols = ["rounds", "initial_eval_loss", "final_eval_loss", "final_perplexity", "final_bleu", "final_accuracy",
+            "bytes_up", "bytes_down", "time_s"]
+    cols = [c for c in cols if any(v[c] is not None for v in table.values())]
     lines = [f"# {root.name}: federated vs centralized vs local", "",
              "| mode | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     lines += [f"| {m} | " + " | ".join(_fmt(v[c]) for c in cols) + " |" for m, v in table.items()]
