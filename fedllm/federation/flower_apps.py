@@ -1,0 +1,211 @@
+"""The Flower app objects of the ``flower`` engine: what a Flower App Bundle (FAB) points at.
+
+``flwr run`` ships a FAB whose ``pyproject.toml`` names ``server_app`` and ``client_app`` below
+(:func:`fedllm.federation.flower_launch.write_app` writes it). Flower 1.41's deployment runtime
+starts a fresh ``flwr-clientapp`` process for every message, in both isolation modes, so this
+module stays light at import (flwr, yaml and fedllm.config; no torch, Lightning or transformers):
+a site that runs a warm worker (``python -m fedllm.federation.flower worker --socket PATH``) only
+forwards the message's records to it, and its model and data are loaded once, not per message.
+Without a worker the ClientApp imports :mod:`fedllm.federation.flower` and trains itself.
+
+Everything a run needs travels in Flower's run config (:class:`FlowerRunConfig`); what is
+particular to a site comes from the SuperNode's ``--node-config`` (:class:`NodeSpec`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from multiprocessing.connection import Client
+from pathlib import Path
+from typing import Any
+
+import yaml
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedllm.config import PartitionConfig, Recipe, build
+
+ENGINES = ("flower-simulation", "flower-deployment")
+NODE_RECORD = "node"  # the ConfigRecord a ClientApp answers a discovery query with
+# set wherever fedllm starts Flower: no telemetry, no update check, no Ray usage stats
+TELEMETRY_OFF = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@dataclass(frozen=True)
+class FlowerRunConfig:
+    """What every ServerApp and ClientApp of one run reads from Flower's run config."""
+
+    recipe_yaml: str  # the resolved recipe (``fedllm.config.dump_recipe``)
+    out: str  # absolute root folder for the run directory (written where the ServerApp runs)
+    timeout_s: float = 600.0  # longest wait for client replies in one round, and for discovery
+    engine: str = "flower-deployment"
+    resume: bool = False  # continue the run directory's federated run from its last checkpoint
+
+    def __post_init__(self) -> None:
+        if not self.recipe_yaml.strip():
+            raise ValueError("FlowerRunConfig.recipe_yaml: expected the recipe as YAML text, got an empty string")
+        if not Path(self.out).is_absolute():
+            raise ValueError(f"FlowerRunConfig.out: expected an absolute path, got {self.out!r}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"FlowerRunConfig.timeout_s: expected a positive number of seconds, got {self.timeout_s}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"FlowerRunConfig.engine: expected one of {ENGINES}, got {self.engine!r}")
+
+    def to_user_config(self) -> dict[str, Any]:
+        """Flat TOML-able keys for ``[tool.flwr.app.config]``."""
+        return {"recipe": self.recipe_yaml, "out": self.out, "timeout-s": float(self.timeout_s),
+                "engine": self.engine, "resume": self.resume}
+
+    @classmethod
+    def from_user_config(cls, values: Any) -> FlowerRunConfig:
+        missing = [k for k in ("recipe", "out") if k not in values]
+        if missing:
+            raise ValueError(f"Flower run config lacks {missing}; expected the keys written by "
+                             "FlowerRunConfig.to_user_config (recipe, out, timeout-s, engine)")
+        return cls(recipe_yaml=str(values["recipe"]), out=str(values["out"]),
+                   timeout_s=float(values.get("timeout-s", 600.0)),
+                   engine=str(values.get("engine", "flower-deployment")),
+                   resume=bool(values.get("resume", False)))
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A SuperNode's ``--node-config``: which fedllm client it is, and where its data lives.
+
+    ``partition-id``: the fedllm client id this node serves (Flower's simulation sets it too).
+    ``num-partitions``: optional; when given it must equal the recipe's ``partition.num_clients``.
+    ``data-path``: optional; the site's own data file (all its rows are this client's training
+    examples) instead of a slice of the recipe's data.
+    ``worker``: optional; the Unix socket of this site's warm worker.
+    """
+
+    partition_id: int
+    num_partitions: int | None = None
+    data_path: str | None = None
+    worker: str | None = None
+
+    @classmethod
+    def from_node_config(cls, values: Any) -> NodeSpec:
+        if "partition-id" not in values:
+            raise ValueError("SuperNode --node-config lacks partition-id; expected e.g. "
+                             "--node-config 'partition-id=0 num-partitions=2'")
+        pid = values["partition-id"]
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
+            raise ValueError(f"node config partition-id: expected an integer >= 0, got {pid!r}")
+        num = values.get("num-partitions")
+        data, worker = values.get("data-path"), values.get("worker")
+        return cls(partition_id=pid, num_partitions=None if num is None else int(num),
+                   data_path=None if data in (None, "") else str(data),
+                   worker=None if worker in (None, "") else str(worker))
+
+    def check(self, num_clients: int) -> None:
+        """Raise ValueError when this node cannot be a client of a recipe with ``num_clients``."""
+        if not 0 <= self.partition_id < num_clients:
+            raise ValueError(f"node config partition-id={self.partition_id}: expected in [0, {num_clients}) "
+                             "(the recipe's partition.num_clients)")
+        if self.num_partitions is not None and self.num_partitions != num_clients:
+            raise ValueError(f"node config num-partitions={self.num_partitions}: expected the recipe's "
+                             f"partition.num_clients ({num_clients})")
+
+
+def forward_to_worker(address: str, request: tuple) -> Any:
+    """Send one request to a site's warm worker and return its answer (errors come back raised)."""
+    key = Path(address + ".key").read_bytes()
+    with Client(address, family="AF_UNIX", authkey=key) as conn:
+        conn.send(request)
+        status, payload = conn.recv()
+    if status != "ok":
+        raise RuntimeError(f"fedllm worker at {address}: {payload}")
+    return payload
+
+
+def _run_config(context: Context, fixed: FlowerRunConfig | None) -> FlowerRunConfig:
+    return fixed if fixed is not None else FlowerRunConfig.from_user_config(context.run_config)
+
+
+def _recipe_values(text: str) -> dict[str, Any]:
+    values = yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError("Flower run config recipe: expected a YAML mapping of recipe groups")
+    return values
+
+
+def recipe_from_yaml(text: str) -> Recipe:
+    """The recipe a run config carries (validated again here, on the receiving side)."""
+    return build(Recipe, _recipe_values(text))
+
+
+def site_recipe(text: str, node: NodeSpec) -> Recipe:
+    """The recipe a site builds its model and data from.
+
+    A node with its own ``data-path`` reads that file whole: all its rows are this client's
+    training data (the held-out split is the server's), so the server's data source, sampling and
+    partition settings are replaced before validation (the server's file need not exist here).
+    """
+    values = _recipe_values(text)
+    if node.data_path is None:
+        recipe = build(Recipe, values)
+        node.check(recipe.partition.num_clients)
+        return recipe
+    part = dict(values.get("partition") or {})
+    node.check(int(part.get("num_clients", PartitionConfig.num_clients)))
+    part.update(method="iid", column=None, num_clients=1, min_examples=1)
+    data = {**(values.get("data") or {}), "builtin": None, "path": node.data_path, "max_examples": None,
+            "eval_size": 1}
+    return build(Recipe, {**values, "data": data, "partition": part})
+
+
+def _query(msg: Message, context: Context, fixed: FlowerRunConfig | None) -> RecordDict:
+    """Say which fedllm client this node is and how many examples it holds (loads model and data)."""
+    cfg, node = _run_config(context, fixed), NodeSpec.from_node_config(context.node_config)
+    n = _request(node, ("prepare", cfg, node, None))
+    return RecordDict({NODE_RECORD: ConfigRecord({"partition-id": node.partition_id, "num-examples": int(n),
+                                                  "own-data": node.data_path is not None})})
+
+
+def _request(node: NodeSpec, request: tuple) -> Any:
+    """Run a site request on the node's warm worker, or here when it has none."""
+    if node.worker is not None:
+        return forward_to_worker(node.worker, request)
+    from fedllm.federation.flower import handle_request  # heavy (torch, Lightning): only here
+
+    return handle_request(*request)
+
+
+def _train(msg: Message, context: Context, fixed: FlowerRunConfig | None) -> RecordDict:
+    cfg, node = _run_config(context, fixed), NodeSpec.from_node_config(context.node_config)
+    return _request(node, ("train", cfg, node, msg.content))
+
+
+def make_client_app(fixed: FlowerRunConfig | None = None) -> ClientApp:
+    """A ClientApp: ``query`` names this node's client (and warms its model), ``train`` trains."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return Message(_query(msg, context, fixed), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return Message(_train(msg, context, fixed), reply_to=msg)
+
+    return app
+
+
+def make_server_app(fixed: FlowerRunConfig | None = None) -> ServerApp:
+    """A ServerApp running :func:`fedllm.federation.flower.serve` (sampling and math are fedllm's)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from fedllm.federation.flower import serve
+
+        serve(grid, _run_config(context, fixed))
+
+    return app
+
+
+server_app = make_server_app()
+client_app = make_client_app()

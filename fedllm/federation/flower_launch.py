@@ -1,0 +1,213 @@
+"""A whole Flower deployment on this machine (127.0.0.1 only): tests, benchmarks, trying it out.
+
+:func:`run_deployment` starts what docs/deploy.md starts by hand on several machines — a
+SuperLink, one SuperNode per client (each with its own ``--node-config``), optionally one warm
+fedllm worker per site — then submits the recipe with ``flwr run --stream`` and returns the run's
+``summary.json``. Every child gets its own session and a private ``FLWR_HOME``; all of them (and
+their own children, e.g. ``flwr-clientapp``) are ended when the run finishes or fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+import tomli_w
+
+from fedllm.config import Recipe, dump_recipe
+from fedllm.federation.flower_apps import TELEMETRY_OFF, FlowerRunConfig
+from fedllm.federation.rundir import run_dir
+
+CONNECTION = "fedllm"  # the SuperLink connection's name in FLWR_HOME/config.toml
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How :func:`run_deployment` starts Flower's processes on this machine."""
+
+    isolation: Literal["subprocess", "process"] = "subprocess"  # SuperNode ClientApp isolation
+    warm_workers: bool = True  # one long-lived fedllm worker per site: model and data loaded once
+    timeout_s: float = 600.0  # wall-clock limit for the whole run (and for one client's reply)
+    poll_interval_s: float = 0.05  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)
+    log_dir: str | None = None  # keep the processes' logs here (default: a temporary folder)
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ("subprocess", "process"):
+            raise ValueError(f"LaunchOptions.isolation: expected 'subprocess' or 'process', got {self.isolation!r}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"LaunchOptions.timeout_s: expected a positive number of seconds, got {self.timeout_s}")
+        if not 0.01 <= self.poll_interval_s <= 60:
+            raise ValueError(f"LaunchOptions.poll_interval_s: expected in [0.01, 60], got {self.poll_interval_s}")
+
+
+class Children:
+    """Child processes, each in its own session; closing ends every one's whole process tree."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str], cwd: Path) -> None:
+        self.log_dir, self.env, self.cwd = log_dir, env, cwd
+        self.procs: dict[str, subprocess.Popen] = {}
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> Children:
+        return self
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        with (self.log_dir / f"{name}.log").open("wb") as fh:
+            proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.env, cwd=self.cwd, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def check_alive(self, *names: str) -> None:
+        for name in names or list(self.procs):
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited with code {self.procs[name].returncode}:\n{self.tail(name)}")
+
+    def tail(self, name: str, chars: int = 3000) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def wait_until(self, ready: Callable[[], bool], what: str, deadline: float, names: list[str]) -> None:
+        """Poll ``ready`` until true; fail early if one of ``names`` died, or at ``deadline``."""
+        while not ready():
+            self.check_alive(*names)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: Any) -> None:
+        tree: list[psutil.Process] = []
+        for proc in self.procs.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                root = psutil.Process(proc.pid)
+                tree += [root, *root.children(recursive=True)]
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=5)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError, OSError):
+                proc.wait(timeout=1)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def exe(name: str) -> str:
+    """A console script of this environment (flower-superlink, flwr, ...)."""
+    local = Path(sys.executable).with_name(name)
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found; install Flower with pip install 'fedllm[flower]'")
+    return found
+
+
+def write_app(app_dir: Path, cfg: FlowerRunConfig) -> Path:
+    """A Flower App directory whose pyproject names fedllm's apps and carries the run config."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    here = "fedllm.federation.flower_apps"
+    project = {"project": {"name": "fedllm-run", "version": "1.0.0", "license": "Apache-2.0",
+                           "description": "a fedllm recipe on Flower", "dependencies": []},
+               "tool": {"flwr": {"app": {"publisher": "fedllm",
+                                         "components": {"serverapp": f"{here}:server_app",
+                                                        "clientapp": f"{here}:client_app"},
+                                         "config": cfg.to_user_config()}}}}
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
+    return app_dir
+
+
+def child_env(home: Path, opts: LaunchOptions) -> dict[str, str]:
+    """This process's environment, telemetry off, a private FLWR_HOME and fast task polling."""
+    env = dict(os.environ)
+    # Flower's processes start their helpers (flower-superexec, flwr-clientapp, ...) by name
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(TELEMETRY_OFF, FLWR_HOME=str(home), FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(opts.poll_interval_s))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def start_sites(kids: Children, tmp: Path, port: int, num: int, opts: LaunchOptions, deadline: float,
+                data_paths: list[str] | None = None) -> None:
+    """One warm worker (optional) and one SuperNode per client, all on loopback."""
+    socks = [str(tmp / f"site{k}.sock") for k in range(num)]
+    if opts.warm_workers:
+        for k, sock in enumerate(socks):
+            kids.start(f"worker{k}", [sys.executable, "-m", "fedllm.federation.flower", "worker", "--socket", sock])
+        for k, sock in enumerate(socks):
+            kids.wait_until(lambda s=sock: Path(s).exists(), f"worker {k}", deadline, [f"worker{k}"])
+    for k, sock in enumerate(socks):
+        node_port = free_port()
+        node_cfg = f"partition-id={k} num-partitions={num}"
+        if opts.warm_workers:
+            node_cfg += f' worker="{sock}"'
+        if data_paths:
+            node_cfg += f' data-path="{data_paths[k]}"'
+        kids.start(f"supernode{k}", [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                                     "--host", "127.0.0.1", "--port", str(node_port), "--isolation", opts.isolation,
+                                     "--node-config", node_cfg])
+        if opts.isolation == "process":
+            kids.start(f"superexec{k}", [exe("flower-superexec"), "--insecure",
+                                         "--runtime-api-address", f"127.0.0.1:{node_port}"])
+
+
+def run_deployment(recipe: Recipe, out: str | None = None, options: LaunchOptions | None = None,
+                   data_paths: list[str] | None = None) -> dict[str, Any]:
+    """Run ``recipe``'s federated rounds on a loopback Flower deployment; return ``summary.json``.
+
+    A SuperLink (``--insecure``, no runtime dependency installation) and one SuperNode per client;
+    ``data_paths`` (one file per client) makes each site read its own file instead of its slice of
+    the recipe's corpus. The run directory is ``<out>/<name>/federated/``.
+    """
+    opts, num = options or LaunchOptions(), recipe.partition.num_clients
+    if data_paths is not None and len(data_paths) != num:
+        raise ValueError(f"data_paths: expected {num} files (partition.num_clients), got {len(data_paths)}")
+    out_root = Path(out or recipe.output.dir).resolve()
+    cfg = FlowerRunConfig(dump_recipe(recipe), str(out_root), opts.timeout_s, "flower-deployment")
+    summary = run_dir(recipe, "federated", str(out_root)) / "summary.json"
+    started, deadline = time.time(), time.monotonic() + opts.timeout_s
+    with tempfile.TemporaryDirectory(prefix="fedllm-flower-") as tmp_name:
+        tmp = Path(tmp_name)
+        app, home, port = write_app(tmp / "app", cfg), tmp / "flwr-home", free_port()
+        home.mkdir()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                                          f'address = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8")
+        log_dir = Path(opts.log_dir) if opts.log_dir else tmp / "logs"
+        with Children(log_dir, child_env(home, opts), tmp) as kids:
+            kids.start("superlink", [exe("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+                                     str(port), "--disable-runtime-dependency-installation"])
+            kids.wait_until(lambda: port_open(port), f"the SuperLink on port {port}", deadline, ["superlink"])
+            start_sites(kids, tmp, port, num, opts, deadline, data_paths)
+            run = kids.start("flwr-run", [exe("flwr"), "run", str(app), CONNECTION, "--stream"])
+            kids.wait_until(lambda: run.poll() is not None, "flwr run to finish", deadline, ["superlink"])
+            if not summary.exists() or summary.stat().st_mtime < started:
+                raise RuntimeError(f"the Flower run wrote no {summary} (flwr run exited {run.returncode}):\n"
+                                   f"{kids.tail('flwr-run')}\n--- superlink ---\n{kids.tail('superlink')}")
+    return json.loads(summary.read_text(encoding="utf-8"))
