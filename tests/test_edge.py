@@ -1,26 +1,35 @@
-"""Asynchronous edge learning: the schedule (lag, never-return), the protocol on tiny data, the study."""
+"""Asynchronous edge learning: the schedule (lag, never-return), the protocol on tiny data, the
+edge recipe and ``fedllm edge``, the report, and the reduced study end to end."""
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from fedllm.cli import main as cli
 from fedllm.data.vision import FILES, VisionData
 from fedllm.federation.edge import (
     EdgeSchedule,
     EdgeStudyConfig,
-    main,
+    describe,
     make_splits,
     run_edge_learning,
+    run_edge_study,
     run_sync_fedavg,
     study_variants,
     train_core,
     train_edge,
 )
+from fedllm.federation.edge_recipe import EdgeRecipe, load_edge_recipe
+from fedllm.metrics.edge_report import summarize, write_edge_report
+from fedllm.studies.edge import main
 from fedllm.types import global_norm, subtract
 
+ROOT = Path(__file__).resolve().parents[1]
+STUDY_RECIPE = ROOT / "recipes" / "edge" / "fashion_mnist_cloned_kd.yaml"
 REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_real = pytest.mark.skipif(not (REAL_ROOT / FILES["train_x"]).is_file(),
                                 reason="dataset-fashion-mnist is not installed")
@@ -162,17 +171,71 @@ def test_study_variants_cover_the_papers_figures():
     assert any(c.never_return for _, _, c in variants) and any(c.lags for _, _, c in variants)
 
 
+def test_single_run_study_and_report_from_files(tmp_path):
+    # Prepare: one configured run (lagged edge, memory 2) on toy data, two seeds
+    cfg = replace(TOY, lags=((1, 1),), memory=2)
+    # Execute
+    result = run_edge_study(cfg, toy_data(), seeds=[0, 1], fedavg_rounds=1, single=True)
+    (tmp_path / "edge_study.json").write_text(json.dumps(result))
+    table = write_edge_report(tmp_path).read_text()
+    # Assert: the run, the core-only and FedAvg baselines, per seed; report built from the file alone
+    assert describe(cfg) == "CPP + memory M=2 + edge 1 lagged by 1"
+    assert [v["variant"] for v in result["variants"]] == [describe(cfg)]
+    summary = {s["variant"]: s for s in summarize(result["rows"])}
+    assert summary[describe(cfg)]["points"] == 4 and summary[describe(cfg)]["seeds"] == 2
+    assert summary["core only (Phase 0)"]["points"] == 1
+    assert f"| run | {describe(cfg)} | 4 |" in table
+    assert (tmp_path / "edge_study.png").stat().st_size > 0
+
+
+def test_study_recipe_is_the_default_study():
+    recipe = load_edge_recipe(STUDY_RECIPE)
+    assert recipe == EdgeRecipe(name="fashion_mnist_cloned_kd")
+    assert recipe.study_config() == EdgeStudyConfig()
+    assert load_edge_recipe(STUDY_RECIPE, ["edges.lags=[{edge: 2, by: 4}]"]).study_config().lags == ((2, 4),)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("distill.memry=3", "distill.memry"),                   # unknown key (nearest one suggested)
+    ("edges.lags=[{edge: 12, by: 1}]", "edges.lags"),       # edge id out of range
+    ("edges.noisy=[{edge: 1, p: 2}]", "edges.noisy"),       # probability out of range
+    ("edges.arrival=[0, 1, 1]", "edges.arrival"),           # not a permutation
+    ("distill.teacher_init=cloned", "distill.teacher_init"),
+    ("workload=lm", None),                                  # valid: the tiny-llama defaults
+])
+def test_fedllm_edge_check_names_the_field(override, field, capsys):
+    code = cli(["edge", str(STUDY_RECIPE), override, "--check"])
+    err = capsys.readouterr().err.strip().splitlines()
+    if field is None:
+        assert code == 0 and not err
+    else:
+        assert code == 2 and len(err) == 1 and field in err[0]
+
+
+def test_study_module_bad_override_exits_2(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "core.fraction=1.5"]) == 2
+    assert "core.fraction" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 @needs_real
 def test_quick_study_end_to_end(tmp_path):
-    # Execute: the user's command, reduced size
-    assert main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
-    # Assert: all files, every variant, the omitted edge missing from its curve
+    # Execute: the user's command (`fedllm edge RECIPE --quick`), reduced size
+    assert cli(["edge", str(STUDY_RECIPE), "--quick", "--out", str(tmp_path)]) == 0
+    # Assert: all files, every variant with finite accuracies, the omitted edge missing from its curve
     for name in ("edge_study.json", "edge_study.md", "edge_study.png"):
         assert (tmp_path / name).stat().st_size > 0
     result = json.loads((tmp_path / "edge_study.json").read_text())
     names = {r["variant"] for r in result["rows"]}
     assert {v["variant"] for v in result["variants"]} <= names
-    points = {s["variant"]: s["points"] for s in result["summary"]}
-    omitted = next(n for n in points if n.endswith("omitted"))
-    assert points[omitted] == 8 and points["no delay"] == 9
-    assert "| transfer | CPP: clone of the core |" in (tmp_path / "edge_study.md").read_text()
+    summary = {s["variant"]: s for s in result["summary"]}
+    assert all(math.isfinite(s["final_acc"]) and 0 < s["final_acc"] <= 1 for s in summary.values())
+    omitted = next(n for n in summary if n.endswith("omitted"))
+    assert summary[omitted]["points"] == 8 and summary["no delay"]["points"] == 9
+    table = (tmp_path / "edge_study.md").read_text()
+    for row in ("| transfer | CPP: clone of the core |", "| transfer | IsPP: independent init |",
+                "| transfer | IPP: independent init, core-pretrained |", "| transfer | CPP + memory M=3 |",
+                "| transfer | CPP + ensemble n=3 |", "| lag | edge 2 lagged by 4, used |",
+                "| lag | edge 2 lagged, omitted |", "| noise | edge 4 noisy p=0.5 |", "| noise | edge 4 noisy p=1.0 |",
+                "| non-iid | Dirichlet α=0.3: CPP + memory M=3 |", "| baseline | sync FedAvg"):
+        assert row in table, row

@@ -10,7 +10,9 @@ from fedllm.cli import main
 from fedllm.config import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+EDGE = ROOT / "recipes" / "edge"  # edge recipes (fedllm edge): their own loader, EdgeRecipe
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if EDGE not in p.parents)
+EDGE_RECIPES = sorted(EDGE.rglob("*.yaml"))
 
 
 def test_recipes_found_recursively():
@@ -22,8 +24,14 @@ def test_every_recipe_validates(path):
     assert main(["validate", str(path)]) == 0
 
 
+@pytest.mark.parametrize("path", EDGE_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_edge_recipe_validates(path):
+    assert main(["edge", str(path), "--check"]) == 0
+
+
 def test_recipe_header_says_how_to_run():
-    for path in RECIPES:
+    assert EDGE_RECIPES, "expected the edge recipes under recipes/edge/"
+    for path in RECIPES + EDGE_RECIPES:
         head = path.read_text().splitlines()[:6]
         assert any("fedllm " in line and line.startswith("#") for line in head), path
 

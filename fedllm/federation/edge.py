@@ -21,19 +21,17 @@ Data (Fashion-MNIST here; the paper used CIFAR-100 and ResNet-32): a seeded shuf
 set (optionally cut to ``max_train_examples``) gives the first ``core_fraction`` to the core and
 splits the rest into ``num_edges`` equal iid parts (or Dirichlet(α) label skew when
 ``edge_alpha`` > 0). Accuracy is on the test set. :func:`run_sync_fedavg` runs synchronous FedAvg on
-the same splits from the same Phase-0 core; :func:`run_edge_study` runs the paper's comparisons.
+the same splits from the same Phase-0 core; :func:`run_edge_study` runs the paper's comparisons (reported by
+:mod:`fedllm.metrics.edge_report`; run it with ``python -m fedllm.studies.edge``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import statistics
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,7 +41,7 @@ from torch import Tensor, nn
 from fedllm.algorithms.aggregate import ApplyDelta, mean_delta
 from fedllm.algorithms.distill import TeacherMemory, consensus_iou, kd_loss, shuffle_labels
 from fedllm.data.partition import dirichlet
-from fedllm.data.vision import DEFAULT_ROOT, VisionData, load_fashion_mnist
+from fedllm.data.vision import VisionData
 from fedllm.models.vision import build_vision_model
 from fedllm.types import ClientUpdate, StateDict, clone_state, subtract
 
@@ -339,86 +337,24 @@ def study_variants(base: EdgeStudyConfig) -> list[tuple[str, str, EdgeStudyConfi
     ]
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per variant, averaged over seeds: final / mean / min core accuracy, the final accuracy's paired
-    difference to its group's first variant, final consensus IoU and wall time."""
-    curves: dict[tuple[str, str], dict[int, list[dict]]] = {}
-    for r in rows:
-        curves.setdefault((r["group"], r["variant"]), {}).setdefault(r["seed"], []).append(r)
-    final = {k: {s: rs[-1]["acc"] for s, rs in v.items()} for k, v in curves.items()}
-    ref = {}
-    for group, name in curves:
-        ref.setdefault(group, name)
-    out = []
-    for (group, name), per_seed in curves.items():
-        runs, base = list(per_seed.values()), final[(group, ref[group])]
-        diffs = [final[(group, name)][s] - base[s] for s in per_seed]
-        ious = [rs[-1]["consensus_iou"] for rs in runs if "consensus_iou" in rs[-1]]
-        out.append({"group": group, "variant": name, "seeds": len(runs), "points": len(runs[0]),
-                    "final_acc": statistics.fmean(final[(group, name)].values()),
-                    "final_sd": statistics.stdev(final[(group, name)].values()) if len(runs) > 1 else 0.0,
-                    "delta_vs_ref": statistics.fmean(diffs), "reference": ref[group],
-                    "mean_acc": statistics.fmean(statistics.fmean(r["acc"] for r in rs) for rs in runs),
-                    "min_acc": statistics.fmean(min(r["acc"] for r in rs) for rs in runs),
-                    "final_iou": statistics.fmean(ious) if ious else None,
-                    "time_s": statistics.fmean(rs[-1]["time_s"] for rs in runs)})
-    return out
+def describe(cfg: EdgeStudyConfig) -> str:
+    """A short name of one run's configuration (the table's variant column)."""
+    parts = [{"clone": "CPP", "independent": "IsPP", "independent_pretrained": "IPP"}[cfg.teacher_init]]
+    parts += [f"ensemble n={cfg.ensemble}"] * (cfg.ensemble > 1) + [f"memory M={cfg.memory}"] * (cfg.memory > 1)
+    parts += [f"edge {e} lagged by {j}" for e, j in cfg.lags] + [f"edge {e} omitted" for e in cfg.never_return]
+    parts += [f"edge {e} noisy p={p}" for e, p in cfg.noisy_edges]
+    parts += [f"Dirichlet α={cfg.edge_alpha}"] * (cfg.edge_alpha > 0)
+    return " + ".join(parts)
 
 
-def write_table(summary: list[dict], base: EdgeStudyConfig, seeds: list[int], path: Path) -> None:
-    lines = ["# Asynchronous edge learning by cloned KD: study", "",
-             f"Model `{base.model}`, {base.num_edges} edges, core fraction {base.core_fraction}, edges "
-             f"{'Dirichlet α=' + str(base.edge_alpha) if base.edge_alpha else 'iid'} unless named, seeds {seeds}; "
-             "edge ids are 0-based. "
-             "Core test accuracy after each returned edge (FedAvg: after each round), mean over seeds; "
-             "final ± sd over seeds; Δ = final minus its group's first variant, paired by seed.", "",
-             "| group | variant | points | final acc | Δ final | mean acc | min acc | final IoU | time s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in summary:
-        iou = "" if s["final_iou"] is None else f"{s['final_iou']:.3f}"
-        lines.append(f"| {s['group']} | {s['variant']} | {s['points']} | {s['final_acc']:.4f} ± "
-                     f"{s['final_sd']:.4f} | {s['delta_vs_ref']:+.4f} | {s['mean_acc']:.4f} | {s['min_acc']:.4f} | "
-                     f"{iou} | {s['time_s']:.1f} |")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def plot_study(rows: list[dict], path: Path) -> None:
-    """One panel per group: core accuracy (mean over seeds) against returned edges processed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = [g for g in dict.fromkeys(r["group"] for r in rows) if g != "baseline"]
-    cols = min(2, len(groups))
-    rows_ = -(-len(groups) // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(6.5 * cols, 4.5 * rows_), squeeze=False)
-    lines = {s["variant"]: s["final_acc"] for s in summarize([r for r in rows if r["group"] == "baseline"])}
-    for ax, group in zip(axes.flat, groups):
-        for name in dict.fromkeys(r["variant"] for r in rows if r["group"] == group):
-            curve: dict[int, list[float]] = {}
-            for r in rows:
-                if r["group"] == group and r["variant"] == name:
-                    curve.setdefault(r["position"], []).append(r["acc"])
-            ax.plot(list(curve), [statistics.fmean(v) for v in curve.values()], marker="o", ms=3, label=name)
-        for i, (name, acc) in enumerate(lines.items()):
-            ax.axhline(acc, ls="--", lw=1, color=f"C{7 + i}", label=f"{name} (final)")
-        ax.set(title=group, xlabel="returned edges processed", ylabel="core test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _study_one_seed(cfg: EdgeStudyConfig, data: VisionData, fedavg_rounds: int) -> list[dict]:
+def _study_one_seed(cfg: EdgeStudyConfig, data: VisionData, fedavg_rounds: int, single: bool) -> list[dict]:
     t0, splits = time.perf_counter(), make_splits(cfg, data)
     core = train_core(cfg, data, splits)
     acc = accuracy(cfg, core, data.test_x[splits.test], data.test_y[splits.test])
     rows = [{"group": "baseline", "variant": "core only (Phase 0)", "position": 0, "acc": acc,
              "time_s": time.perf_counter() - t0}]
     done: dict[EdgeStudyConfig, list[dict]] = {}
-    for group, name, variant in study_variants(cfg):
+    for group, name, variant in [("run", describe(cfg), cfg)] if single else study_variants(cfg):
         if variant not in done:
             done[variant] = run_edge_learning(variant, data, core_state=core)
             log.info("seed %d  %-8s %-45s final acc %.4f", cfg.seed, group, name, done[variant][-1]["acc"])
@@ -429,48 +365,27 @@ def _study_one_seed(cfg: EdgeStudyConfig, data: VisionData, fedavg_rounds: int) 
     return [{"seed": cfg.seed, **r} for r in rows]
 
 
-def run_edge_study(base_cfg: EdgeStudyConfig, data: VisionData, out_dir: str | Path,
-                   seeds: list[int] | None = None, fedavg_rounds: int = 3) -> list[dict]:
-    """Run :func:`study_variants` and the baselines (core only, sync FedAvg) for each seed (default:
-    the config's), sharing one Phase-0 core per seed and running identical configs once; write
-    edge_study.json (config, summary, rows), edge_study.md (table) and edge_study.png to ``out_dir``."""
+def run_edge_study(base_cfg: EdgeStudyConfig, data: VisionData, seeds: list[int] | None = None,
+                   fedavg_rounds: int = 3, single: bool = False) -> dict:
+    """Run :func:`study_variants` (``single``: ``base_cfg`` alone, group "run") and the baselines
+    (core only, sync FedAvg) for each seed (default: the config's), sharing one Phase-0 core per
+    seed and running identical configs once.
+
+    Returns the raw result (config, seeds, fedavg_rounds, variants, rows), JSON-ready; the tables and
+    plots are built from it by :mod:`fedllm.metrics.edge_report`.
+    """
     seeds = list(seeds) if seeds else [base_cfg.seed]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [r for s in seeds for r in _study_one_seed(replace(base_cfg, seed=s), data, fedavg_rounds)]
-    summary = summarize(rows)
-    variants = [{"group": g, "variant": n, "config": asdict(c)} for g, n, c in study_variants(base_cfg)]
-    (out / "edge_study.json").write_text(json.dumps(
-        {"config": asdict(base_cfg), "seeds": seeds, "fedavg_rounds": fedavg_rounds, "summary": summary,
-         "variants": variants, "rows": rows}, indent=1))
-    write_table(summary, base_cfg, seeds, out / "edge_study.md")
-    plot_study(rows, out / "edge_study.png")
-    return rows
+    rows = [r for s in seeds for r in _study_one_seed(replace(base_cfg, seed=s), data, fedavg_rounds, single)]
+    chosen = [("run", describe(base_cfg), base_cfg)] if single else study_variants(base_cfg)
+    variants = [{"group": g, "variant": n, "config": asdict(c)} for g, n, c in chosen]
+    return {"config": asdict(base_cfg), "seeds": seeds, "fedavg_rounds": fedavg_rounds,
+            "variants": variants, "rows": rows}
 
 
-QUICK = EdgeStudyConfig(max_train_examples=2000, max_test_examples=500, core_fraction=0.1, core_steps=40,
-                        edge_steps=15, distill_steps=15, batch_size=32)
+QUICK_SIZES = dict(max_train_examples=2000, max_test_examples=500, core_fraction=0.1, core_steps=40,
+                   edge_steps=15, distill_steps=15, batch_size=32)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedllm.federation.edge",
-                                     description="Asynchronous edge learning by cloned KD: the paper's study.")
-    parser.add_argument("--out", default="runs/edge_study", help="folder for edge_study.{json,md,png}")
-    parser.add_argument("--quick", action="store_true", help="reduced CI-size run (seconds)")
-    parser.add_argument("--model", choices=["lenet300100", "cnn", "resnet"], default=None)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one study per seed")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for LeNet)")
-    parser.add_argument("--data-root", default=str(DEFAULT_ROOT), help="folder of the Fashion-MNIST .gz files")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else EdgeStudyConfig()
-    cfg = replace(cfg, model=args.model) if args.model else cfg
-    seeds = args.seeds[:1] if args.quick else args.seeds
-    run_edge_study(cfg, load_fashion_mnist(args.data_root), args.out, seeds=seeds)
-    print((Path(args.out) / "edge_study.md").read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def quick(cfg: EdgeStudyConfig) -> EdgeStudyConfig:
+    """``cfg`` cut to CI size (2,000 training and 500 test images, a few dozen steps per phase)."""
+    return replace(cfg, **QUICK_SIZES)
