@@ -499,6 +499,8 @@ def _vision_only(r: Recipe) -> Problem:
 
 def _aggregator(r: Recipe) -> Problem:
     f, rob, m = r.federation, r.robust, r.clients_per_round
+    if f.algorithm == "fednova" and f.lora_aggregation == "exact":
+        return "federation.lora_aggregation", "FedNova normalizes each delta by its steps; exact re-factorizes products: use factorwise or frozen_a"
     if f.algorithm == "fednova" and rob.aggregator != "mean":
         return "robust.aggregator", "FedNova is itself the aggregator (deltas normalized by local steps); use mean"
     if rob.aggregator != "mean" and f.lora_aggregation == "exact":

@@ -109,16 +109,6 @@ def classify(combo) -> RecipeError | Recipe:
         return err
 
 
-def known_bug(combo) -> str | None:
-    """Accepted combinations the server cannot run yet (each pinned by a strict xfail below)."""
-    algorithm, aggregator, (dp, secagg), lora, codec, regions, task = combo
-    if aggregator in ("krum", "multi_krum") and regions:
-        return "Krum runs per region, where fewer than 2f + 3 clients report"
-    if lora == "frozen_a" and dp == "client":
-        return "client DP noise lands on the frozen A factor; the frozen_a check then raises"
-    return None
-
-
 def test_the_matrix_is_walked_and_mixed():
     outcomes = [classify(c) for c in MATRIX]
     accepted = sum(isinstance(o, Recipe) for o in outcomes)
@@ -145,7 +135,7 @@ def test_every_rejection_is_for_a_rule_that_applies():
         weighted = algorithm != "gradualdiff"
         reasons = [
             task == "vision" and lora != "factorwise",
-            algorithm == "fednova" and aggregator != "mean",
+            algorithm == "fednova" and (aggregator != "mean" or lora == "exact"),
             aggregator != "mean" and lora == "exact",
             secagg and (aggregator != "mean" or algorithm == "fednova" or lora == "exact"
                         or codec not in ("none", "fp16") or regions > 0 or weighted),
@@ -158,7 +148,7 @@ def test_every_rejection_is_for_a_rule_that_applies():
 
 def test_accepted_combinations_run_a_server_round():
     """A seeded sample of the accepted combinations (every option value included) runs a round."""
-    accepted = [c for c in MATRIX if isinstance(classify(c), Recipe) and known_bug(c) is None]
+    accepted = [c for c in MATRIX if isinstance(classify(c), Recipe)]
     sample = random.Random(0).sample(accepted, k=min(90, len(accepted)))
     for axis in range(len(MATRIX[0])):  # every value an accepted combination takes, at least once
         for value in {c[axis] for c in accepted} - {c[axis] for c in sample}:
@@ -172,26 +162,20 @@ def test_accepted_combinations_run_a_server_round():
             assert math.isfinite(metrics["lora_aggregation_error"]), combo
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bug in FederatedServer: Krum is applied per "
-                   "region, and the validator checks 2f + 3 against all clients of the round, not per region")
 def test_krum_with_regions_runs_a_round():
     combo = ("gradualdiff", "krum", ("none", False), "factorwise", "none", 2, "lm")
-    assert isinstance(classify(combo), Recipe) and known_bug(combo)
+    assert isinstance(classify(combo), Recipe)
     _, metrics = synthetic_round(classify(combo))
     assert metrics["applied"]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bug in FederatedServer.upload: client DP noise is "
-                   "added to lora_A, which frozen_a keeps at its shared init; the frozen_a error check raises")
 def test_frozen_a_with_client_dp_runs_a_round():
     combo = ("gradualdiff", "mean", ("client", False), "frozen_a", "none", 0, "lm")
-    assert isinstance(classify(combo), Recipe) and known_bug(combo)
+    assert isinstance(classify(combo), Recipe)
     _, metrics = synthetic_round(classify(combo))
     assert metrics["applied"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug in FederatedServer._aggregate: with lora_aggregation exact the "
-                   "'exact' branch runs instead of FedNova's aggregator, so the tau normalization is silently skipped")
 def test_fednova_with_exact_lora_is_rejected_or_normalized():
     with pytest.raises(RecipeError) as err:
         build(Recipe, values(algorithm="fednova", lora="exact"))

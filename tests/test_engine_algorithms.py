@@ -387,8 +387,6 @@ def test_lora_aggregation_modes_on_the_tiny_llm(tmp_path):
     assert errors["exact"] < errors["factorwise"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug in FederatedServer._hierarchical: regions aggregate with the plain "
-                   "mean, so lora_aggregation exact is silently factorwise (and no lora_aggregation_error is reported)")
 def test_hierarchy_with_one_region_keeps_exact_lora_aggregation(tmp_path):
     lora = {"lora_aggregation": "exact", "rounds": 2}
     e_flat, _ = run(tmp_path, toy_recipe(name="flat", federation=lora), lora=True)
@@ -397,8 +395,6 @@ def test_hierarchy_with_one_region_keeps_exact_lora_aggregation(tmp_path):
     assert_states_close(e_h.saved, e_flat.saved)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bug in FederatedServer.finish_round: Krum with fewer "
-                   "than 2f + 3 arrivals (dropouts) raises instead of skipping the round like min_clients")
 def test_krum_round_with_too_few_arrivals_is_skipped_not_crashed(tmp_path):
     recipe = five_clients(name="kd", federation={"rounds": 3}, robust={"aggregator": "krum", "byzantine": 1},
                           faults={"dropout_prob": 0.3})

@@ -236,7 +236,9 @@ class FederatedServer:
         delta = update.delta
         if self.dp is not None and self.recipe.privacy.dp == "client" and update.is_finite():
             gen = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + rnd * 7_919 + k)
-            delta = self.dp.client_noise(delta, gen)
+            noised = self.dp.client_noise(delta, gen)
+            frozen = self.recipe.federation.lora_aggregation == "frozen_a"  # A never moves, so no noise on it
+            delta = {key: delta[key] if frozen and ".lora_A" in key else v for key, v in noised.items()}
         delta, nbytes = self._encode(k, delta)
         update = dataclasses.replace(update, delta=delta, bytes_up=nbytes)
         if self._secagg is not None:
@@ -284,12 +286,14 @@ class FederatedServer:
                 self._reject(rnd, u.client_id, reason)
         metrics: dict[str, Any] = {"rejected": dict(sorted(self._rejected.items())),
                                    "aggregated_clients": [u.client_id for u in valid]}
-        min_clients = self.recipe.federation.min_clients
-        applied = len(valid) >= min_clients and (self._secagg is None or len(valid) >= self._secagg.threshold)
+        needed = max(self.recipe.federation.min_clients, self._secagg.threshold if self._secagg else 1,
+                     1 if self.regions else self.aggregator_needs())
+        applied = len(valid) >= needed
         metrics["applied"] = applied
         if not applied:
-            log.warning("round %d: %d valid updates < federation.min_clients=%d; global state unchanged",
-                        rnd, len(valid), min_clients)
+            log.warning("round %d: %d valid updates, fewer than the %d needed (federation.min_clients, "
+                        "the aggregator, secure aggregation's threshold); global state unchanged",
+                        rnd, len(valid), needed)
             return global_state, self._round_metrics(metrics)
         if self.regions:
             new_state = self._hierarchical(rnd, global_state, valid, metrics)
@@ -305,7 +309,22 @@ class FederatedServer:
             self.sampler.record_losses({u.client_id: u.train_loss for u in valid if math.isfinite(u.train_loss)})
         return new_state, self._round_metrics(metrics)
 
+    def aggregator_needs(self) -> int:
+        """Fewest updates the robust aggregator can combine (Krum: n > 2f + 2; multi-Krum: also >= m)."""
+        rob = self.recipe.robust
+        if rob.aggregator in ("krum", "multi_krum"):
+            multi = (rob.multi or 1) if rob.aggregator == "multi_krum" else 1
+            return max(2 * rob.byzantine + 3, multi)
+        return 1
+
     def _aggregate(self, global_state: StateDict, updates: list[ClientUpdate], metrics: dict) -> StateDict:
+        delta = self._combine(global_state, updates, metrics)
+        if self.recipe.federation.lora_aggregation == "frozen_a":
+            # A stays at its shared init: DP noise or compression error never moves it
+            delta = {k: torch.zeros_like(v) if ".lora_A" in k else v for k, v in delta.items()}
+        return delta
+
+    def _combine(self, global_state: StateDict, updates: list[ClientUpdate], metrics: dict) -> StateDict:
         fed = self.recipe.federation
         if self._secagg is not None:
             total = self._secagg.unmask({u.client_id: self._masked[u.client_id] for u in updates})
@@ -335,9 +354,19 @@ class FederatedServer:
         by_region: dict[int, list[ClientUpdate]] = {}
         for u in updates:
             by_region.setdefault(self.region_of[u.client_id], []).append(u)
-        for region, ups in by_region.items():
+        errors = []
+        for region, ups in sorted(by_region.items()):
+            if len(ups) < self.aggregator_needs():
+                log.warning("round %d: region %d has %d updates, fewer than its aggregator needs (%d); "
+                            "region unchanged", rnd, region, len(ups), self.aggregator_needs())
+                continue
             start = self.regional.get(region, global_state)
-            self.regional[region] = add(start, self.aggregator(ups))
+            regional_metrics: dict[str, Any] = {}
+            self.regional[region] = add(start, self._aggregate(start, ups, regional_metrics))
+            if "lora_aggregation_error" in regional_metrics:
+                errors.append(regional_metrics["lora_aggregation_error"])
+        if errors:
+            metrics["lora_aggregation_error"] = max(errors)
         metrics["global_sync"] = rnd % self.recipe.hierarchy.global_every == 0
         metrics["bytes_up_regional"] = metrics["bytes_down_regional"] = 0
         if not metrics["global_sync"]:
