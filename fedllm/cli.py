@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("recipe", help="recipe YAML")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.rounds=2 lora.r=8")
-        if name != "validate":
+        if name == "validate":
+            sp.add_argument("--explain", action="store_true", help="list every field: value and meaning")
+        else:
             sp.add_argument("--out", help="root folder for run directories (default: recipe output.dir)")
         if name == "run":
             sp.add_argument("--mode", choices=("federated", "centralized", "local"))
@@ -140,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
+            if args.explain:
+                from fedllm.config import explain
+
+                print("\n".join(explain(recipe)))
             print(f"ok: {args.recipe} (name={recipe.name}, mode={recipe.mode}, "
                   f"{recipe.partition.num_clients} clients, {recipe.federation.rounds} rounds)")
             return 0

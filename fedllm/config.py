@@ -721,6 +721,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(str(path), "a value is nested too deeply") from None
 
 
+def explain(obj: Any, prefix: str = "") -> list[str]:
+    """One line per field of a (resolved) recipe: ``group.field = value  # doc``."""
+    lines = []
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{name}:  # {f.metadata.get('doc', '')}")
+            lines += explain(value, name + ".")
+        else:
+            lines.append(f"{'  ' if prefix else ''}{name} = {_show(value, 40)}  # {f.metadata.get('doc', '')}")
+    return lines
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (written to each run directory as config.yaml)."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
