@@ -84,7 +84,7 @@ def test_validate_explain_lists_every_field_with_its_doc(capsys):
     # Prepare / Execute
     from fedllm.config import Recipe
 
-    code = main(["validate", str(ROOT / "recipes" / "tiny.yaml"), "--explain", "privacy.dp=server",
+    code = main(["validate", "--explain", str(ROOT / "recipes" / "tiny.yaml"), "privacy.dp=server",
                  "federation.weighted=false"])
     out = capsys.readouterr().out
     # Assert: every group and a few leaf fields with their values and docs
