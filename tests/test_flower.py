@@ -103,21 +103,47 @@ def test_flower_processes_get_telemetry_off_and_a_private_home(tmp_path):
     assert FlowerRunConfig.from_user_config(cfg.to_user_config()) == cfg
 
 
+def _corpus(path: Path, n: int = 40) -> Path:
+    """A small instruction file with a topic column (two topics: one natural client each)."""
+    import json
+
+    topics = ("sleep", "stress")
+    with path.open("w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": f"What helps with {topics[i % 2]} case {i}?",
+                                 "response": f"Routine {i}, rest and talking to someone about {topics[i % 2]}.",
+                                 "topic": topics[i % 2]}) + "\n")
+    return path
+
+
 @pytest.mark.slow
-def test_real_superlink_and_two_supernodes_match_the_inprocess_engine(tmp_path):
-    """Prepare the same recipe; Execute in-process and on a loopback deployment; Assert per-round parity."""
+def test_real_superlink_and_two_supernodes_with_their_own_data_match_the_inprocess_engine(tmp_path):
+    """Prepare one corpus and its in-process split; Execute in-process, then on a loopback SuperLink
+    with two SuperNodes each reading its own file; Assert the same metrics every round."""
+    import json
+
     from fedllm.federation.experiment import make_experiment
     from fedllm.federation.flower_launch import run_deployment
     from fedllm.federation.modes import run_federated
     from fedllm.federation.rundir import read_metrics, run_dir
 
-    recipe = load_recipe(TINY, SMALL)
+    corpus = _corpus(tmp_path / "corpus.jsonl")
+    recipe = load_recipe(TINY, [*SMALL, "data.builtin=null", f"data.path={corpus}", "data.max_examples=null",
+                                "partition.column=topic"])
     run_federated(make_experiment(recipe), str(tmp_path / "inprocess"))
-    summary = run_deployment(recipe, str(tmp_path / "flower"),
-                             LaunchOptions(timeout_s=240, log_dir=str(tmp_path / "logs")))
+    ref_dir = run_dir(recipe, "federated", str(tmp_path / "inprocess"))
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    split = json.loads((ref_dir / "partition.json").read_text())["clients"]
+    sites = []
+    for k in range(2):  # each site's own file: exactly its training rows, in its order
+        site = tmp_path / f"site{k}.jsonl"
+        site.write_text("".join(json.dumps(rows[i]) + "\n" for i in split[str(k)]))
+        sites.append(str(site))
 
-    ref = read_metrics(run_dir(recipe, "federated", str(tmp_path / "inprocess")))
-    got = read_metrics(run_dir(recipe, "federated", str(tmp_path / "flower")))
+    summary = run_deployment(recipe, str(tmp_path / "flower"),
+                             LaunchOptions(timeout_s=240, log_dir=str(tmp_path / "logs")), data_paths=sites)
+
+    ref, got = read_metrics(ref_dir), read_metrics(run_dir(recipe, "federated", str(tmp_path / "flower")))
     assert [r["round"] for r in got] == [0, 1, 2] and summary["rounds"] == 2
     for a, b in zip(ref, got):
         assert a["clients"] == b["clients"] and a.get("aggregated_clients") == b.get("aggregated_clients")
@@ -126,4 +152,6 @@ def test_real_superlink_and_two_supernodes_match_the_inprocess_engine(tmp_path):
                 assert b[key] is None, (a["round"], key)
             else:
                 assert math.isclose(a[key], b[key], rel_tol=rel_tol, abs_tol=abs_tol), (a["round"], key, a[key], b[key])
-    assert got[-1]["eval_loss"] != got[0]["eval_loss"]  # the rounds did train
+    assert got[-1]["eval_loss"] < got[0]["eval_loss"]  # the rounds did train
+    part = json.loads((run_dir(recipe, "federated", str(tmp_path / "flower")) / "partition.json").read_text())
+    assert part["clients"]["0"]["num_examples"] == len(split["0"])  # the server saw sizes, never rows

@@ -211,8 +211,10 @@ def serve_worker(address: str) -> None:
                 continue
             with conn:
                 kind, cfg, node, content = conn.recv()
+                t0 = time.perf_counter()
                 try:
                     conn.send(("ok", handle_request(kind, cfg, node, content)))
+                    log.info("fedllm worker: %s request served in %.2f s", kind, time.perf_counter() - t0)
                 except Exception as exc:  # the server counts it as a failed client
                     log.warning("fedllm worker: %s request failed (%s: %s)", kind, type(exc).__name__, exc)
                     conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -323,7 +325,9 @@ class RemoteExperiment:
         site = self.sites[client_id]
         msg = Message(TrainRequest(rnd, client_id, start, steps, correction).to_records(),
                       dst_node_id=site.node_id, message_type=MessageType.TRAIN, group_id=str(rnd))
+        t0 = time.perf_counter()
         replies = exchange(self.grid, [msg], self.timeout_s)
+        log.info("round %d: client %d answered in %.2f s", rnd, client_id, time.perf_counter() - t0)
         if not replies:
             raise TimeoutError(f"client {client_id} (node {site.node_id}) sent no reply within {self.timeout_s:.0f} s")
         reply = replies[0]
