@@ -8,8 +8,17 @@
   ``data.bad_rows`` error and skip. Every failure is a RecipeError naming the file, and the line
   when a row is at fault.
 
-Runs are derandomized (same examples every run) so CI stays stable; the example counts below add
-up to well over 1,000 recipes.
+- Every recipe group (server, robust, selection, hierarchy, attack, privacy, compression, prune,
+  checkpoint, faults, ...): junk and *typed* mutations of the fully spelled-out tiny recipe. Typed
+  values reach the range checks and compatibility rules; a recipe they leave valid must build the
+  FederatedServer and run two rounds on a small state without any exception but RecipeError.
+- ``fedllm run`` on a recipe that fails validation exits 2 and writes nothing (no run directory a
+  later run or report could take for complete); a bad data file leaves a previous run untouched.
+- Over-long and empty rows: a prompt that fills ``data.max_length`` is an error naming its line
+  (``bad_rows: error``) or a counted skip; truncated responses are counted.
+
+Runs are derandomized (same examples every run) so CI stays stable. Generated cases: 450 + 300 +
+300 recipes/overrides, 350 + 300 + 120 group recipes, 150 + 120 + 30 data files = 2,120.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fedllm.cli import main
-from fedllm.config import Recipe, RecipeError, load_recipe
+from fedllm.config import Recipe, RecipeError, build, load_recipe
 from fedllm.data.build import build_text_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -378,3 +387,203 @@ def test_csv_with_bom_reads_its_header(tokenizer, data_dir):
     path = data_dir / "bom.csv"
     path.write_bytes("\ufeffprompt,response\nq1,r1\nq2,r2\nq3,r3\n".encode())
     assert build_text_data(_recipe(path, "error"), tokenizer).stats["examples"] == 3
+
+
+# ----------------------------------------------------------------------------- over-long and empty rows
+
+LONG_PROMPT = '{"prompt": "' + "word " * 200 + '", "response": "r", "topic": "t"}'
+LONG_RESPONSE = '{"prompt": "p", "response": "' + "word " * 200 + '", "topic": "t"}'
+
+
+def test_prompt_filling_max_length_is_an_error_naming_its_line(tokenizer, data_dir):
+    # Prepare: line 2's prompt alone is longer than data.max_length=64 tokens
+    path = data_dir / "long.jsonl"
+    path.write_text("\n".join([GOOD % (1, 1), LONG_PROMPT, GOOD % (2, 2), GOOD % (3, 3)]), encoding="utf-8")
+    # Execute
+    with pytest.raises(RecipeError) as info:
+        build_text_data(_recipe(path, "error"), tokenizer)
+    # Assert
+    msg = str(info.value)
+    assert msg.startswith(f"{path} line 2: the prompt takes ") and "data.max_length=64" in msg, msg
+    assert "data.bad_rows: skip" in msg and "\n" not in msg
+
+
+def test_skip_mode_counts_long_prompts_and_truncated_responses(tokenizer, data_dir, caplog):
+    path = data_dir / "long_skip.jsonl"
+    path.write_text("\n".join([GOOD % (1, 1), LONG_PROMPT, LONG_RESPONSE, '{"prompt": " ", "response": "r"}',
+                               GOOD % (2, 2)]), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="fedllm.data.build"):
+        data = build_text_data(_recipe(path, "skip"), tokenizer)
+    s = data.stats
+    assert (s["rows"], s["examples"], s["skipped_bad_rows"], s["skipped_no_response_tokens"], s["truncated"]) == \
+        (5, 3, 1, 1, 1)
+    assert all(len(e.input_ids) <= 64 for e in data.examples)
+    assert "skipped 2 of 5 rows (1 malformed, 1 with no room for a response" in caplog.text
+    assert "first: line 2, line 4" in caplog.text
+
+
+def test_builtin_rows_that_do_not_fit_are_skipped_and_counted(tokenizer, monkeypatch):
+    # the built-in corpus cannot be edited by the user: its long rows are dropped under either policy
+    # (its rows are stubbed here: building coralmap takes seconds)
+    import fedllm.data.build as build_mod
+
+    rows = [json.loads(GOOD % (i, i)) for i in range(4)] + [json.loads(LONG_PROMPT)]
+    monkeypatch.setattr(build_mod, "load_records",
+                        lambda cfg: (rows, "builtin:coralmap", [f"row {i}" for i in range(1, 6)]))
+    recipe = load_recipe(TINY, ["data.max_length=64", "data.system_prompt=null", "data.bad_rows=error",
+                                "partition.method=iid", "partition.num_clients=1", "data.eval_size=1"])
+    s = build_text_data(recipe, tokenizer).stats
+    assert (s["rows"], s["examples"], s["skipped_no_response_tokens"], s["skipped_bad_rows"]) == (5, 4, 1, 0)
+
+
+def test_empty_assistant_message_is_a_bad_row(tokenizer, data_dir):
+    path = data_dir / "empty_chat.jsonl"
+    empty = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}'
+    path.write_text("\n".join([GOOD_CHAT % (1, 1), empty, GOOD_CHAT % (2, 2), GOOD_CHAT % (3, 3)]), encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"line 2: field 'messages': the assistant's response is empty"):
+        build_text_data(_recipe(path, "error", messages=True), tokenizer)
+    assert build_text_data(_recipe(path, "skip", messages=True), tokenizer).stats["skipped_bad_rows"] == 1
+
+
+# ----------------------------------------------------------------------------- every recipe group
+# tiny.yaml leaves most groups at their defaults, so mutating it never reaches them: FULL spells out
+# every group (the resolved tiny recipe), and typed mutations reach the compatibility rules and the
+# server's construction instead of stopping at a type error.
+
+FULL = load_recipe(TINY).to_dict()
+GROUPS = ("federation", "server", "robust", "selection", "hierarchy", "attack", "privacy", "compression",
+          "prune", "checkpoint", "faults", "partition", "train", "eval")
+GROUP_PATHS = [p for p in PATHS if "." in p and p.split(".")[0] in GROUPS]
+
+
+def _typed(tp) -> st.SearchStrategy:
+    """Values of the field's own type, around and beyond its valid range."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return st.sampled_from(args)
+    if origin in (typing.Union, __import__("types").UnionType):
+        return st.one_of(*[_typed(a) for a in args])
+    if origin is list:
+        return st.lists(_typed(args[0]), max_size=3)
+    if tp is type(None):
+        return st.none()
+    if tp is bool:
+        return st.booleans()
+    if tp is int:
+        return st.one_of(st.integers(-2, 12), st.sampled_from([0, 1, 100, 10**6]))
+    if tp is float:
+        return st.one_of(st.floats(-0.5, 1.5, allow_nan=False), st.sampled_from([0.0, 1e-9, 0.5, 1.0, 1e3, 1e9]))
+    if tp is str:
+        return st.sampled_from(["", "x", "topic", "q_proj"])
+    raise AssertionError(f"no strategy for {tp}")
+
+
+def _hint(path: str):
+    cls, *parts = Recipe, *path.split(".")
+    for part in parts[:-1]:
+        cls = typing.get_type_hints(cls)[part]
+    return typing.get_type_hints(cls)[parts[-1]]
+
+
+group_mutation = st.sampled_from(GROUP_PATHS).flatmap(lambda p: st.tuples(st.just("set"), st.just(p), _typed(_hint(p))))
+
+
+@settings(FUZZ, max_examples=350)
+@given(ops=st.lists(st.one_of(mutation.filter(lambda op: op[1].split(".")[0] in GROUPS), group_mutation),
+                    min_size=1, max_size=4))
+def test_mutated_groups_exit_0_or_2(recipe_file, ops):
+    values = copy.deepcopy(FULL)
+    for op in ops:
+        _mutate(values, op)
+    recipe_file.write_text(yaml.dump(values, Dumper=DUMPER, allow_unicode=True), encoding="utf-8")
+    code, err = _validate([str(recipe_file)])
+    _assert_exit_contract(code, err)
+    event(f"exit {code}")
+
+
+def _one_round(recipe: Recipe) -> None:
+    """What `fedllm run` builds after validation, on a small linear state: the server and one round."""
+    import torch
+
+    from fedllm.federation.server import FederatedServer
+    from fedllm.types import ClientUpdate
+
+    state = {"lin.weight": torch.zeros(3, 4), "lin.bias": torch.zeros(3)}
+    server = FederatedServer(recipe, state, [5 + k for k in range(recipe.partition.num_clients)])
+    gen = torch.Generator().manual_seed(0)
+    for rnd in (1, 2):
+        plan = server.begin_round(rnd)
+        for k in plan.training:
+            start = server.start_state(k, state)
+            server.grad_term(k, start)
+            delta = {n: 0.01 * torch.randn(v.shape, generator=gen) for n, v in start.items()}
+            server.upload(rnd, ClientUpdate(k, delta, 5 + k, plan.steps[k], 1.0), start)
+        state, metrics = server.finish_round(rnd, state)
+        assert isinstance(metrics["applied"], bool)
+
+
+@settings(FUZZ, max_examples=300)
+@given(ops=st.lists(group_mutation, min_size=1, max_size=5))
+def test_valid_group_combinations_build_a_server_without_traceback(ops):
+    # Prepare: typed values in the recipe groups; most combinations are rejected by a check or a
+    # compatibility rule, the rest must run a round
+    values = copy.deepcopy(FULL)
+    values["partition"]["num_clients"] = 6
+    values["partition"]["method"] = "iid"
+    for op in ops:
+        _mutate(values, op)
+    try:
+        recipe = build(Recipe, values)
+    except RecipeError as exc:
+        assert "\n" not in str(exc)
+        event("rejected")
+        return
+    event("accepted: ran two rounds")
+    # Execute / Assert: anything but a RecipeError would be a traceback in `fedllm run`
+    try:
+        _one_round(recipe)
+    except RecipeError as exc:
+        assert "\n" not in str(exc)
+
+
+@settings(FUZZ, max_examples=120)
+@given(ops=st.lists(mutation, min_size=1, max_size=3))
+def test_failed_validation_leaves_no_run_directory(tmp_path_factory, ops):
+    # Prepare
+    out = tmp_path_factory.mktemp("runs")
+    recipe_path = out / "recipe.yaml"
+    values = copy.deepcopy(FULL)
+    for op in ops:
+        _mutate(values, op)
+    recipe_path.write_text(yaml.dump(values, Dumper=DUMPER, allow_unicode=True), encoding="utf-8")
+    code, _ = _validate([str(recipe_path)])
+    if code == 0:  # a valid recipe would train: not this test's business
+        event("valid: not run")
+        return
+    # Execute
+    o, e = io.StringIO(), io.StringIO()
+    with redirect_stdout(o), redirect_stderr(e):
+        run_code = main(["run", str(recipe_path), "--out", str(out)])
+    # Assert: the same one-line error, and nothing that a later run or report could take for a run
+    _assert_exit_contract(run_code, e.getvalue())
+    assert run_code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]
+    event("invalid: exit 2, no run dir")
+
+
+def test_bad_data_file_at_run_time_leaves_the_previous_run_untouched(tmp_path, data_dir):
+    # Prepare: a finished run of the same name exists; the new run's data has a bad line 2
+    path = data_dir / "run_bad.jsonl"
+    path.write_text("\n".join([GOOD % (1, 1), '{"prompt": "p"}', GOOD % (2, 2)]), encoding="utf-8")
+    old = tmp_path / "tiny" / "federated"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text('{"rounds": 2}', encoding="utf-8")
+    # Execute
+    o, e = io.StringIO(), io.StringIO()
+    with redirect_stdout(o), redirect_stderr(e):
+        code = main(["run", str(TINY), "data.builtin=null", f"data.path={path}", "--out", str(tmp_path)])
+    # Assert
+    _assert_exit_contract(code, e.getvalue())
+    assert code == 2 and f"{path} line 2: field 'response'" in e.getvalue()
+    assert sorted(p.name for p in old.iterdir()) == ["summary.json"]
+    assert (old / "summary.json").read_text(encoding="utf-8") == '{"rounds": 2}'

@@ -1,14 +1,25 @@
-"""From a recipe to tokenized examples, a held-out eval split and per-client partitions."""
+"""From a recipe to tokenized examples, a held-out eval split and per-client partitions.
+
+Rows that cannot become an example are handled by ``data.bad_rows``: a malformed row (missing,
+empty or mistyped field, bad message list) or a row whose prompt fills ``data.max_length`` stops
+the run with a one-line error naming the file and line (``error``), or is skipped and counted
+(``skip``). Rows of the built-in corpus that do not fit ``data.max_length`` are always skipped and
+counted. The counts (``stats``, saved in summary.json under ``data``) and a warning naming the
+first skipped rows are the report.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedllm.config import Recipe, RecipeError
 from fedllm.data.partition import holdout, partition
-from fedllm.data.text import Example, load_records, tokenize
+from fedllm.data.text import Example, RowTooLong, load_records, tokenize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,20 +64,30 @@ def build_text_data(recipe: Recipe, tokenizer) -> TextData:
         raise RecipeError("partition.column", f"column {column!r} not found in {source}; "
                           f"available: {sorted(map(str, rows[order[0]]))}")
     examples: list[Example] = []
-    stats = {"rows": len(order), "skipped_bad_rows": 0, "skipped_no_response_tokens": 0}
+    stats = {"rows": len(order), "skipped_bad_rows": 0, "skipped_no_response_tokens": 0, "truncated": 0}
+    skipped: list[str] = []
     for i in order:
         where = f"{source} {places[i]}"
         try:
             ex = tokenize(rows[i], i, tokenizer, cfg, where, column)
+        except RowTooLong:
+            if cfg.bad_rows == "error" and cfg.path is not None:
+                raise
+            stats["skipped_no_response_tokens"] += 1
+            skipped.append(places[i])
+            continue
         except RecipeError:
             if cfg.bad_rows == "error":
                 raise
             stats["skipped_bad_rows"] += 1
+            skipped.append(places[i])
             continue
-        if ex is None:
-            stats["skipped_no_response_tokens"] += 1
-            continue
+        stats["truncated"] += ex.truncated
         examples.append(ex)
+    if skipped:
+        log.warning("%s: skipped %d of %d rows (%d malformed, %d with no room for a response in "
+                    "data.max_length=%d; first: %s)", source, len(skipped), len(order), stats["skipped_bad_rows"],
+                    stats["skipped_no_response_tokens"], cfg.max_length, ", ".join(skipped[:3]))
     if len(examples) < 2:
         raise RecipeError(source, f"only {len(examples)} usable examples; expected at least 2")
     train_pos, eval_pos = holdout(len(examples), cfg.eval_size, recipe.seed)

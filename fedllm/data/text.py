@@ -36,9 +36,18 @@ class Example:
     prompt: str
     reference: str
     topic: Any = None
+    truncated: bool = False  # the response was cut at data.max_length (still trained on what fits)
 
 
 Rows = tuple[list[dict[str, Any]], list[str]]  # the rows and where each one is ("line 7", "row 3")
+
+
+class RowTooLong(RecipeError):
+    """A row whose prompt alone fills ``data.max_length``: not one response token would be trained.
+
+    :func:`fedllm.data.build.build_text_data` applies ``data.bad_rows`` to it (stop naming the
+    line, or skip and count); rows of the built-in corpus are always skipped and counted.
+    """
 
 
 def _read_text(path: Path) -> str:
@@ -141,6 +150,8 @@ def conversation(row: dict[str, Any], cfg: DataConfig, where: str) -> list[dict[
                               f"messages with role in {ROLES}")
         if msgs[-1]["role"] != "assistant":
             raise RecipeError(where, f"field {cfg.messages_field!r}: the last message must be the assistant's")
+        if not msgs[-1]["content"].strip():
+            raise RecipeError(where, f"field {cfg.messages_field!r}: the assistant's response is empty")
         if not any(m["role"] == "user" for m in msgs[:-1]):
             raise RecipeError(where, f"field {cfg.messages_field!r}: expected a user message before the "
                               "assistant's response")
@@ -161,8 +172,11 @@ def _is_label(value: Any) -> bool:
 
 
 def tokenize(row: dict[str, Any], index: int, tokenizer: Any, cfg: DataConfig, where: str,
-             topic_field: str | None = None) -> Example | None:
-    """Tokenize one row with the chat template; ``None`` when truncation leaves no response token."""
+             topic_field: str | None = None) -> Example:
+    """Tokenize one row with the chat template (responses cut at ``data.max_length``).
+
+    Raises :class:`RowTooLong` when the prompt leaves no room for a single response token.
+    """
     msgs = conversation(row, cfg, where)
     topic = row.get(topic_field) if topic_field else None
     if topic_field and not _is_label(topic):  # partitioners group by it: hashable, equal to itself
@@ -176,13 +190,16 @@ def tokenize(row: dict[str, Any], index: int, tokenizer: Any, cfg: DataConfig, w
     full_ids = list(getattr(full_ids, "input_ids", full_ids))
     if full_ids[: len(prompt_ids)] != prompt_ids:  # template not prefix-stable: fall back to concat
         full_ids = prompt_ids + tokenizer(msgs[-1]["content"], add_special_tokens=False)["input_ids"]
+    truncated = len(full_ids) > cfg.max_length
     full_ids = full_ids[: cfg.max_length]
     labels = [IGNORE] * min(len(prompt_ids), len(full_ids)) + full_ids[len(prompt_ids):]
     if all(t == IGNORE for t in labels):
-        return None
+        raise RowTooLong(where, f"the prompt takes {len(prompt_ids)} tokens, filling data.max_length="
+                         f"{cfg.max_length}: no response token would be trained (raise data.max_length, "
+                         "or set data.bad_rows: skip to drop such rows)")
     prompt = next(m["content"] for m in reversed(msgs) if m["role"] == "user")
     return Example(index=index, input_ids=full_ids, labels=labels, prompt_ids=prompt_ids,
-                   prompt=prompt, reference=msgs[-1]["content"], topic=topic)
+                   prompt=prompt, reference=msgs[-1]["content"], topic=topic, truncated=truncated)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
