@@ -292,15 +292,11 @@ SERVER_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", [
-    pytest.param(v, marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-        "bug in FederatedServer.upload: SCAFFOLD's client control is computed from the raw delta "
-        "before validation, so a delta with wrong keys/shapes raises out of the round (patch in the "
-        "issue-6 report: validate structure and finiteness first in upload)"))) if v == "scaffold" else v
-    for v in sorted(SERVER_VARIANTS)])
+@pytest.mark.parametrize("variant", sorted(SERVER_VARIANTS))
 def test_malformed_updates_never_crash_any_server_configuration(tmp_path, variant):
-    """Upload-side transforms (codecs, error feedback, SCAFFOLD controls, DP noise, masking) run
-    before the server validates: a malformed update must be rejected, not crash the round."""
+    """A malformed update is rejected as it arrives, before any upload-side transform (codecs, error
+    feedback, SCAFFOLD controls, DP noise, masking) could crash on it; the norm bound is checked
+    on what the server receives, so client DP clipping and secure aggregation hide it."""
     # Prepare
     exp = FaultyToy(_malformed_recipe(variant, **SERVER_VARIANTS[variant]), malform=MALFORMED)
     # Execute
@@ -318,7 +314,7 @@ def test_malformed_updates_never_crash_any_server_configuration(tmp_path, varian
 # ----------------------------------------------------------------------------- the real recipe, tiny LLM
 
 LLM_OVERRIDES = ["partition.num_clients=4", "federation.rounds=1", "federation.min_clients=2",
-                 "train.local_steps=1", "data.max_examples=48", "data.eval_size=4",
+                 "train.local_steps=1", "data.eval_size=4",
                  "faults.error_prob=0", "faults.nan_prob=0", "faults.dropout_prob=0",
                  "faults.straggler_fraction=0", "faults.error_clients=[0]", "faults.nan_clients=[2]",
                  "checkpoint.enabled=false", "output.save_adapter=false", "output.plots=false"]
@@ -329,7 +325,12 @@ def test_tiny_llm_faults_equal_a_clean_run_with_the_same_survivors(tmp_path, mon
     from fedllm.federation.experiment import LMExperiment
 
     # Prepare: the recipe on the tiny LLM; client 0 raises, client 2 returns NaN, every round
-    recipe = load_recipe(FAULTS_RECIPE, LLM_OVERRIDES)
+    # (a small JSONL instead of the built-in corpus, which takes seconds to build)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(f'{{"prompt": "What colour is item {i}?", "response": "Item {i} is '
+                            f'{("red", "blue", "green")[i % 3]}."}}\n' for i in range(40)), encoding="utf-8")
+    recipe = load_recipe(FAULTS_RECIPE, [*LLM_OVERRIDES, "data.builtin=null", f"data.path={data}",
+                                         "data.max_examples=null"])
     exp = LMExperiment(recipe)
     rows = _run(tmp_path, exp)
     # Assert (faulty run)
