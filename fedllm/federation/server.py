@@ -227,14 +227,18 @@ class FederatedServer:
     def upload(self, rnd: int, update: ClientUpdate, start: StateDict) -> None:
         """The client's side of the wire: attack, SCAFFOLD control, DP noise, compression, masking."""
         k = update.client_id
+        reason = validate_update(update, self.template)
+        if reason is not None:  # malformed (keys, shapes, dtypes, NaN/Inf): rejected as it arrives
+            self._reject(rnd, k, reason)
+            return
         if k in self.attackers and self.attack.kind != "label_flip":  # label flips happen in training
             update = attack_update(update, self.attack, rnd)
-        if self.scaffold is not None and update.is_finite() and update.local_steps > 0:
+        if self.scaffold is not None and update.local_steps > 0:
             self._controls[k] = scaffold_client_control(self.scaffold.client_control(k), self.scaffold.c,
                                                         update.delta, update.local_steps, self.recipe.train.lr)
             self._bytes_up += self.payload_bytes(self._controls[k])
         delta = update.delta
-        if self.dp is not None and self.recipe.privacy.dp == "client" and update.is_finite():
+        if self.dp is not None and self.recipe.privacy.dp == "client":
             gen = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + rnd * 7_919 + k)
             noised = self.dp.client_noise(delta, gen)
             frozen = self.recipe.federation.lora_aggregation == "frozen_a"  # A never moves, so no noise on it
@@ -242,10 +246,6 @@ class FederatedServer:
         delta, nbytes = self._encode(k, delta)
         update = dataclasses.replace(update, delta=delta, bytes_up=nbytes)
         if self._secagg is not None:
-            reason = validate_update(update, self.template)
-            if reason is not None:  # a client checks its own update before masking it
-                self._reject(rnd, k, reason)
-                return
             masked = self._secagg.masked_input(k, update.delta)
             self._masked[k] = masked
             self._bytes_up += serialized_bytes(masked)
@@ -256,7 +256,7 @@ class FederatedServer:
 
     def _encode(self, client_id: int, delta: StateDict) -> tuple[StateDict, int]:
         """(what the server decodes, bytes on the wire) under the recipe's codec and mask."""
-        if self.recipe.compression.codec == "none" or not all(torch.isfinite(v).all() for v in delta.values()):
+        if self.recipe.compression.codec == "none":
             return delta, self.payload_bytes(delta)
         values = masked_values(delta, self.mask) if self.mask is not None else delta
         if self.feedback is not None:
