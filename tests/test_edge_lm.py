@@ -91,4 +91,6 @@ def test_edge_stream_rows_and_report(run, tmp_path):
         assert all(math.isfinite(r[k]) for k in ("teacher_loss", "eval_loss", "edge_train_loss"))
         assert r["perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
     assert result["core"]["eval_loss"] != result["base"]["eval_loss"]  # Phase 0 trained the core
-    assert table.count("\n| ") == 3 and (tmp_path / "edge_lm.png").stat().st_size > 0
+    assert result["core_only"]["steps"] == 2 * 2 and math.isfinite(result["core_only"]["eval_loss"])
+    assert table.count("\n| ") == 3 and "Control (no teachers)" in table
+    assert (tmp_path / "edge_lm.png").stat().st_size > 0

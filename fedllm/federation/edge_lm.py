@@ -19,7 +19,9 @@ per process whose LoRA adapter is swapped in place (:class:`fedllm.models.state.
 Data: the recipe's text data (:func:`fedllm.data.build.build_text_data`, its held-out split for
 evaluation) partitioned into one client per edge; a seeded ``core.fraction`` of the training
 examples (at least one) becomes D_c and is removed from the edges. Each returned edge yields a row:
-the teacher's and the core's held-out eval loss (mean response-token NLL) and perplexity.
+the teacher's and the core's held-out eval loss (mean response-token NLL) and perplexity. A control,
+``core_only``, trains the Phase-0 core on D_c for as many Phase-2 steps with no teacher (CE only), so
+the gain of distillation is told apart from the gain of more steps on D_c.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ def run_edge_lm(recipe: EdgeRecipe, run: LMEdgeLearning | None = None) -> dict:
     schedule = EdgeSchedule(tuple(e.arrival) or tuple(range(e.count)), {x.edge: x.by for x in e.lags},
                             frozenset(e.never_return))
     core, _ = run.train(run.initial, run.core, recipe.core.steps, _seed(run.seed, 0))
+    core0 = core
     loss = run.eval_loss(core)
     result = {"model": recipe.lm.model.preset, "lora_r": recipe.lm.lora.r, "num_edges": e.count,
               "core_examples": len(run.core), "edge_examples": [len(x) for x in run.edges],
@@ -175,4 +178,9 @@ def run_edge_lm(recipe: EdgeRecipe, run: LMEdgeLearning | None = None) -> dict:
             "lag": step - sent, "teachers": len(memory), "edge_train_loss": edge_loss,
             "teacher_loss": statistics.fmean(run.eval_loss(s) for s in states), "loss_before": before,
             "eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "time_s": time.perf_counter() - t0})
+    if result["rows"]:  # control: the Phase-0 core trained on D_c for as many steps, without teachers
+        steps = d.steps * len(result["rows"])
+        alone, _ = run.train(core0, run.core, steps, _seed(run.seed, 5))
+        loss = run.eval_loss(alone)
+        result["core_only"] = {"steps": steps, "eval_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
     return result

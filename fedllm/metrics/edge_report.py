@@ -130,6 +130,11 @@ def write_lm_report(out_dir: str | Path, plots: bool = True) -> Path:
         lines.append(f"| {r['position']} | {r['edge']} | {r['lag']} | {r['teachers']} | {_fmt(r['teacher_loss'])} | "
                      f"{_fmt(r['loss_before'])} | {_fmt(r['eval_loss'])} | {_fmt(r['perplexity'], '.2f')} | "
                      f"{r['time_s']:.1f} |")
+    alone = result.get("core_only")
+    if alone:
+        lines += ["", f"Control (no teachers): the Phase-0 core trained on the core set for the same "
+                  f"{alone['steps']} steps reaches loss {_fmt(alone['eval_loss'])}, "
+                  f"ppl {_fmt(alone['perplexity'], '.2f')}."]
     (out / LM_MD).write_text("\n".join(lines) + "\n")
     if plots and rows:
         plt = _pyplot()
@@ -138,6 +143,8 @@ def write_lm_report(out_dir: str | Path, plots: bool = True) -> Path:
         ax.plot(pos, [core0["eval_loss"]] + [r["eval_loss"] for r in rows], marker="o", label="core (student)")
         ax.plot([r["position"] for r in rows], [r["teacher_loss"] for r in rows], marker="x", ls=":",
                 label="returned edge (teacher)")
+        if alone:
+            ax.axhline(alone["eval_loss"], ls="--", color="C2", label="core, same steps, no teachers")
         ax.set(xlabel="returned edges processed", ylabel="held-out eval loss (response tokens)")
         ax.grid(alpha=0.3)
         ax.legend()
