@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--mode", choices=("federated", "centralized", "local"))
             sp.add_argument("--resume", action="store_true",
                             help="continue the federated run in the run directory from its last checkpoint")
+            sp.add_argument("--engine", choices=("inprocess", "flower"),
+                            help="federated engine (default: recipe federation.engine); flower: Flower simulation")
     rp = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
     rp.add_argument("run_dir")
     ep = sub.add_parser("edge", help="asynchronous edge learning by cloned KD from an edge recipe (recipes/edge/)")
@@ -99,6 +101,16 @@ def _run_modes(recipe, modes: list[str], out: str | None, resume: bool = False) 
             progress.update(rounds, completed=recipe.federation.rounds)
             write_report(_mode_dir(recipe, mode, out), recipe.output.plots)
     return summaries
+
+
+def _run_flower(recipe, out: str | None, resume: bool) -> dict:
+    """The federated mode on Flower's simulation runtime (fedllm.federation.flower), then its report."""
+    from fedllm.federation.flower import run_simulation
+    from fedllm.metrics.report import write_report
+
+    summary = run_simulation(recipe, out, resume=resume)
+    write_report(_mode_dir(recipe, "federated", out), recipe.output.plots)
+    return summary
 
 
 def _mode_dir(recipe, mode: str, out: str | None) -> Path:
@@ -153,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             mode = args.mode or recipe.mode
             if args.resume and mode != "federated":
                 raise RecipeError("--resume", f"only federated runs checkpoint; mode is {mode!r}")
-            summaries = _run_modes(recipe, [mode], args.out, args.resume)
+            if args.engine:
+                recipe = load_recipe(args.recipe, [*args.overrides, f"federation.engine={args.engine}"])
+            if recipe.federation.engine == "flower" and mode == "federated":
+                summaries = {mode: _run_flower(recipe, args.out, args.resume)}
+            else:
+                summaries = _run_modes(recipe, [mode], args.out, args.resume)
         else:
             from fedllm.federation.modes import MODES
             from fedllm.metrics.report import write_comparison

@@ -116,35 +116,8 @@ def _corpus(path: Path, n: int = 40) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_real_superlink_and_two_supernodes_with_their_own_data_match_the_inprocess_engine(tmp_path):
-    """Prepare one corpus and its in-process split; Execute in-process, then on a loopback SuperLink
-    with two SuperNodes each reading its own file; Assert the same metrics every round."""
-    import json
-
-    from fedllm.federation.experiment import make_experiment
-    from fedllm.federation.flower_launch import run_deployment
-    from fedllm.federation.modes import run_federated
-    from fedllm.federation.rundir import read_metrics, run_dir
-
-    corpus = _corpus(tmp_path / "corpus.jsonl")
-    recipe = load_recipe(TINY, [*SMALL, "data.builtin=null", f"data.path={corpus}", "data.max_examples=null",
-                                "partition.column=topic"])
-    run_federated(make_experiment(recipe), str(tmp_path / "inprocess"))
-    ref_dir = run_dir(recipe, "federated", str(tmp_path / "inprocess"))
-    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
-    split = json.loads((ref_dir / "partition.json").read_text())["clients"]
-    sites = []
-    for k in range(2):  # each site's own file: exactly its training rows, in its order
-        site = tmp_path / f"site{k}.jsonl"
-        site.write_text("".join(json.dumps(rows[i]) + "\n" for i in split[str(k)]))
-        sites.append(str(site))
-
-    summary = run_deployment(recipe, str(tmp_path / "flower"),
-                             LaunchOptions(timeout_s=240, log_dir=str(tmp_path / "logs")), data_paths=sites)
-
-    ref, got = read_metrics(ref_dir), read_metrics(run_dir(recipe, "federated", str(tmp_path / "flower")))
-    assert [r["round"] for r in got] == [0, 1, 2] and summary["rounds"] == 2
+def _assert_same_rounds(ref: list[dict], got: list[dict]) -> None:
+    assert [r["round"] for r in got] == [r["round"] for r in ref] == [0, 1, 2]
     for a, b in zip(ref, got):
         assert a["clients"] == b["clients"] and a.get("aggregated_clients") == b.get("aggregated_clients")
         for key, (abs_tol, rel_tol) in COMPARED.items():
@@ -153,5 +126,64 @@ def test_real_superlink_and_two_supernodes_with_their_own_data_match_the_inproce
             else:
                 assert math.isclose(a[key], b[key], rel_tol=rel_tol, abs_tol=abs_tol), (a["round"], key, a[key], b[key])
     assert got[-1]["eval_loss"] < got[0]["eval_loss"]  # the rounds did train
-    part = json.loads((run_dir(recipe, "federated", str(tmp_path / "flower")) / "partition.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The in-process run both Flower runtimes are compared with: (overrides, corpus, run directory)."""
+    from fedllm.federation.experiment import make_experiment
+    from fedllm.federation.modes import run_federated
+    from fedllm.federation.rundir import run_dir
+
+    root = tmp_path_factory.mktemp("flower")
+    corpus = _corpus(root / "corpus.jsonl")
+    overrides = [*SMALL, "data.builtin=null", f"data.path={corpus}", "data.max_examples=null",
+                 "partition.column=topic"]
+    recipe = load_recipe(TINY, overrides)
+    run_federated(make_experiment(recipe), str(root / "inprocess"))
+    return overrides, corpus, run_dir(recipe, "federated", str(root / "inprocess"))
+
+
+@pytest.mark.slow
+def test_real_superlink_and_two_supernodes_with_their_own_data_match_the_inprocess_engine(reference, tmp_path):
+    """Prepare each site's own file (its in-process training rows, in order); Execute on a loopback
+    SuperLink with two SuperNodes; Assert the in-process metrics every round."""
+    import json
+
+    from fedllm.federation.flower_launch import run_deployment
+    from fedllm.federation.rundir import read_metrics, run_dir
+
+    overrides, corpus, ref_dir = reference
+    recipe = load_recipe(TINY, overrides)
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    split = json.loads((ref_dir / "partition.json").read_text())["clients"]
+    sites = []
+    for k in range(2):
+        site = tmp_path / f"site{k}.jsonl"
+        site.write_text("".join(json.dumps(rows[i]) + "\n" for i in split[str(k)]))
+        sites.append(str(site))
+
+    summary = run_deployment(recipe, str(tmp_path / "flower"),
+                             LaunchOptions(timeout_s=240, log_dir=str(tmp_path / "logs")), data_paths=sites)
+
+    got_dir = run_dir(recipe, "federated", str(tmp_path / "flower"))
+    _assert_same_rounds(read_metrics(ref_dir), read_metrics(got_dir))
+    assert summary["rounds"] == 2
+    part = json.loads((got_dir / "partition.json").read_text())
     assert part["clients"]["0"]["num_examples"] == len(split["0"])  # the server saw sizes, never rows
+
+
+@pytest.mark.slow
+def test_cli_engine_flower_runs_the_simulation_runtime_with_the_same_metrics(reference, tmp_path):
+    """Prepare the reference recipe; Execute `fedllm run ... --engine flower`; Assert in-process metrics."""
+    pytest.importorskip("ray")
+    from fedllm.cli import main
+    from fedllm.federation.rundir import read_metrics, run_dir
+
+    overrides, _, ref_dir = reference
+
+    assert main(["run", str(TINY), *overrides, "--engine", "flower", "--out", str(tmp_path)]) == 0
+
+    got_dir = run_dir(load_recipe(TINY, overrides), "federated", str(tmp_path))
+    _assert_same_rounds(read_metrics(ref_dir), read_metrics(got_dir))
+    assert (got_dir / "report.md").exists() and (got_dir / "summary.json").exists()

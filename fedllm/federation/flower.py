@@ -352,7 +352,7 @@ def serve(grid: Grid, cfg: FlowerRunConfig) -> dict[str, Any]:
 
 
 def run_simulation(recipe: Recipe, out: str | None = None, num_cpus: int | None = None,
-                   timeout_s: float = 3600.0) -> dict[str, Any]:
+                   timeout_s: float = 3600.0, resume: bool = False) -> dict[str, Any]:
     """Run the recipe on Flower's simulation runtime in this process; return ``summary.json``.
 
     One virtual SuperNode per client (``partition-id`` = client id); the ClientApps run in Flower's
@@ -374,7 +374,7 @@ def run_simulation(recipe: Recipe, out: str | None = None, num_cpus: int | None 
     from fedllm.federation.rundir import run_dir
 
     out_root = str(Path(out or recipe.output.dir).resolve())
-    cfg = FlowerRunConfig(dump_recipe(recipe), out_root, timeout_s, "flower-simulation")
+    cfg = FlowerRunConfig(dump_recipe(recipe), out_root, timeout_s, "flower-simulation", resume)
     summary = run_dir(recipe, "federated", out_root) / "summary.json"
     started = time.time()
     cpus = num_cpus or max(1, min(recipe.partition.num_clients, os.cpu_count() or 1))
