@@ -31,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
-ROUNDS = 4
+ROUNDS = 3
 DATA = [{"prompt": f"What is the colour of item {i}?", "response": f"Item {i} is {c} and weighs {i % 7} kilograms.",
          "topic": c} for i, c in enumerate(["red", "green", "blue"] * 14)]  # a small JSONL (coralmap loads slowly)
 OVERRIDES = [f"federation.rounds={ROUNDS}", "partition.num_clients=3", "federation.fraction=0.67",
@@ -50,7 +50,8 @@ def _serve() -> None:
     """Driver loop: one JSON request per stdin line -> fork, run the CLI, maybe SIGKILL -> one reply.
 
     Request: ``{"argv": [...], "log": path, "kill": null | {"watch": metrics.jsonl, "rows": n,
-    "delay": s}}``: the child is killed ``delay`` seconds after ``metrics.jsonl`` has ``n`` rows.
+    "delay": s, "ckpts": m}}``: the child is killed ``delay`` seconds after ``metrics.jsonl`` has
+    ``n`` rows (and the checkpoint folder ``m`` files, default 0).
     Reply: ``{"rc": exit code (or -9), "killed": bool, "rows_at_kill": n}``.
     """
     import lightning.pytorch  # noqa: F401  (the imports the children share)
@@ -97,7 +98,9 @@ def _watch(pid: int, kill: dict | None) -> dict:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 return {"rc": os.waitstatus_to_exitcode(status), "killed": False, "rows_at_kill": None}
-            if _rows(kill["watch"]) >= kill["rows"]:
+            ckpts = Path(kill["watch"]).parent / "checkpoints"
+            n_ckpt = len(list(ckpts.glob("ckpt_*.pt"))) if ckpts.is_dir() else 0
+            if _rows(kill["watch"]) >= kill["rows"] and n_ckpt >= kill.get("ckpts", 0):
                 break
             time.sleep(0.01)
         time.sleep(kill["delay"])
@@ -220,6 +223,11 @@ def _kill_point(rng: random.Random, run: Path, ref: Path) -> dict:
             "delay": rng.uniform(0.0, 0.8) * next_round["round_time_s"]}
 
 
+def _rows_on_disk(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return path.read_text(encoding="utf-8").count("\n") if path.exists() else 0
+
+
 def _corrupt_newest(run: Path) -> Path | None:
     from fedllm.federation.checkpoint import checkpoint_dir, list_checkpoints
 
@@ -242,16 +250,26 @@ def test_sigkill_then_resume_equals_uninterrupted(driver, reference, tmp_path, s
     kills = 2 if seed == 1 else 1
     # Execute
     for i in range(kills):
-        reply, log = driver.run(_run_args(tmp_path, *(["--resume"] if i else [])), _kill_point(rng, run, reference))
+        kill = _kill_point(rng, run, reference)
+        if i:  # the resumed process must log a new round of its own before it can be killed
+            kill["rows"] = max(kill["rows"], _rows_on_disk(run) + 1)
+        if seed == 2:  # late enough that two checkpoints exist: the corrupt newest one has a fallback
+            kill["ckpts"] = 2
+        reply, log = driver.run(_run_args(tmp_path, *(["--resume"] if i else [])), kill)
+        if i and reply["rc"] == 0:  # a resumed process may finish the last round before its kill point
+            break
         assert reply["killed"], (reply, log)
         assert "Traceback" not in log
         assert not (run / "summary.json").exists(), "a killed run must not look complete"
     corrupt = _corrupt_newest(run) if seed == 2 else None
+    assert seed != 2 or corrupt is not None
     reply, log = driver.run(_run_args(tmp_path, "--resume"))
     # Assert
     assert reply["rc"] == 0, log
     if corrupt is not None:
-        assert "sha256 mismatch" in log, log
+        bad = int(corrupt.stem.split("_")[1])
+        assert f"skipping checkpoint of round {bad}" in log and "sha256 mismatch" in log, log
+        assert f"after round {bad - 1}" in log, log
     _assert_same_run(run, reference)
 
 
