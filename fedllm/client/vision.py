@@ -2,12 +2,14 @@
 
 An optional pruning mask (HP-FL, SNIP, random) is re-applied after every optimizer step, so the
 pruned weights stay exactly zero however the optimizer (momentum, weight decay) moves them.
-The same module serves the federated, centralized and local modes.
+The same module serves the federated, centralized and local modes. ``grad_term`` (FedProx's
+μ(θ − θ_g), SCAFFOLD's c − cᵢ) is added to the gradients after every backward pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import lightning as L
@@ -17,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedllm.algorithms.prune import check_mask
+from fedllm.client.lm import add_grad_term, make_trainer
 
 
 @dataclass(frozen=True)
@@ -40,15 +43,26 @@ class VisionTrainConfig:
 
 
 class VisionClassifier(L.LightningModule):
-    """Cross-entropy training of ``model``; ``mask`` is keyed like ``model.state_dict()``."""
+    """Cross-entropy training of ``model``; ``mask`` is keyed like ``model.state_dict()``.
+
+    ``grad_term(params) -> {name: tensor}``, if given, is added to ``p.grad`` after each backward.
+    ``net`` (default: ``model``) is what the forward pass runs, e.g. opacus' GradSampleModule
+    wrapping ``model``; ``optimizer`` replaces the SGD built from ``cfg`` (e.g. opacus'
+    DPOptimizer). The mask and ``grad_term`` always address ``model``'s own parameter names.
+    """
 
     def __init__(self, model: nn.Module, cfg: VisionTrainConfig | None = None,
-                 mask: Mapping[str, torch.Tensor] | None = None) -> None:
+                 mask: Mapping[str, torch.Tensor] | None = None,
+                 grad_term: Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
+                 net: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         super().__init__()
         self.model = model
+        self.net = net if net is not None else model
         self.cfg = cfg or VisionTrainConfig()
         self.mask: dict[str, torch.Tensor] = {}
         self.losses: list[float] = []
+        self.grad_term = grad_term
+        self._optimizer = optimizer
         self.set_mask(mask)
 
     def set_mask(self, mask: Mapping[str, torch.Tensor] | None) -> None:
@@ -65,22 +79,38 @@ class VisionClassifier(L.LightningModule):
             params[k].masked_fill_(~m.to(params[k].device), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.net(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self.model(x), y)
+        loss = F.cross_entropy(self.net(x), y)
         self.losses.append(float(loss.detach()))
         self.log("train_loss", loss, prog_bar=True)
         return loss
+
+    def on_after_backward(self) -> None:
+        add_grad_term(dict(self.model.named_parameters()), self.grad_term)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         self.apply_mask()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self._optimizer is not None:
+            return self._optimizer
         return torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                                weight_decay=self.cfg.weight_decay)
+
+
+def fit_classifier(module: VisionClassifier, loader: DataLoader, steps: int, callbacks: list | None = None,
+                   accelerator: str = "cpu", max_grad_norm: float = 0.0) -> list[float]:
+    """Run ``steps`` optimizer steps of ``module`` with a quiet Lightning Trainer; returns the step losses."""
+    module.losses = []
+    trainer = make_trainer(steps, max_grad_norm, list(callbacks or []), accelerator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, train_dataloaders=loader)
+    return list(module.losses)
 
 
 def vision_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,

@@ -1,0 +1,261 @@
+"""A vision experiment: Fashion-MNIST, a small classifier, and (optionally) a pruned subnetwork.
+
+Satisfies the same protocol as :class:`~fedllm.federation.experiment.LMExperiment`, so the
+federated, centralized and local modes, the server and the CLI run it unchanged:
+
+- ``data``: the 60k training images minus ``data.open_data`` unlabeled images held out for the
+  server (HP-FL's open data), optionally subsampled to ``data.max_examples``, partitioned by
+  ``partition`` (``shards``: sort by label, cut ``K · shards_per_client`` shards, hand out at
+  random; ``dirichlet``: label shares ~ Dir(α); the class label is the column). Examples are
+  indices into the 60k training set. Evaluation uses a seeded subset of ``data.eval_size`` of the
+  10k test images (all of them when ``eval_size >= 10000``; the vision recipes set 10000).
+- the trainable state is every model parameter (the models have no buffers).
+- ``prune.method`` builds a mask at construction: ``hpfl`` (DAE on the open data, iterative
+  magnitude pruning with rewinding: :func:`fedllm.algorithms.hpfl.lottery_ticket`), ``snip``
+  (connection sensitivity on one mini-batch of ``prune.snip_batch`` pooled training images) or
+  ``random`` (same remaining rate). Clients train and exchange only the kept weights:
+  :meth:`payload_bytes` counts the surviving values, ``mask_bytes`` the one-time mask download.
+- ``attack.kind: label_flip``: the attacking clients (the server's own seeded choice) train on
+  y ↦ 9 − y. ``privacy.dpsgd``: each client trains with Opacus DP-SGD; its cumulative ε over the
+  rounds it took part in is reported as ``update.metrics["dpsgd_epsilon"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from fedllm.algorithms.attacks import Attack, attackers, flip_labels
+from fedllm.algorithms.hpfl import HPFLConfig, lottery_ticket
+from fedllm.algorithms.prune import (
+    Mask,
+    apply_mask,
+    encode_mask,
+    masked_values,
+    random_mask,
+    remaining_rate,
+    snip_mask,
+    snip_scores,
+)
+from fedllm.client.evaluate import EvalResult
+from fedllm.client.vision import (
+    VisionClassifier,
+    VisionTrainConfig,
+    evaluate_classifier,
+    fit_classifier,
+    vision_loader,
+)
+from fedllm.config import Recipe, RecipeError
+from fedllm.data.partition import partition
+from fedllm.data.vision import DEFAULT_ROOT, NUM_CLASSES, load_fashion_mnist, split_open_data
+from fedllm.federation.experiment import ClientFault, round_seed
+from fedllm.models.vision import build_vision_model
+from fedllm.types import ClientUpdate, StateDict, serialized_bytes
+
+log = logging.getLogger(__name__)
+
+TEST_SIZE = 10_000
+
+
+class VisionSplits:
+    """Fashion-MNIST split for one recipe: client partitions, server open data, test subset."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        d, seed = recipe.data, recipe.seed
+        self.images = load_fashion_mnist(d.root or DEFAULT_ROOT)
+        labeled, self.open_idx = split_open_data(self.images, d.open_data, seed)
+        if d.max_examples is not None and d.max_examples < len(labeled):
+            pick = np.random.default_rng([seed, 1]).permutation(len(labeled))[: d.max_examples]
+            labeled = np.sort(labeled[pick])
+        self.pool = labeled
+        labels = self.images.train_y[torch.as_tensor(labeled)].tolist()
+        parts = partition(len(labeled), labels, recipe.partition, seed)
+        self.clients: list[list[int]] = [labeled[np.asarray(p, dtype=np.int64)].tolist() for p in parts]
+        n_test = len(self.images.test_y)
+        if d.eval_size >= n_test:
+            self.test_idx = np.arange(n_test)
+        else:
+            self.test_idx = np.sort(np.random.default_rng([seed, 2]).permutation(n_test)[: d.eval_size])
+        self.method = recipe.partition.method
+
+    @property
+    def train_examples(self) -> list[int]:
+        """All clients' training indices pooled (centralized mode)."""
+        return sorted(i for part in self.clients for i in part)
+
+    def client_examples(self, k: int) -> list[int]:
+        return self.clients[k]
+
+    @property
+    def stats(self) -> dict:
+        sizes = [len(p) for p in self.clients]
+        return {"train": len(self.pool), "open_data": len(self.open_idx), "eval": len(self.test_idx),
+                "clients": len(sizes), "min_client": min(sizes), "max_client": max(sizes),
+                "mean_client": statistics.fmean(sizes)}
+
+    def partition_json(self) -> dict:
+        """client id -> training-set indices, the server's open-data indices, the test indices evaluated."""
+        return {"source": "fashion_mnist", "method": self.method,
+                "clients": {str(k): p for k, p in enumerate(self.clients)},
+                "open_data": self.open_idx.tolist(), "eval": self.test_idx.tolist(), "test_size": len(self.test_idx)}
+
+    def test_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(self.test_idx)
+        return self.images.test_x[idx], self.images.test_y[idx]
+
+    def train_tensors(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(list(examples), dtype=torch.long)
+        return self.images.train_x[idx], self.images.train_y[idx]
+
+
+class VisionExperiment:
+    """Fashion-MNIST + LeNet-300-100 / CNN / ResNet, trained through :class:`VisionClassifier`."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        p = recipe.privacy
+        if p.dpsgd and recipe.federation.algorithm in ("fedprox", "scaffold"):
+            raise RecipeError("privacy.dpsgd", "Opacus DP-SGD rebuilds the gradients from clipped per-sample "
+                              "ones, so FedProx/SCAFFOLD gradient terms would be lost; use fedavg or gradualdiff")
+        self.data = VisionSplits(recipe)
+        torch.manual_seed(recipe.seed)
+        self.model = build_vision_model(recipe.model.preset)
+        self.accelerator = "gpu" if recipe.model.device == "cuda" else "cpu"
+        self.mask: Mask | None = self._build_mask()
+        self.mask_bytes = len(encode_mask(self.mask)) if self.mask is not None else 0
+        state = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+        self.initial_state: StateDict = apply_mask(state, self.mask) if self.mask is not None else state
+        self.prune_stats = {"remaining": remaining_rate(self.mask) if self.mask is not None else 1.0,
+                            "mask_bytes": self.mask_bytes}
+        a = recipe.attack
+        self.flippers = (attackers(range(recipe.partition.num_clients),
+                                   Attack(a.kind, a.fraction, a.scale, a.noise_std, recipe.seed))
+                         if a.kind == "label_flip" else set())
+        self._dp_history: dict[int, list] = {}  # client -> opacus RDP history (sigma, q, steps)
+        self.step_callbacks: list = []
+        self.test_x, self.test_y = self.data.test_tensors()
+
+    # ------------------------------------------------------------------ pruning at construction
+
+    def _build_mask(self) -> Mask | None:
+        pr, seed = self.recipe.prune, self.recipe.seed
+        if pr.method == "none":
+            return None
+        if pr.method == "random":
+            return random_mask(dict(self.model.named_parameters()), pr.remaining, seed)
+        if pr.method == "snip":
+            pool = self.data.train_examples
+            pick = np.random.default_rng([seed, 3]).permutation(len(pool))[: pr.snip_batch]
+            x, y = self.data.train_tensors([pool[i] for i in pick])
+            scores = snip_scores(self.model, x, y, torch.nn.functional.cross_entropy)
+            return snip_mask(scores, pr.remaining)
+        return self._hpfl_mask()
+
+    def _hpfl_mask(self) -> Mask | None:
+        """HP-FL: N_p cycles of DAE pretraining, pruning p = 1 − remaining^(1/N_p), rewinding."""
+        pr, d = self.recipe.prune, self.recipe.data
+        if d.open_data < 1:
+            raise RecipeError("data.open_data", "prune.method: hpfl pre-trains on unlabeled open data; "
+                              "expected data.open_data > 0 (the paper holds out 20000 images)")
+        open_x = self.data.images.train_x[torch.as_tensor(self.data.open_idx)]
+        rate = 1.0 - pr.remaining ** (1.0 / pr.iterations)
+        cfg = HPFLConfig(prune_rate=rate, iterations=pr.iterations, dae_epochs=max(1, pr.dae_epochs),
+                         lr=pr.dae_lr, seed=self.recipe.seed, rewind_to="none" if pr.pretrain else "init")
+        state, mask = lottery_ticket(self.model, open_x, cfg)
+        self.model.load_state_dict(state)
+        return None if pr.remaining >= 1.0 else mask  # remaining 1: DAE pre-training only, dense
+
+    # ------------------------------------------------------------------ the protocol
+
+    def _train_cfg(self) -> VisionTrainConfig:
+        t = self.recipe.train
+        return VisionTrainConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size)
+
+    def fit(self, client_id: int, examples, start: StateDict, rnd: int, steps: int,
+            grad_term=None) -> ClientUpdate:
+        """SGD for ``steps`` mini-batches of ``examples`` from ``start``; returns Δ = trained − start.
+
+        The batch order is seeded by (seed, round): clients with the same data in the same round
+        produce the same update.
+        """
+        r = self.recipe
+        if r.faults.fires(client_id, rnd, "error"):
+            raise ClientFault(f"injected failure of client {client_id} in round {rnd}")
+        seed = round_seed(r.seed, rnd)
+        torch.manual_seed(seed)
+        x, y = self.data.train_tensors(examples)
+        if client_id in self.flippers:
+            y = flip_labels(y, NUM_CLASSES)
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for k, v in start.items():
+                params[k].copy_(v)
+        cfg = self._train_cfg()
+        loader = vision_loader(x, y, cfg.batch_size, shuffle=True, seed=seed)
+        metrics: dict[str, float] = {}
+        if r.privacy.dpsgd:
+            losses, metrics["dpsgd_epsilon"] = self._fit_dpsgd(client_id, loader, cfg, steps)
+        else:
+            module = VisionClassifier(self.model, cfg, self.mask, grad_term=grad_term)
+            losses = fit_classifier(module, loader, steps, self.step_callbacks, self.accelerator,
+                                    r.train.max_grad_norm)
+        delta = {k: p.detach() - start[k] for k, p in self.model.named_parameters()}
+        if r.faults.fires(client_id, rnd, "nan"):
+            delta = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
+        finite = losses and all(math.isfinite(v) for v in losses)
+        return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(examples), local_steps=len(losses),
+                            train_loss=statistics.fmean(losses) if finite else float("nan"),
+                            bytes_up=self.payload_bytes(delta), metrics=metrics)
+
+    def _fit_dpsgd(self, client_id: int, loader, cfg: VisionTrainConfig, steps: int) -> tuple[list[float], float]:
+        """Opacus DP-SGD (per-sample clip ``privacy.dpsgd_clip``, noise ``dpsgd_noise``); (losses, ε so far)."""
+        from opacus.accountants import RDPAccountant  # noqa: PLC0415
+
+        from fedllm.algorithms.privacy import make_private_dpsgd  # noqa: PLC0415
+
+        p = self.recipe.privacy
+        self.model.train()
+        opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+        gsm, dp_opt, dp_loader, ledger = make_private_dpsgd(self.model, opt, loader, p.dpsgd_noise,
+                                                            p.dpsgd_clip, p.delta)
+        try:
+            module = VisionClassifier(self.model, cfg, self.mask, net=gsm, optimizer=dp_opt)
+            losses = fit_classifier(module, dp_loader, steps, self.step_callbacks, self.accelerator)
+        finally:
+            gsm._close()  # remove opacus' hooks and per-sample grads: the model is shared by all clients
+        history = self._dp_history.setdefault(client_id, [])
+        history.extend(ledger.accountant.history)
+        acc = RDPAccountant()
+        acc.history = list(history)
+        return losses, float(acc.get_epsilon(p.delta))
+
+    def evaluate(self, state: StateDict) -> EvalResult:
+        """Test-set cross-entropy and accuracy; perplexity is exp(loss) (capped), no BLEU."""
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for k, v in state.items():
+                params[k].copy_(v)
+        loss, acc = evaluate_classifier(self.model, self.test_x, self.test_y)
+        return EvalResult(eval_loss=loss, perplexity=math.exp(min(loss, 700.0)), bleu=None, samples=[],
+                          accuracy=acc)
+
+    def payload_bytes(self, state: StateDict) -> int:
+        """Bytes of one state or delta on the wire: the mask's surviving values only, when pruned."""
+        if self.mask is None:
+            return serialized_bytes(state)
+        return serialized_bytes(masked_values(state, self.mask))
+
+    def save_adapter(self, state: StateDict, path: Path) -> None:
+        """``model.safetensors`` (the full parameter state) and, when pruned, ``mask.bin`` (encode_mask)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / "model.safetensors"))
+        if self.mask is not None:
+            (path / "mask.bin").write_bytes(encode_mask(self.mask))
