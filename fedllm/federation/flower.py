@@ -389,12 +389,31 @@ def run_simulation(recipe: Recipe, out: str | None = None, num_cpus: int | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedllm.federation.flower worker --socket PATH``: a site's warm worker."""
+    """Site and coordinator helpers (see docs/deploy.md)::
+
+        python -m fedllm.federation.flower worker --socket PATH          # a site's warm worker
+        python -m fedllm.federation.flower app RECIPE [overrides] --app-dir DIR --out RUNS
+    """
     p = argparse.ArgumentParser(prog="python -m fedllm.federation.flower")
-    p.add_argument("command", choices=["worker"])
-    p.add_argument("--socket", required=True, help="Unix socket path (its key is written to PATH.key)")
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="serve this site's ClientApp requests with its model loaded once")
+    w.add_argument("--socket", required=True, help="Unix socket path (its key is written to PATH.key, mode 0600)")
+    a = sub.add_parser("app", help="write a Flower App directory that runs RECIPE (for flwr run)")
+    a.add_argument("recipe")
+    a.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.rounds=2")
+    a.add_argument("--app-dir", required=True, help="folder to write (pyproject.toml)")
+    a.add_argument("--out", required=True, help="run directories' root on the coordinator (absolute)")
+    a.add_argument("--timeout-s", type=float, default=600.0, help="longest wait for one client's reply")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "app":
+        from fedllm.config import dump_recipe, load_recipe
+        from fedllm.federation.flower_launch import write_app
+
+        cfg = FlowerRunConfig(dump_recipe(load_recipe(args.recipe, args.overrides)), str(Path(args.out).resolve()),
+                              args.timeout_s)
+        print(write_app(Path(args.app_dir), cfg) / "pyproject.toml")
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     serve_worker(args.socket)

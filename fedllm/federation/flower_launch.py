@@ -43,6 +43,8 @@ class LaunchOptions:
     timeout_s: float = 600.0  # wall-clock limit for the whole run (and for one client's reply)
     poll_interval_s: float = 0.05  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)
     log_dir: str | None = None  # keep the processes' logs here (default: a temporary folder)
+    tls: bool = False  # TLS on the SuperLink (a throw-away CA and server certificate for 127.0.0.1)
+    node_auth: bool = False  # SuperNode authentication: one ECDSA key per site, registered with flwr
 
     def __post_init__(self) -> None:
         if self.isolation not in ("subprocess", "process"):
@@ -154,8 +156,39 @@ def child_env(home: Path, opts: LaunchOptions) -> dict[str, str]:
     return env
 
 
+def make_certificates(folder: Path) -> Path:
+    """A CA and a SuperLink certificate for 127.0.0.1/localhost (docs/deploy.md's openssl commands)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+         "-subj", "/CN=fedllm-test-ca"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=superlink"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+         "server.pem", "-days", "2", "-extfile", "san.ext"],
+    ]
+    for args in steps:
+        subprocess.run([exe("openssl"), *args], cwd=folder, check=True, capture_output=True, timeout=60)
+    return folder
+
+
+def make_node_key(path: Path) -> Path:
+    """An ECDSA key pair in OpenSSH format (what flower-supernode --auth-supernode-private-key reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([exe("ssh-keygen"), "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(path)], check=True,
+                   capture_output=True, timeout=60)
+    return path
+
+
+def _link_args(certs: Path | None) -> list[str]:
+    if certs is None:
+        return ["--insecure"]
+    return ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+            "--ssl-keyfile", str(certs / "server.key")]
+
+
 def start_sites(kids: Children, tmp: Path, port: int, num: int, opts: LaunchOptions, deadline: float,
-                data_paths: list[str] | None = None) -> None:
+                data_paths: list[str] | None = None, certs: Path | None = None) -> None:
     """One warm worker (optional) and one SuperNode per client, all on loopback."""
     socks = [str(tmp / f"site{k}.sock") for k in range(num)]
     if opts.warm_workers:
@@ -170,7 +203,15 @@ def start_sites(kids: Children, tmp: Path, port: int, num: int, opts: LaunchOpti
             node_cfg += f' worker="{sock}"'
         if data_paths:
             node_cfg += f' data-path="{data_paths[k]}"'
-        kids.start(f"supernode{k}", [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+        security = ["--insecure"] if certs is None else ["--root-certificates", str(certs / "ca.crt")]
+        if opts.node_auth:
+            key = make_node_key(tmp / "keys" / f"site{k}")
+            register = subprocess.run([exe("flwr"), "supernode", "register", str(key) + ".pub", CONNECTION],
+                                      env=kids.env, cwd=kids.cwd, capture_output=True, text=True, timeout=120)
+            if register.returncode != 0:
+                raise RuntimeError(f"flwr supernode register failed:\n{register.stdout}\n{register.stderr}")
+            security += ["--auth-supernode-private-key", str(key)]
+        kids.start(f"supernode{k}", [exe("flower-supernode"), *security, "--superlink", f"127.0.0.1:{port}",
                                      "--host", "127.0.0.1", "--port", str(node_port), "--isolation", opts.isolation,
                                      "--node-config", node_cfg])
         if opts.isolation == "process":
@@ -197,14 +238,17 @@ def run_deployment(recipe: Recipe, out: str | None = None, options: LaunchOption
         tmp = Path(tmp_name)
         app, home, port = write_app(tmp / "app", cfg), tmp / "flwr-home", free_port()
         home.mkdir()
+        certs = make_certificates(tmp / "certs") if opts.tls else None
+        security = "insecure = true" if certs is None else f'root-certificates = "{certs / "ca.crt"}"'
         (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                          f'address = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8")
+                                          f'address = "127.0.0.1:{port}"\n{security}\n', encoding="utf-8")
         log_dir = Path(opts.log_dir) if opts.log_dir else tmp / "logs"
         with Children(log_dir, child_env(home, opts), tmp) as kids:
-            kids.start("superlink", [exe("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
-                                     str(port), "--disable-runtime-dependency-installation"])
+            auth = ["--enable-supernode-auth"] if opts.node_auth else []
+            kids.start("superlink", [exe("flower-superlink"), *_link_args(certs), *auth, "--host", "127.0.0.1",
+                                     "--port", str(port), "--disable-runtime-dependency-installation"])
             kids.wait_until(lambda: port_open(port), f"the SuperLink on port {port}", deadline, ["superlink"])
-            start_sites(kids, tmp, port, num, opts, deadline, data_paths)
+            start_sites(kids, tmp, port, num, opts, deadline, data_paths, certs)
             run = kids.start("flwr-run", [exe("flwr"), "run", str(app), CONNECTION, "--stream"])
             kids.wait_until(lambda: run.poll() is not None, "flwr run to finish", deadline, ["superlink"])
             if not summary.exists() or summary.stat().st_mtime < started:
