@@ -133,7 +133,9 @@ def test_faults_30pct_completes_every_round_and_counts_what_failed(tmp_path):
         raised = sorted(k for q, k in exp.raised if q == rnd and k in r["clients"])
         nan = sorted(k for q, k in exp.nans if q == rnd and k in r["clients"])
         # the row describes the attempt that was applied: its sample, failures, rejections, dropouts
-        assert r["failed_clients"] == len(raised)
+        # (failed_clients of a retried round: see test_retried_round_reports_..._of_every_attempt)
+        if r["attempts"] == 1:
+            assert r["failed_clients"] == len(raised)
         assert sorted(int(k) for k in r["rejected"]) == nan  # JSON object keys are strings
         assert all("non-finite" in why for why in r["rejected"].values())
         assert r["skipped_nonfinite"] == len(nan) == r["rejected_updates"]
@@ -213,6 +215,28 @@ def test_too_few_valid_updates_retry_resamples_and_applies_only_the_last_attempt
         expected = add(exp.evaluated[rnd - 1], mean_delta(last, weighted=True))
         for k, v in expected.items():
             torch.testing.assert_close(exp.evaluated[rnd][k], v, rtol=0, atol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug in run_federated's retry loop: FederatedServer.begin_round resets the byte counters and the row "
+    "keeps only the last attempt's failed_clients, so a retried round under-reports the communication "
+    "and the failures of its discarded attempts (patch in the issue-6 report)"))
+def test_retried_round_reports_the_bytes_and_failures_of_every_attempt(tmp_path):
+    # Prepare: uniform sampling of 4 of 8 clients; a sample holding client 0 or 1 is discarded
+    recipe = toy_recipe(name="retry_bytes", partition={"num_clients": 8},
+                        federation={"rounds": 6, "fraction": 0.5, "min_clients": 4, "on_too_few": "retry",
+                                    "max_retries": 20},
+                        faults={"error_clients": [0], "nan_clients": [1]})
+    exp = FaultyToy(recipe)
+    payload = exp.payload_bytes(exp.initial_state)
+    # Execute
+    rows = _run(tmp_path, exp)
+    # Assert: every attempt's 4 sampled clients downloaded the model; every raise is counted
+    retried = [r for r in rows[1:] if r["attempts"] > 1]
+    assert retried
+    for r in retried:
+        assert r["bytes_down"] == r["attempts"] * 4 * payload
+        assert r["failed_clients"] == sum(q == r["round"] for q, _ in exp.raised)
 
 
 def test_retry_exhausted_skips_the_round(tmp_path):
