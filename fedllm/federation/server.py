@@ -35,7 +35,7 @@ from fedllm.algorithms.aggregate import MeanAggregator, mean_delta
 from fedllm.algorithms.attacks import Attack, attack_update, attackers
 from fedllm.algorithms.compress import ErrorFeedback, build_codec
 from fedllm.algorithms.drift import ScaffoldState, prox_gradient, scaffold_client_control, scaffold_correction
-from fedllm.algorithms.lora_agg import lora_aggregate, lora_pairs
+from fedllm.algorithms.lora_agg import aggregation_error, lora_aggregate, lora_pairs
 from fedllm.algorithms.privacy import DPAggregator, DPConfig, PrivacyLedger, resolve_noise_multiplier
 from fedllm.algorithms.prune import masked_values, unmask_values
 from fedllm.algorithms.robust import build_aggregator
@@ -142,6 +142,8 @@ class FederatedServer:
         self.regions = _regions(self.num_clients, h.regions, h.by) if h.regions else []
         self.region_of = {k: i for i, members in enumerate(self.regions) for k in members}
         self.regional: dict[int, StateDict] = {}
+        self._region_examples: dict[int, int] = {}  # examples aggregated per region since the last sync
+        self._sync_clients: list[tuple[float, StateDict]] = []  # (examples, client state), for the error
         self.has_lora = bool(lora_pairs(initial_state))
         self._reset_round()
 
@@ -347,9 +349,12 @@ class FederatedServer:
 
     def _hierarchical(self, rnd: int, global_state: StateDict, updates: list[ClientUpdate],
                       metrics: dict) -> StateDict:
-        """Regions aggregate their clients every round; the server averages regions every R rounds.
+        """Regions aggregate their clients every round; the server combines regions every R rounds.
 
-        Between syncs the global model is unchanged; :meth:`eval_state` is the regions' mean.
+        Both tiers use the same aggregation (exact LoRA included); regions weigh by the examples
+        they aggregated since the last sync. Between syncs the global model is unchanged
+        (:meth:`eval_state` is the regions' mean) and the row reports the worst regional error; at a
+        sync it reports the global model's error against every client trained since the last one.
         """
         by_region: dict[int, list[ClientUpdate]] = {}
         for u in updates:
@@ -361,6 +366,9 @@ class FederatedServer:
                             "region unchanged", rnd, region, len(ups), self.aggregator_needs())
                 continue
             start = self.regional.get(region, global_state)
+            if self.has_lora:
+                self._sync_clients += [(float(u.num_examples), add(start, u.delta)) for u in ups]
+            self._region_examples[region] = self._region_examples.get(region, 0) + sum(u.num_examples for u in ups)
             regional_metrics: dict[str, Any] = {}
             self.regional[region] = add(start, self._aggregate(start, ups, regional_metrics))
             if "lora_aggregation_error" in regional_metrics:
@@ -369,14 +377,25 @@ class FederatedServer:
             metrics["lora_aggregation_error"] = max(errors)
         metrics["global_sync"] = rnd % self.recipe.hierarchy.global_every == 0
         metrics["bytes_up_regional"] = metrics["bytes_down_regional"] = 0
-        if not metrics["global_sync"]:
+        if not metrics["global_sync"] or not self._region_examples:
             return global_state
-        deltas = [ClientUpdate(i, subtract(self.regional.get(i, global_state), global_state), len(members), 1, 0.0)
-                  for i, members in enumerate(self.regions)]
-        metrics["bytes_up_regional"] = sum(self.payload_bytes(d.delta) for d in deltas)
+        region_ups = [ClientUpdate(i, subtract(self.regional[i], global_state), n, 1, 0.0)
+                      for i, n in sorted(self._region_examples.items())]
+        if len(region_ups) == 1:  # one region trained: its model is the mean (no re-factorization)
+            delta = region_ups[0].delta
+        elif self.has_lora and self.recipe.federation.lora_aggregation == "exact":
+            delta = lora_aggregate(global_state, region_ups, "exact", weighted=True)[0]
+        else:
+            delta = mean_delta(region_ups, weighted=True)
+        new_state = self.server_opt.step(global_state, delta)
+        if self._sync_clients:
+            total = sum(w for w, _ in self._sync_clients)
+            metrics["lora_aggregation_error"] = aggregation_error(
+                new_state, [c for _, c in self._sync_clients], [w / total for w, _ in self._sync_clients])
+        metrics["bytes_up_regional"] = sum(self.payload_bytes(u.delta) for u in region_ups)
         metrics["bytes_down_regional"] = self.payload_bytes(global_state) * len(self.regions)
-        self.regional = {}
-        return self.server_opt.step(global_state, mean_delta(deltas, weighted=True))
+        self.regional, self._region_examples, self._sync_clients = {}, {}, []
+        return new_state
 
     def eval_state(self, global_state: StateDict) -> StateDict:
         """What to evaluate: the global model, or (between hierarchical syncs) the regions' mean."""
@@ -402,7 +421,9 @@ class FederatedServer:
         out: dict[str, Any] = {"server_opt": self.server_opt.state_dict(), "sampler": self.sampler.state_dict(),
                                "availability": self.availability.state_dict(),
                                "has_mask": sorted(self.has_mask),
-                               "regional": {i: clone_state(s) for i, s in self.regional.items()}}
+                               "regional": {i: clone_state(s) for i, s in self.regional.items()},
+                               "region_examples": dict(self._region_examples),
+                               "sync_clients": [[w, clone_state(c)] for w, c in self._sync_clients]}
         for name in ("dp", "ledger", "scaffold", "feedback"):
             part = getattr(self, name)
             if part is not None:
@@ -417,6 +438,8 @@ class FederatedServer:
         self.availability.load_state_dict(state["availability"])
         self.has_mask = set(state["has_mask"])
         self.regional = {int(i): clone_state(s) for i, s in state["regional"].items()}
+        self._region_examples = {int(i): int(n) for i, n in state["region_examples"].items()}
+        self._sync_clients = [(float(w), clone_state(c)) for w, c in state["sync_clients"]]
         for name in ("dp", "ledger", "scaffold", "feedback", "codec"):
             part = self.codec if name == "codec" else getattr(self, name)
             if name in state and part is not None and hasattr(part, "load_state_dict"):
