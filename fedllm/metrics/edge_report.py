@@ -53,6 +53,9 @@ def write_table(summary: list[dict], config: dict, seeds: list[int], path: Path)
              f"edges {skew} unless named, seeds {seeds}; edge ids are 0-based. "
              "Core test accuracy after each returned edge (FedAvg: after each round), mean over seeds; "
              "final ± sd over seeds; Δ = final minus its group's first variant, paired by seed.", "",
+             "Produced by `python -m fedllm.studies.edge --out DIR` (the defaults; the same as `fedllm edge "
+             "recipes/edge/fashion_mnist_cloned_kd.yaml --out DIR`); the table and plot are rebuilt from "
+             "edge_study.json by `fedllm.metrics.edge_report.write_edge_report(DIR)`.", "",
              "| group | variant | points | final acc | Δ final | mean acc | min acc | final IoU | time s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
