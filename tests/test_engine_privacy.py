@@ -1,0 +1,338 @@
+"""Privacy through the engine: run_federated + FederatedServer with DP, the ledger and secure aggregation.
+
+The pure math has unit tests (test_privacy: clipping, noise, adaptive clip, accountants, DP-SGD;
+test_secure: Shamir, fixed point, masks, 1-of-5 dropout after masking, masked-update
+independence). Here each ``privacy:`` option of a recipe is driven through real rounds on the toy
+experiment (tests/_toy.py; one slow test on the tiny LLM) and what comes out (metrics.jsonl rows,
+the global state) is compared with opacus' own accountant, with the run without the option, or
+with the pure function applied to the very updates the clients returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedllm.algorithms.aggregate import MeanAggregator
+from fedllm.algorithms.privacy import DPAggregator, DPConfig
+from fedllm.algorithms.secure import fixed_point_error_bound
+from fedllm.cli import main
+from fedllm.config import RecipeError
+from fedllm.federation.experiment import ClientFault
+from fedllm.federation.modes import run_federated
+from fedllm.federation.rundir import read_metrics
+from fedllm.federation.server import SECAGG_SCALE_BITS, FederatedServer
+from fedllm.types import add, subtract
+from tests._toy import ToyExperiment, toy_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+UNIFORM = {"algorithm": "gradualdiff", "weighted": False}
+# the mean of K masked inputs is off by at most 2^-(s+1) per coordinate (K·2^-(s+1) on the sum, /K)
+MEAN_BOUND = fixed_point_error_bound(1, SECAGG_SCALE_BITS)
+# server.py decodes the masked sum as float32 whatever the state's dtype, which adds up to ~1e-8 on
+# the toy's float64 state (strict xfail below); the multi-round tests allow for that
+DECODE_TOL = 1e-7
+
+
+class FaultyToy(ToyExperiment):
+    """The toy with LMExperiment's fault injection: ``faults.error_clients`` raise in ``fit``."""
+
+    def fit(self, client_id, examples, start, rnd, steps, grad_term=None):
+        if self.recipe.faults.fires(client_id, rnd, "error"):
+            raise ClientFault(f"injected failure of client {client_id} in round {rnd}")
+        return super().fit(client_id, examples, start, rnd, steps, grad_term)
+
+
+class Interrupted(ToyExperiment):
+    """Dies (like a killed process: not an ``Exception``, so no client-failure handling) in ``round``."""
+
+    def __init__(self, recipe, round: int) -> None:
+        super().__init__(recipe)
+        self.die_in = round
+
+    def fit(self, client_id, examples, start, rnd, steps, grad_term=None):
+        if rnd == self.die_in:
+            raise KeyboardInterrupt
+        return super().fit(client_id, examples, start, rnd, steps, grad_term)
+
+
+def run(tmp_path: Path, recipe, cls=ToyExperiment, **kw) -> tuple[ToyExperiment, list[dict]]:
+    exp = cls(recipe, **kw)
+    run_federated(exp, out=str(tmp_path))
+    return exp, read_metrics(tmp_path / recipe.name / "federated")
+
+
+def private(name: str, rounds: int = 3, fraction: float = 1.0, **privacy) -> object:
+    return toy_recipe(name=name, federation={**UNIFORM, "rounds": rounds, "fraction": fraction},
+                      privacy=privacy)
+
+
+def max_abs_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def opacus_epsilons(accountant, sigma: float, q: float, rounds: int, delta: float) -> list[float]:
+    """ε after each round, from opacus' own accountant stepped once per round."""
+    acc, out = accountant(), []
+    for _ in range(rounds):
+        acc.step(noise_multiplier=sigma, sample_rate=q)
+        out.append(acc.get_epsilon(delta=delta))
+    return out
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+# opacus' RDP/PRV epsilon for a sampling rate q < 1 costs ~0.5-1.5 s per call (fractional RDP
+# orders, PRV discretisation); q = 1 is closed form. So the q < 1 cases below are few and short.
+@pytest.mark.parametrize("accountant,cls,dp", [("rdp", RDPAccountant, "server"), ("prv", PRVAccountant, "client")])
+def test_epsilon_in_every_row_equals_opacus_answer(tmp_path, accountant, cls, dp):
+    # Prepare: 4 clients, 2 per round -> q = 0.5; sigma 1.1, delta 1e-4, 2 rounds
+    sigma, delta, rounds = 1.1, 1e-4, 2
+    recipe = private("eps", rounds=rounds, fraction=0.5, dp=dp, clip=0.5, noise_multiplier=sigma,
+                     delta=delta, accountant=accountant)
+    # Execute
+    _, rows = run(tmp_path, recipe)
+    # Assert: every trained row carries sigma and the accountant's epsilon after that many rounds
+    expected = opacus_epsilons(cls, sigma, 0.5, rounds, delta)
+    trained = rows[1:]
+    assert [r["round"] for r in trained] == list(range(1, rounds + 1))
+    assert all(r["applied"] and len(r["clients"]) == 2 for r in trained)
+    assert all(r["noise_multiplier"] == sigma for r in trained)
+    for r, eps in zip(trained, expected):
+        assert r["epsilon"] == pytest.approx(eps, rel=0, abs=1e-6)
+    assert 0 < trained[0]["epsilon"] < trained[-1]["epsilon"]  # composition spends more each round
+
+
+def test_target_epsilon_derives_sigma_that_stays_within_the_target(tmp_path):
+    # Prepare: no noise_multiplier given; the server solves for sigma over the 5 planned rounds
+    target, delta, rounds, q = 2.0, 1e-5, 5, 1.0
+    recipe = private("target", rounds=rounds, fraction=1.0, dp="server", clip=0.5, target_epsilon=target,
+                     delta=delta)
+    # Execute
+    _, rows = run(tmp_path, recipe)
+    # Assert: sigma is opacus' own solution; the final epsilon is at most the target, and within the
+    # search tolerance (0.01) of it, so sigma is not needlessly large
+    sigma = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=rounds,
+                                 accountant="rdp")
+    final = rows[-1]["epsilon"]
+    assert all(r["noise_multiplier"] == pytest.approx(sigma, rel=1e-12) for r in rows[1:])
+    assert final <= target
+    assert final > target - 0.02
+    assert final == pytest.approx(opacus_epsilons(RDPAccountant, sigma, q, rounds, delta)[-1], abs=1e-6)
+
+
+def test_ledger_resumes_with_the_server_state(tmp_path):
+    # Prepare: a run killed in round 3 of 4, with checkpoints, and the same run uninterrupted
+    recipe = dataclasses.replace(private("resume", rounds=4, fraction=1.0, dp="server", clip=0.3,
+                                         noise_multiplier=0.9),
+                                 checkpoint=dataclasses.replace(toy_recipe().checkpoint, enabled=True))
+    full, full_rows = run(tmp_path / "full", recipe)
+    killed = Interrupted(recipe, round=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(killed, out=str(tmp_path / "killed"))
+    # Execute: resume from the round-2 checkpoint with a fresh process' experiment
+    resumed = ToyExperiment(recipe)
+    run_federated(resumed, out=str(tmp_path / "killed"), resume=True)
+    rows = read_metrics(tmp_path / "killed" / recipe.name / "federated")
+    # Assert: same epsilon in every row and the same final state (the DP noise generator resumed too)
+    assert len(rows) == 5 and [r.get("epsilon") for r in rows] == [r.get("epsilon") for r in full_rows]
+    assert rows[-1]["epsilon"] == pytest.approx(opacus_epsilons(RDPAccountant, 0.9, 1.0, 4, 1e-5)[-1], abs=1e-6)
+    assert all(torch.equal(resumed.saved[k], full.saved[k]) for k in full.saved)
+
+
+def test_server_state_dict_round_trip_keeps_epsilon():
+    # Prepare: a server that has accounted two rounds
+    recipe = private("sd", rounds=5, fraction=1.0, dp="server", clip=0.3, noise_multiplier=0.7, accountant="prv")
+    exp = ToyExperiment(recipe)
+    sizes = exp.data.sizes
+    server, state = FederatedServer(recipe, exp.initial_state, sizes), exp.initial_state
+    for rnd in (1, 2):
+        plan = server.begin_round(rnd)
+        for k in plan.training:
+            server.upload(rnd, exp.fit(k, exp.data.client_examples(k), state, rnd, 2), state)
+        state, metrics = server.finish_round(rnd, state)
+    # Execute: save, then load into a fresh server
+    fresh = FederatedServer(recipe, exp.initial_state, sizes)
+    assert fresh.ledger.epsilon() == 0.0
+    fresh.load_state_dict(server.state_dict())
+    # Assert
+    assert fresh.ledger.rounds == 2
+    assert fresh.ledger.epsilon() == server.ledger.epsilon() == metrics["epsilon"]
+    assert metrics["epsilon"] == pytest.approx(opacus_epsilons(PRVAccountant, 0.7, 1.0, 2, 1e-5)[-1], abs=1e-6)
+
+
+def test_a_round_that_is_not_applied_spends_no_epsilon(tmp_path):
+    # Prepare: 4 clients, secure aggregation threshold 3; clients 1 and 2 fail in round 2 only
+    recipe = dataclasses.replace(private("skip", rounds=3, dp="client", clip=0.5, noise_multiplier=1.0,
+                                         secure_aggregation=True),
+                                 faults=dataclasses.replace(toy_recipe().faults, error_clients=[1, 2], rounds=[2]))
+    # Execute
+    exp, rows = run(tmp_path, recipe, cls=FaultyToy)
+    # Assert: round 2 leaves the model alone and releases nothing, so the ledger does not move
+    assert [r["applied"] for r in rows[1:]] == [True, False, True]
+    assert rows[2]["failed_clients"] == 2
+    assert rows[2]["epsilon"] == rows[1]["epsilon"] > 0
+    assert torch.equal(exp.evaluated[2]["lin.weight"], exp.evaluated[1]["lin.weight"])
+    assert rows[3]["epsilon"] == pytest.approx(opacus_epsilons(RDPAccountant, 1.0, 1.0, 2, 1e-5)[-1], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- DP-FedAvg
+
+
+@pytest.mark.parametrize("dp", ["server", "client"])
+def test_dp_with_no_noise_and_a_clip_that_never_binds_equals_plain_fedavg_exactly(tmp_path, dp):
+    # Prepare
+    plain = toy_recipe(name="plain", federation={**UNIFORM, "rounds": 3})
+    dp0 = private(f"dp0_{dp}", dp=dp, clip=1e6, noise_multiplier=0.0)
+    # Execute
+    e_plain, _ = run(tmp_path, plain)
+    e_dp, rows = run(tmp_path, dp0)
+    # Assert: bit-identical global state; sigma 0 is no privacy at all: epsilon is inf, written as null
+    assert all(torch.equal(e_dp.saved[k], e_plain.saved[k]) for k in e_plain.saved)
+    assert all(r["noise_multiplier"] == 0.0 and r["epsilon"] is None for r in rows[1:])
+
+
+def test_server_dp_round_is_the_pure_dp_aggregator_on_the_clients_updates(tmp_path):
+    # Prepare: a binding clip and real noise
+    recipe = private("dp_pure", rounds=1, dp="server", clip=0.05, noise_multiplier=1.0)
+    # Execute
+    exp, rows = run(tmp_path, recipe)
+    # Assert: the round applied DP(mean) to exactly what the clients returned, with the server's seed
+    updates = exp.updates(1)
+    cfg = DPConfig(noise_multiplier=1.0, clip_norm=0.05, mode="server", delta=1e-5)
+    expected = add(exp.initial_state, DPAggregator(MeanAggregator(weighted=False), cfg, 4, recipe.seed)(updates))
+    assert all(torch.equal(exp.saved[k], expected[k]) for k in expected)
+    assert rows[1]["dp_clip"] == 0.05 and rows[1]["dp_unclipped_fraction"] == 0.0
+    assert rows[1]["dp_noise_std"] == pytest.approx(1.0 * 0.05 / 4)
+
+
+# ----------------------------------------------------------------------------- secure aggregation
+
+
+@pytest.mark.xfail(strict=True, reason="server.py _combine: SecAggRound.unmask decodes to float32 (its default "
+                   "dtype), so a float64 state is off by ~1e-8 > 2^-31 (see the report)")
+def test_secure_aggregation_equals_plain_mean_within_the_fixed_point_bound(tmp_path):
+    # Prepare
+    plain = toy_recipe(name="plain1", federation={**UNIFORM, "rounds": 1})
+    secure = toy_recipe(name="sec1", federation={**UNIFORM, "rounds": 1}, privacy={"secure_aggregation": True})
+    # Execute
+    e_plain, _ = run(tmp_path, plain)
+    e_sec, rows = run(tmp_path, secure)
+    # Assert: one round differs by at most 2^-31 per coordinate; the masked bytes went over the wire
+    diff = max_abs_diff(e_sec.saved, e_plain.saved)
+    assert 0 < diff <= MEAN_BOUND + 1e-15
+    assert rows[1]["secagg_overhead_bytes"] > 0
+    assert rows[1]["aggregated_clients"] == [0, 1, 2, 3]
+
+
+def test_secure_aggregation_over_rounds_and_with_client_dp(tmp_path):
+    # Prepare: client-side DP noise under secure aggregation (the distributed-DP composition)
+    dp = {"dp": "client", "clip": 0.5, "noise_multiplier": 1.0}
+    plain = private("cdp", rounds=3, **dp)
+    secure = private("cdp_sec", rounds=3, **dp, secure_aggregation=True)
+    # Execute
+    e_plain, r_plain = run(tmp_path, plain)
+    e_sec, r_sec = run(tmp_path, secure)
+    # Assert: same noisy model up to the accumulated fixed-point error; same epsilon
+    assert max_abs_diff(e_sec.saved, e_plain.saved) <= DECODE_TOL
+    assert [r["epsilon"] for r in r_sec[1:]] == [r["epsilon"] for r in r_plain[1:]]
+    assert r_sec[-1]["epsilon"] > 0
+
+
+def test_secure_aggregation_survives_a_failing_client(tmp_path):
+    # Prepare: 4 clients each round (threshold ceil(0.6 * 4) = 3); client 2 raises in training
+    faults = dataclasses.replace(toy_recipe().faults, error_clients=[2])
+    plain = dataclasses.replace(toy_recipe(name="fplain", federation={**UNIFORM, "rounds": 2}), faults=faults)
+    secure = dataclasses.replace(toy_recipe(name="fsec", federation={**UNIFORM, "rounds": 2},
+                                            privacy={"secure_aggregation": True}), faults=faults)
+    # Execute
+    e_plain, _ = run(tmp_path, plain, cls=FaultyToy)
+    e_sec, rows = run(tmp_path, secure, cls=FaultyToy)
+    # Assert: every round applied the survivors' mean (the dropped client's pairwise masks rebuilt
+    # from Shamir shares), equal to the plain survivors' mean within the fixed-point bound
+    for r in rows[1:]:
+        assert r["applied"] and r["failed_clients"] == 1 and r["aggregated_clients"] == [0, 1, 3]
+    assert max_abs_diff(e_sec.saved, e_plain.saved) <= DECODE_TOL
+    assert max_abs_diff(e_sec.saved, e_plain.initial_state) > 1e-3  # it did train
+
+
+@pytest.mark.xfail(strict=True, reason="server.py: under secure aggregation _combine returns the unmasked mean "
+                   "before the DPAggregator, so dp: server neither clips nor adds noise (see the report)")
+def test_server_dp_with_secure_aggregation_clips_and_noises_or_is_rejected(tmp_path):
+    """dp: server + secure_aggregation must either be rejected by the validator or really be DP."""
+    # Prepare
+    try:
+        clipped = private("sdp_clip", rounds=1, dp="server", clip=1e-3, noise_multiplier=0.0,
+                          secure_aggregation=True)
+        noised = private("sdp_noise", rounds=1, dp="server", clip=1e6, noise_multiplier=1.0,
+                         secure_aggregation=True)
+    except RecipeError as err:  # a validator rule is an acceptable fix
+        assert err.where.startswith("privacy.")
+        return
+    plain = private("sdp_plain", rounds=1, secure_aggregation=True)
+    # Execute
+    e_clip, _ = run(tmp_path, clipped)
+    e_noise, _ = run(tmp_path, noised)
+    e_plain, _ = run(tmp_path, plain)
+    # Assert: the mean of updates clipped to C has norm <= C; sigma 1 with C = 1e6 moves the model
+    step = subtract(e_clip.saved, e_clip.initial_state)
+    assert math.sqrt(sum(float((v ** 2).sum()) for v in step.values())) <= 1e-3 * (1 + 1e-6)
+    assert max_abs_diff(e_noise.saved, e_plain.saved) > 1.0
+
+
+@pytest.mark.slow
+def test_tiny_llm_secure_aggregation_with_client_dp_and_a_failing_client(tiny_experiment, tiny_recipe, tmp_path):
+    """The real LoRA client: 3 clients, client 1 raises; secagg + client DP still aggregates 2."""
+    # Prepare
+    r = tiny_recipe
+    recipe = dataclasses.replace(
+        r, name="tiny_secagg",
+        federation=dataclasses.replace(r.federation, rounds=1, fraction=1.0, weighted=False),
+        train=dataclasses.replace(r.train, local_steps=1),
+        eval=dataclasses.replace(r.eval, bleu_samples=0),
+        privacy=dataclasses.replace(r.privacy, dp="client", clip=0.5, noise_multiplier=0.8, secure_aggregation=True),
+        faults=dataclasses.replace(r.faults, error_clients=[1]),
+        checkpoint=dataclasses.replace(r.checkpoint, enabled=False),
+        output=dataclasses.replace(r.output, save_adapter=False))
+    old, tiny_experiment.recipe = tiny_experiment.recipe, recipe
+    try:
+        # Execute
+        run_federated(tiny_experiment, out=str(tmp_path))
+    finally:
+        tiny_experiment.recipe = old
+    rows = read_metrics(tmp_path / "tiny_secagg" / "federated")
+    # Assert
+    row = rows[1]
+    assert row["applied"] and row["failed_clients"] == 1 and row["aggregated_clients"] == [0, 2]
+    assert row["epsilon"] == pytest.approx(opacus_epsilons(RDPAccountant, 0.8, 1.0, 1, 1e-5)[-1], abs=1e-6)
+    assert row["eval_loss"] != rows[0]["eval_loss"]
+
+
+# ----------------------------------------------------------------------------- the validator
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("overrides,field,words", [
+    (["privacy.secure_aggregation=true", "robust.aggregator=median"], "privacy.secure_aggregation", "sum"),
+    (["privacy.dp=server", "federation.weighted=true"], "federation.weighted", "sensitivity"),
+    (["privacy.dp=client", "robust.aggregator=trimmed_mean"], "privacy.dp", "mean"),
+    (["privacy.dpsgd=true"], "privacy.dpsgd", "client-level DP"),
+])
+def test_incompatible_privacy_recipes_exit_2_with_one_line(capsys, tmp_path, command, overrides, field, words):
+    # Execute
+    argv = [command, str(TINY), *overrides] + (["--out", str(tmp_path)] if command == "run" else [])
+    code = main(argv)
+    # Assert: exit 2, one line on stderr naming the field and the reason; run wrote nothing
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert field in err[0] and words in err[0]
+    assert not any(tmp_path.iterdir())
