@@ -103,6 +103,85 @@ def test_flower_processes_get_telemetry_off_and_a_private_home(tmp_path):
     assert FlowerRunConfig.from_user_config(cfg.to_user_config()) == cfg
 
 
+class _LoopbackGrid:
+    """A Grid whose nodes are in-test sites: messages cross the real wire format (records), and
+    each site trains with :func:`site_train` on its own experiment (a separate ToyExperiment)."""
+
+    def __init__(self, site_exp) -> None:
+        self.site_exp, self.pending, self.next_id = site_exp, {}, 0
+
+    def get_node_ids(self):
+        return [100 + k for k in range(self.site_exp.recipe.partition.num_clients)]
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            self.next_id += 1
+            self.pending[str(self.next_id)] = msg
+            ids.append(str(self.next_id))
+        return ids
+
+    def pull_messages(self, ids):
+        from types import SimpleNamespace
+
+        from fedllm.federation.flower import site_train
+
+        replies = []
+        for i in list(ids):
+            msg = self.pending.pop(i)
+            k = msg.metadata.dst_node_id - 100
+            content = site_train(self.site_exp, k, self.site_exp.data.client_examples(k), msg.content)
+            replies.append(SimpleNamespace(content=content, has_error=lambda: False,
+                                           metadata=SimpleNamespace(reply_to_message_id=i, src_node_id=100 + k)))
+        return replies
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower builds Messages only inside a task; give this test process a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.mark.parametrize("groups", [
+    {"federation": {"algorithm": "fedprox", "mu": 0.5}},
+    {"federation": {"algorithm": "scaffold"}},
+    {"federation": {"algorithm": "fednova"}, "train": {"local_epochs": 1}},
+    {"server": {"optimizer": "fedadam", "lr": 0.1}, "robust": {"aggregator": "trimmed_mean", "trim_ratio": 0.25}},
+    {"privacy": {"dp": "server", "clip": 0.5, "noise_multiplier": 0.3}, "compression": {"codec": "q8"},
+     "federation": {"weighted": False}},
+    {"federation": {"fraction": 0.5}, "faults": {"error_clients": [1], "rounds": [2]}},
+], ids=["fedprox", "scaffold", "fednova-epochs", "fedadam-trimmed", "dp-q8", "sampling-failure"])
+def test_the_flower_wire_gives_the_inprocess_engine_exactly(groups, tmp_path, task_identity):
+    """Prepare one toy recipe; Execute run_federated in-process and through RemoteExperiment over the
+    records (sites on their own experiments); Assert identical rows and final state."""
+    import json
+
+    from fedllm.federation.flower import RemoteExperiment, Site
+    from fedllm.federation.modes import run_federated
+    from fedllm.federation.rundir import read_metrics, run_dir
+    from tests._toy import ToyExperiment, toy_recipe
+
+    groups = {**groups, "federation": {"rounds": 3, **groups.get("federation", {})}}
+    recipe = toy_recipe(name="wire", partition={"method": "iid", "num_clients": 4}, **groups)
+    local, server_side = ToyExperiment(recipe), ToyExperiment(recipe)
+    sites = {k: Site(100 + k, len(server_side.data.client_examples(k)), False) for k in range(4)}
+    remote = RemoteExperiment(server_side, _LoopbackGrid(ToyExperiment(recipe)), sites, timeout_s=5)
+
+    run_federated(local, str(tmp_path / "a"))
+    run_federated(remote, str(tmp_path / "b"))
+
+    ref, got = read_metrics(run_dir(recipe, "federated", str(tmp_path / "a"))), \
+        read_metrics(run_dir(recipe, "federated", str(tmp_path / "b")))
+    drop = ("round_time_s", "train_time_s", "aggregate_time_s", "eval_time_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in got] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in ref]
+    assert all(torch.equal(local.saved[k], server_side.saved[k]) for k in local.saved)
+    assert json.dumps(ref[-1]["clients"]) == json.dumps(got[-1]["clients"])
+
+
 def _corpus(path: Path, n: int = 40) -> Path:
     """A small instruction file with a topic column (two topics: one natural client each)."""
     import json

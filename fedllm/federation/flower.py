@@ -172,9 +172,18 @@ def handle_request(kind: str, cfg: FlowerRunConfig, node: NodeSpec, content: Rec
         return len(examples)
     if kind != "train" or content is None:
         raise ValueError(f"unknown client request {kind!r}; expected 'prepare' or 'train'")
+    return site_train(exp, node.partition_id, examples, content)
+
+
+def site_train(exp, client_id: int, examples: Any, content: RecordDict) -> RecordDict:
+    """One train message on a site: rebuild the gradient term, run ``exp.fit``, encode the update.
+
+    FedProx's μ(θ − θ_start) is rebuilt from the recipe's μ and the received start state; SCAFFOLD's
+    c − cᵢ arrives as the ``correction`` record (the same tensors the in-process engine adds).
+    """
     req = TrainRequest.from_records(content)
-    if req.client_id != node.partition_id:
-        raise ValueError(f"instruction for client {req.client_id} reached the node of client {node.partition_id}")
+    if req.client_id != client_id:
+        raise ValueError(f"instruction for client {req.client_id} reached the node of client {client_id}")
     fed = exp.recipe.federation
     grad_term = None
     if req.correction is not None:
