@@ -218,8 +218,6 @@ def test_server_dp_round_is_the_pure_dp_aggregator_on_the_clients_updates(tmp_pa
 # ----------------------------------------------------------------------------- secure aggregation
 
 
-@pytest.mark.xfail(strict=True, reason="server.py _combine: SecAggRound.unmask decodes to float32 (its default "
-                   "dtype), so a float64 state is off by ~1e-8 > 2^-31 (see the report)")
 def test_secure_aggregation_equals_plain_mean_within_the_fixed_point_bound(tmp_path):
     # Prepare
     plain = toy_recipe(name="plain1", federation={**UNIFORM, "rounds": 1})
@@ -265,8 +263,6 @@ def test_secure_aggregation_survives_a_failing_client(tmp_path):
     assert max_abs_diff(e_sec.saved, e_plain.initial_state) > 1e-3  # it did train
 
 
-@pytest.mark.xfail(strict=True, reason="server.py: under secure aggregation _combine returns the unmasked mean "
-                   "before the DPAggregator, so dp: server neither clips nor adds noise (see the report)")
 def test_server_dp_with_secure_aggregation_clips_and_noises_or_is_rejected(tmp_path):
     """dp: server + secure_aggregation must either be rejected by the validator or really be DP."""
     # Prepare

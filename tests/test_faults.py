@@ -217,10 +217,6 @@ def test_too_few_valid_updates_retry_resamples_and_applies_only_the_last_attempt
             torch.testing.assert_close(exp.evaluated[rnd][k], v, rtol=0, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in run_federated's retry loop: FederatedServer.begin_round resets the byte counters and the row "
-    "keeps only the last attempt's failed_clients, so a retried round under-reports the communication "
-    "and the failures of its discarded attempts (patch in the issue-6 report)"))
 def test_retried_round_reports_the_bytes_and_failures_of_every_attempt(tmp_path):
     # Prepare: uniform sampling of 4 of 8 clients; a sample holding client 0 or 1 is discarded
     recipe = toy_recipe(name="retry_bytes", partition={"num_clients": 8},

@@ -159,11 +159,7 @@ class DPAggregator:
         clip = self.clip
         norms = [global_norm(u.delta) for u in updates]
         clipped = [dataclasses.replace(u, delta=clip_delta(u.delta, clip)[0]) for u in updates]
-        out = self.inner(clipped)
-        std = self.delta_sigma * clip / len(updates)
-        if std > 0:
-            noise = gaussian_noise_like(out, std, self.generator)
-            out = {k: out[k] + noise[k] for k in out}
+        out, std = self.noise_mean(self.inner(clipped), len(updates))
         unclipped = sum(n <= clip for n in norms)
         if self.cfg.adaptive:
             self._update_clip(unclipped, len(updates))
@@ -171,6 +167,16 @@ class DPAggregator:
                            "mean_update_norm": sum(norms) / len(norms)}
         self.round += 1
         return out
+
+    def noise_mean(self, mean: Mapping[str, torch.Tensor], count: int) -> tuple[StateDict, float]:
+        """(mean + N(0, (σ·C/count)²), the std): the server's noise on the mean of ``count`` deltas
+        already clipped to C — by this aggregator, or by the clients themselves under secure
+        aggregation, where the server only ever sees the sum."""
+        std = self.delta_sigma * self.clip / count
+        if std == 0:
+            return dict(mean), std
+        noise = gaussian_noise_like(mean, std, self.generator)
+        return {k: mean[k] + noise[k] for k in mean}, std
 
     def _update_clip(self, unclipped_count: int, k: int) -> None:
         """C ← C·exp(−η(b̄ − γ)) with b̄ the noised fraction of unclipped updates."""

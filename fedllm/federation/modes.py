@@ -144,12 +144,15 @@ def run_federated(exp, out: str | None = None, hooks: Hooks | None = None,
         hooks.on_round(rnd, fed.rounds)
         t0 = time.perf_counter()
         train_s = 0.0
+        spent = {"bytes_up": 0, "bytes_down": 0, "failed_clients": 0}  # summed over every attempt
         for attempt in range(fed.max_retries + 1 if fed.on_too_few == "retry" else 1):
             plan = server.begin_round(_draw_key(rnd, attempt))
             t_train = time.perf_counter()
             losses, counts = _train_clients(exp, server, plan, state, rnd, hooks)
             train_s += time.perf_counter() - t_train
             new_state, extra = server.finish_round(rnd, state)
+            for key in spent:
+                spent[key] += (counts if key in counts else extra)[key]
             if extra["applied"]:
                 break
         state = new_state
@@ -160,7 +163,7 @@ def run_federated(exp, out: str | None = None, hooks: Hooks | None = None,
                **metrics, "round_time_s": 0.0, "train_time_s": train_s,
                "aggregate_time_s": t2 - t0 - train_s, "clients": plan.sampled, "attempts": attempt + 1,
                "dropped_clients": plan.dropped, "stragglers": plan.stragglers,
-               "skipped_nonfinite": nonfinite, **counts, **extra}
+               "skipped_nonfinite": nonfinite, **counts, **extra, **spent}
         row["round_time_s"] = row["train_time_s"] + row["aggregate_time_s"] + row["eval_time_s"]
         writer.log_round(row, samples)
         if recipe.checkpoint.enabled:

@@ -36,7 +36,13 @@ from fedllm.algorithms.attacks import Attack, attack_update, attackers
 from fedllm.algorithms.compress import ErrorFeedback, build_codec
 from fedllm.algorithms.drift import ScaffoldState, prox_gradient, scaffold_client_control, scaffold_correction
 from fedllm.algorithms.lora_agg import aggregation_error, lora_aggregate, lora_pairs
-from fedllm.algorithms.privacy import DPAggregator, DPConfig, PrivacyLedger, resolve_noise_multiplier
+from fedllm.algorithms.privacy import (
+    DPAggregator,
+    DPConfig,
+    PrivacyLedger,
+    clip_delta,
+    resolve_noise_multiplier,
+)
 from fedllm.algorithms.prune import masked_values, unmask_values
 from fedllm.algorithms.robust import build_aggregator
 from fedllm.algorithms.secure import SecAggRound
@@ -245,6 +251,8 @@ class FederatedServer:
             noised = self.dp.client_noise(delta, gen)
             frozen = self.recipe.federation.lora_aggregation == "frozen_a"  # A never moves, so no noise on it
             delta = {key: delta[key] if frozen and ".lora_A" in key else v for key, v in noised.items()}
+        if self._secagg is not None and self.dp is not None and self.recipe.privacy.dp == "server":
+            delta = clip_delta(delta, self.dp.clip)[0]  # the server cannot clip what it cannot see
         delta, nbytes = self._encode(k, delta)
         update = dataclasses.replace(update, delta=delta, bytes_up=nbytes)
         if self._secagg is not None:
@@ -329,8 +337,14 @@ class FederatedServer:
     def _combine(self, global_state: StateDict, updates: list[ClientUpdate], metrics: dict) -> StateDict:
         fed = self.recipe.federation
         if self._secagg is not None:
-            total = self._secagg.unmask({u.client_id: self._masked[u.client_id] for u in updates})
-            return {k: (v / len(updates)).to(global_state[k].dtype) for k, v in total.items()}
+            total = self._secagg.unmask({u.client_id: self._masked[u.client_id] for u in updates},
+                                        dtype=torch.float64)
+            mean = {k: v / len(updates) for k, v in total.items()}
+            if self.dp is not None and self.recipe.privacy.dp == "server":  # clients clipped before masking
+                mean, std = self.dp.noise_mean(mean, len(updates))
+                self.dp.round += 1
+                metrics.update({"dp_clip": self.dp.clip, "dp_noise_std": std})
+            return {k: v.to(global_state[k].dtype) for k, v in mean.items()}
         if self.dp is not None:
             delta = self.dp(updates)
             metrics.update({f"dp_{k}": v for k, v in self.dp.last_stats.items()})
