@@ -15,6 +15,9 @@ federated, centralized and local modes, the server and the CLI run it unchanged:
   (connection sensitivity on one mini-batch of ``prune.snip_batch`` pooled training images) or
   ``random`` (same remaining rate). Clients train and exchange only the kept weights:
   :meth:`payload_bytes` counts the surviving values, ``mask_bytes`` the one-time mask download.
+- training: SGD with ``train.lr``, ``momentum``, ``weight_decay`` (its default 0.001 applies; the
+  vision recipes set 0), batch ``train.batch_size``; ``train.max_grad_norm`` clips the gradient
+  norm as for LMs (its default 0.3 too: the vision recipes set 0); ``warmup_ratio`` is LM-only.
 - ``attack.kind: label_flip``: the attacking clients (the server's own seeded choice) train on
   y ↦ 9 − y. ``privacy.dpsgd``: each client trains with Opacus DP-SGD; its cumulative ε over the
   rounds it took part in is reported as ``update.metrics["dpsgd_epsilon"]``.

@@ -181,12 +181,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         rounds, accs = [r["round"] for r in rows], [100 * r["accuracy"] for r in rows]
         if run["group"] == "federated":
             axes[0].plot(rounds, accs, label=run["label"])
-            total, mbs = 0, []
-            for r in run["rows"]:
+            total, mbs, macc = 0, [], []
+            for r in run["rows"][1:]:  # round 0 costs nothing: no point on a log axis
                 total += (r["bytes_up"] or 0) + (r["bytes_down"] or 0)
                 if r.get("accuracy") is not None:
-                    mbs.append(max(total, 1) / 1e6)
-            axes[1].plot(mbs, accs, label=run["label"])
+                    mbs.append(total / 1e6)
+                    macc.append(100 * r["accuracy"])
+            axes[1].plot(mbs, macc, label=run["label"])
         else:
             axes[2].plot(rounds, accs, marker="o", label=run["label"])
     titles = ("federated: accuracy per round", "federated: accuracy vs total MB (up + down)",
