@@ -8,7 +8,9 @@ the codecs and counts the encoded bytes):
 - dense FL from a random init, and the same with 8-bit stochastic quantized uploads (q8);
 - DAE pre-training only (no pruning);
 - a random mask keeping 10 % of every weight matrix;
-- HP-FL: the lottery-ticket mask (10 cycles of DAE → prune 20.6 % → rewind) keeping 10 %.
+- HP-FL: the lottery-ticket mask (10 cycles of DAE → prune 20.6 % → rewind) keeping 10 %,
+  starting from the rewound init (the protocol) or from the DAE weights (``prune.pretrain``);
+- SNIP keeping 10 % (one 100-image batch of pooled client data scores the connections at init).
 
 Centralized: LeNet-300-100 dense on all 60k training images, and SNIP at 90 % and 95 % sparsity
 with the same schedule (``recipes/vision/lenet_centralized.yaml``, ``snip.yaml``).
@@ -57,6 +59,7 @@ VARIANTS = (
     Variant("random mask (10 %)", "hpfl_random.yaml"),
     Variant("HP-FL (10 %)", "hpfl.yaml"),
     Variant("HP-FL (10 %, DAE weights)", "hpfl.yaml", ["prune.pretrain=true", "name=hpfl_pretrained"]),
+    Variant("SNIP (10 %)", "snip_federated.yaml"),
     Variant("dense centralized", "lenet_centralized.yaml", group="centralized"),
     Variant("SNIP 90 % sparse", "snip.yaml", ["name=snip90"], group="centralized"),
     Variant("SNIP 95 % sparse", "snip.yaml", ["prune.remaining=0.05", "name=snip95"], group="centralized"),
