@@ -321,3 +321,20 @@ def test_a_continued_run_stops_looking_complete(tmp_path):
     assert not (run / "summary.json").exists()
     assert _metrics(run) == rows
     assert (run / "config.yaml").is_file()
+
+
+def test_resume_of_a_finished_run_without_checkpoints_is_refused(tmp_path):
+    """--resume must never wipe a finished run that has nothing to resume from."""
+    # Prepare: a finished run directory (summary.json present) with checkpoints off
+    from fedllm.cli import main
+
+    run = tmp_path / "tiny" / "federated"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    # Execute
+    code = main(["run", str(ROOT / "recipes" / "tiny.yaml"), "--resume", "--out", str(tmp_path),
+                 "checkpoint.enabled=false", "federation.rounds=1", "train.local_steps=1",
+                 "eval.bleu_samples=0"])
+    # Assert: exit 2 and the run directory untouched
+    assert code == 2
+    assert (run / "summary.json").read_text() == "{}"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedllm.algorithms.selection import UniformSampler
-from fedllm.config import one_line
+from fedllm.config import RecipeError, one_line
 from fedllm.federation.checkpoint import (
     ServerState,
     capture_rng,
@@ -117,6 +117,9 @@ def _resume_or_start(exp, server: FederatedServer, out: str | None, hooks: Hooks
     """(writer, global state, hooks, first round): from the last good checkpoint, or fresh."""
     path = run_dir(exp.recipe, "federated", out)
     ckpt = resume_state(checkpoint_dir(path), exp.recipe) if resume else None
+    if resume and ckpt is None and (path / "summary.json").exists():
+        raise RecipeError("--resume", f"{path} holds a finished run without checkpoints "
+                          "(checkpoint.enabled: false?); run without --resume to start over")
     if ckpt is None:
         writer, state, hooks = _start(exp, "federated", out, hooks)
         return writer, state, hooks, 1
