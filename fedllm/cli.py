@@ -141,7 +141,13 @@ def _print_table(summaries: dict[str, dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        parser = _parser()
+        args, extra = parser.parse_known_args(argv)
+        # overrides may also follow options (`fedllm run R --out X a=b`): argparse leaves them over
+        if extra and (any(e.startswith("-") for e in extra) or not hasattr(args, "overrides")):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
         _quiet_libraries()
         if args.command == "edge":
             from fedllm.studies.edge import edge_command

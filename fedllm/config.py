@@ -519,6 +519,9 @@ def _aggregator(r: Recipe) -> Problem:
 
 def _privacy(r: Recipe) -> Problem:
     p, f = r.privacy, r.federation
+    if p.dpsgd and f.algorithm in ("fedprox", "scaffold"):
+        return ("privacy.dpsgd", f"Opacus rebuilds each per-sample gradient, so {f.algorithm}'s "
+                "gradient term would be lost; use gradualdiff, fedavg or fednova with DP-SGD")
     if p.secure_aggregation:
         if r.robust.aggregator != "mean":
             return ("privacy.secure_aggregation", f"robust aggregator {r.robust.aggregator!r} needs individual "

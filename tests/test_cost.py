@@ -38,3 +38,27 @@ def test_initial_model_above_target_costs_nothing_and_missing_fields_count_zero(
 def test_bad_target_is_rejected():
     with pytest.raises(ValueError, match="targets"):
         cost_to_accuracy(rows([0.1]), [70])
+
+
+def test_report_adds_cost_to_accuracy_to_the_summary(tmp_path):
+    """fedllm's report reads eval.targets from config.yaml and writes NRA/CCA/CTA into summary.json."""
+    # Prepare: a finished run directory written by hand
+    import json
+
+    from fedllm.metrics.report import write_report
+
+    rows = [{"round": r, "mode": "federated", "train_loss": None, "eval_loss": 1.0, "perplexity": 2.7,
+             "bleu": None, "accuracy": acc, "round_time_s": 1.0, "train_time_s": 0.5, "aggregate_time_s": 0.0,
+             "eval_time_s": 0.5, "bytes_up": 10 * (r > 0), "bytes_down": 5 * (r > 0), "clients": []}
+            for r, acc in enumerate([0.1, 0.3, 0.55, 0.7])]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "config.yaml").write_text("eval: {targets: [0.5, 0.9]}\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"name": "x", "total_bytes_up": 30, "total_bytes_down": 15,
+                                                       "mean_round_time_s": 1.0, "skipped_updates": 0}))
+    # Execute
+    write_report(tmp_path, plots=False)
+    # Assert
+    cost = json.loads((tmp_path / "summary.json").read_text())["cost_to_accuracy"]
+    assert cost["0.5"] == {"rounds": 2, "bytes": 30, "train_time_s": 1.5}
+    assert cost["0.9"] == {"rounds": None, "bytes": None, "train_time_s": None}
+    assert "| 0.5 | 2 | 30 | 1.5 |" in (tmp_path / "report.md").read_text()

@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedllm.federation.rundir import read_metrics, write_json_atomic
+from fedllm.metrics.cost import cost_to_accuracy
 
 CURVES = (("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("bleu", "BLEU"), ("accuracy", "accuracy"),
           ("epsilon", "DP epsilon"))
@@ -52,6 +55,15 @@ def _plot(series: dict[str, list[dict]], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _targets(path: Path) -> list[float]:
+    """``eval.targets`` of the run's resolved recipe (``config.yaml``), if any."""
+    config = path / "config.yaml"
+    if not config.exists():
+        return []
+    values = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    return list((values.get("eval") or {}).get("targets") or [])
+
+
 def write_report(path: Path, plots: bool = True) -> Path:
     """``report.md`` (+ ``metrics.png``) for one mode's run directory."""
     rows = read_metrics(path)
@@ -65,6 +77,14 @@ def write_report(path: Path, plots: bool = True) -> Path:
         lines += ["", f"Total bytes up {summary['total_bytes_up']:,}, down {summary['total_bytes_down']:,}; "
                   f"mean round time {summary['mean_round_time_s']:.2f} s; "
                   f"skipped updates {summary['skipped_updates']}."]
+    targets = _targets(path)
+    if summary and targets:  # HP-FL's cost-to-accuracy: rounds, bytes and client time to reach x
+        summary["cost_to_accuracy"] = cost = cost_to_accuracy(rows, targets)
+        write_json_atomic(path / "summary.json", summary)
+        lines += ["", "| target accuracy | rounds (NRA) | bytes up+down (CCA) | client train s (CTA) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {x} | {_fmt(c['rounds'])} | {_fmt(c['bytes'])} | {_fmt(c['train_time_s'])} |"
+                  for x, c in cost.items()]
     if plots:
         _plot({rows[0]["mode"]: rows}, path / "metrics.png", f"{path.parent.name} ({rows[0]['mode']})")
         lines += ["", "![metrics](metrics.png)"]
