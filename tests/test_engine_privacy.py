@@ -332,3 +332,50 @@ def test_incompatible_privacy_recipes_exit_2_with_one_line(capsys, tmp_path, com
     assert code == 2 and len(err) == 1, err
     assert field in err[0] and words in err[0]
     assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- DP-SGD on LoRA (a finding)
+
+
+@pytest.mark.slow
+def test_opacus_per_sample_gradients_work_for_lora_over_a_4bit_base():
+    """Pins what the privacy.dpsgd rejection for LMs must not claim: opacus' hooks sit on the
+    trainable nn.Linear factors (lora_A/lora_B) only, and their per-sample gradients through the
+    frozen bitsandbytes NF4 base equal per-example autograd exactly. What is missing is the LoRA
+    client's DP-SGD loop (Lightning module + DPOptimizer + Poisson sampling), not opacus support."""
+    from opacus import GradSampleModule
+
+    from fedllm.config import load_recipe
+    from fedllm.models.llm import add_lora, load_base
+
+    # Prepare: the tiny llama in NF4 with LoRA on q/v, B made non-zero so A gets gradients too
+    recipe = load_recipe(TINY, ["lora.dropout=0.0"])
+    base, _ = load_base(recipe.model, recipe.seed)
+    model = add_lora(base, recipe.lora, recipe.seed).train()
+    assert "Linear4bit" in type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def nll(logits, targets):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 targets[:, 1:].reshape(-1), reduction="sum")
+
+    # Execute: opacus' per-sample gradients of a batch of 2, then plain autograd one example at a time
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    try:
+        nll(gsm(input_ids=ids).logits, ids).backward()
+        per_sample = {n: p.grad_sample.detach().clone() for n, p in params}
+    finally:
+        gsm._close()
+    single = [torch.autograd.grad(nll(model(input_ids=ids[i:i + 1]).logits, ids[i:i + 1]), [p for _, p in params])
+              for i in range(2)]
+    # Assert
+    assert len(params) == 8  # A and B of q_proj and v_proj in 2 layers
+    for j, (name, _) in enumerate(params):
+        for i in range(2):
+            torch.testing.assert_close(per_sample[name][i], single[i][j], rtol=1e-5, atol=1e-6, msg=name)
+        assert per_sample[name].abs().max() > 0

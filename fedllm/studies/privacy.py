@@ -268,8 +268,8 @@ def write_report(results: dict[str, Any], out: Path, meta: dict[str, Any]) -> No
               "q = clients per round / clients); DP-SGD's protects one example of one client (q = 1 / batches "
               "per epoch of that client) and says nothing about a client's data as a whole.",
               "- DP-FedAvg adds N(0, (σC/K)²) to every coordinate of the mean, a noise vector of norm about "
-              "σC·√d / K against a signal of norm at most C; with K = 3 or 5 clients per round and d in the "
-              "thousands (LoRA) to 266k (LeNet) the noise dominates once σ ≈ 1. Client-level DP is a tool "
+              "σC·√d / K against a signal of norm at most C; with K = 3 or 5 clients per round and d from "
+              "1,792 (the tiny LoRA adapter) to 266k (LeNet) the noise dominates once σ ≈ 1. Client-level DP is a tool "
               "for federations with hundreds of clients per round; these toy federations show the trend, not a "
               "usable operating point.",
               "- The tiny llama is a random-weight model (perplexity near its vocabulary size); its column shows "
