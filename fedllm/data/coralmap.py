@@ -9,8 +9,12 @@ The ``topic`` column (the entry type) gives realistic non-IID clients under a na
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import Any
+
+PAIRS_VERSION = 1  # bump when the pair construction below changes (invalidates the caches)
 
 _FIRST_SENTENCES = re.compile(r"(.+?[.!?])(\s|$)")
 
@@ -32,13 +36,33 @@ def _sentences(text: str, n: int) -> str:
 
 
 def coralmap_records() -> list[dict[str, Any]]:
-    """Instruction pairs ``{id, prompt, response, topic, kind}`` from the installed library."""
+    """Instruction pairs ``{id, prompt, response, topic, kind}`` from the installed library.
+
+    Parsing the library's ~850 YAML entries takes 10-60 s, so the derived pairs are cached per
+    installed version under the user's cache (``$FEDLLM_CACHE``), never in the repository.
+    """
     try:
+        from importlib.metadata import version
+
         import coralmap
     except ImportError as exc:  # pragma: no cover - exercised only on a broken install
         raise FileNotFoundError(
             "data.builtin: the coralmap package is not installed (pip install coralmap)"
         ) from exc
+    from fedllm.models.llm import cache_root
+
+    cache = cache_root() / f"coralmap-{version('coralmap')}-pairs-v{PAIRS_VERSION}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    records = _build_records(coralmap)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, cache)
+    return records
+
+
+def _build_records(coralmap) -> list[dict[str, Any]]:
     entries = [e.contract_fields(mode="json") for e in coralmap.load().all_entries()]
     labels = {e["id"]: e["label"] for e in entries}
     records: list[dict[str, Any]] = []
