@@ -567,6 +567,7 @@ def _engine(r: Recipe) -> Problem:
     if r.federation.engine == "flower":
         unsupported = [name for name, on in (
             ("privacy.secure_aggregation", r.privacy.secure_aggregation),
+            ("privacy.dp: client", r.privacy.dp == "client"),  # its noise would be added at the coordinator
             ("hierarchy.regions", bool(r.hierarchy.regions)),
             ("selection.method", r.selection.method != "uniform"),
         ) if on]
