@@ -479,8 +479,8 @@ def _lm_only(r: Recipe) -> Problem:
     if r.model.task == "vision" and r.federation.lora_aggregation != "factorwise":
         return "federation.lora_aggregation", "LoRA aggregation modes need a LoRA model (vision models have no adapters)"
     if r.model.task == "lm" and r.privacy.dpsgd:
-        return ("privacy.dpsgd", "Opacus cannot compute per-sample gradients through bitsandbytes 4-bit layers "
-                "and peft LoRA wrappers; use client-level DP (privacy.dp) for language models")
+        return ("privacy.dpsgd", "sample-level DP-SGD is implemented for the vision clients only (the LoRA "
+                "client has no Opacus training loop yet); use client-level DP (privacy.dp) for language models")
     return None
 
 

@@ -55,6 +55,8 @@ def _round0(mode: str, exp, state: StateDict) -> tuple[dict[str, Any], list[dict
     metrics, samples = _eval_row(exp, state)
     row = {"round": 0, "mode": mode, "train_loss": None, **metrics, "round_time_s": 0.0,
            "train_time_s": 0.0, "aggregate_time_s": 0.0, "bytes_up": 0, "bytes_down": 0, "clients": []}
+    if mode == "federated" and exp.recipe.privacy.enabled:
+        row["epsilon"] = 0.0  # nothing spent before the first round
     return row, samples
 
 

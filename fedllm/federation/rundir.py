@@ -100,5 +100,7 @@ def summarize(rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -
         "mean_round_time_s": sum(r["round_time_s"] for r in trained) / max(len(trained), 1),
         "skipped_updates": sum(r.get("skipped_nonfinite", 0) + r.get("failed_clients", 0) for r in trained),
     }
+    if "epsilon" in last:  # the privacy spent by the whole run, at the recipe's delta
+        out["final"]["epsilon"] = last["epsilon"]
     out.update(extra or {})
     return out
