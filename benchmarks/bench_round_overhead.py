@@ -74,10 +74,12 @@ def main() -> None:
 
     exp = LMExperiment(demo_recipe(f"model.preset={args.preset}", f"train.local_steps={args.local_steps}"))
     state = exp.initial_state
-    fedllm_round(exp, state, 1)  # warm-up (first-call allocations, lazy imports)
+    fedllm_round(exp, state, 1)  # warm-up of both paths (first-call allocations, lazy imports)
+    plain_round(exp, state, 1)
     times = {"plain": [], "fedllm": []}
-    for _ in range(args.repeats):
-        for name, fn in (("plain", plain_round), ("fedllm", fedllm_round)):
+    pair = [("plain", plain_round), ("fedllm", fedllm_round)]
+    for rep in range(args.repeats):
+        for name, fn in pair if rep % 2 == 0 else pair[::-1]:  # alternate the order: no position bias
             t0 = time.perf_counter()
             fn(exp, state, 1)
             times[name].append(time.perf_counter() - t0)
