@@ -60,7 +60,8 @@ def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     return field(default=default, metadata={"doc": text}, **kw)
 
 
-def _check(cond: bool, where: str, message: str) -> None:
+def require(cond: bool, where: str, message: str) -> None:
+    """Raise RecipeError(where, message) unless ``cond`` (the one-line recipe error every check uses)."""
     if not cond:
         raise RecipeError(where, message)
 
@@ -79,7 +80,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.path is not None:
-            _check(self.path.strip() != "" and Path(self.path).is_dir(), "model.path",
+            require(self.path.strip() != "" and Path(self.path).is_dir(), "model.path",
                    f"directory {self.path!r} does not exist")
 
     @property
@@ -96,10 +97,10 @@ class LoraConfig:
     target_modules: list[str] = doc("module names that get adapters", ["q_proj", "v_proj"])
 
     def __post_init__(self) -> None:
-        _check(1 <= self.r <= 1024, "lora.r", f"expected an integer in [1, 1024], got {self.r}")
-        _check(self.alpha > 0, "lora.alpha", f"expected > 0, got {self.alpha}")
-        _check(0 <= self.dropout < 1, "lora.dropout", f"expected in [0, 1), got {self.dropout}")
-        _check(len(self.target_modules) > 0, "lora.target_modules", "expected at least one module name")
+        require(1 <= self.r <= 1024, "lora.r", f"expected an integer in [1, 1024], got {self.r}")
+        require(self.alpha > 0, "lora.alpha", f"expected > 0, got {self.alpha}")
+        require(0 <= self.dropout < 1, "lora.dropout", f"expected in [0, 1), got {self.dropout}")
+        require(len(self.target_modules) > 0, "lora.target_modules", "expected at least one module name")
 
 
 @dataclass(frozen=True)
@@ -120,18 +121,18 @@ class DataConfig:
     bad_rows: Literal["error", "skip"] = doc("a row with a missing/empty field: stop with its line, or skip and count", "error")
 
     def __post_init__(self) -> None:
-        _check((self.builtin is None) != (self.path is None), "data",
+        require((self.builtin is None) != (self.path is None), "data",
                "set exactly one of data.builtin or data.path")
         if self.path is not None:
-            _check(self.path.strip() != "" and Path(self.path).exists(), "data.path",
+            require(self.path.strip() != "" and Path(self.path).exists(), "data.path",
                    f"file {self.path!r} does not exist")
-        _check(8 <= self.max_length <= 32768, "data.max_length", f"expected in [8, 32768], got {self.max_length}")
-        _check(self.eval_size >= 1, "data.eval_size", f"expected >= 1, got {self.eval_size}")
+        require(8 <= self.max_length <= 32768, "data.max_length", f"expected in [8, 32768], got {self.max_length}")
+        require(self.eval_size >= 1, "data.eval_size", f"expected >= 1, got {self.eval_size}")
         if self.max_examples is not None:
-            _check(self.max_examples >= 2, "data.max_examples", f"expected >= 2, got {self.max_examples}")
-        _check(0 <= self.open_data <= 1_000_000, "data.open_data", f"expected in [0, 1000000], got {self.open_data}")
+            require(self.max_examples >= 2, "data.max_examples", f"expected >= 2, got {self.max_examples}")
+        require(0 <= self.open_data <= 1_000_000, "data.open_data", f"expected in [0, 1000000], got {self.open_data}")
         if self.root is not None:
-            _check(Path(self.root).is_dir(), "data.root", f"directory {self.root!r} does not exist")
+            require(Path(self.root).is_dir(), "data.root", f"directory {self.root!r} does not exist")
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,10 @@ class PartitionConfig:
     min_examples: int = doc("every client must hold at least this many examples", 1)
 
     def __post_init__(self) -> None:
-        _check(1 <= self.num_clients <= 100_000, "partition.num_clients", f"expected in [1, 100000], got {self.num_clients}")
-        _check(self.alpha > 0, "partition.alpha", f"expected > 0, got {self.alpha}")
-        _check(self.shards_per_client >= 1, "partition.shards_per_client", "expected >= 1")
-        _check(self.min_examples >= 1, "partition.min_examples", "expected >= 1")
+        require(1 <= self.num_clients <= 100_000, "partition.num_clients", f"expected in [1, 100000], got {self.num_clients}")
+        require(self.alpha > 0, "partition.alpha", f"expected > 0, got {self.alpha}")
+        require(self.shards_per_client >= 1, "partition.shards_per_client", "expected >= 1")
+        require(self.min_examples >= 1, "partition.min_examples", "expected >= 1")
 
 
 @dataclass(frozen=True)
@@ -171,13 +172,13 @@ class FederationConfig:
     engine: Literal["inprocess", "flower"] = doc("inprocess: simulate all clients here; flower: Flower simulation", "inprocess")
 
     def __post_init__(self) -> None:
-        _check(1 <= self.rounds <= 100_000, "federation.rounds", f"expected in [1, 100000], got {self.rounds}")
-        _check(0 < self.fraction <= 1, "federation.fraction", f"expected in (0, 1], got {self.fraction}")
-        _check(self.min_clients >= 1, "federation.min_clients", f"expected >= 1, got {self.min_clients}")
-        _check(0 <= self.max_retries <= 100, "federation.max_retries", f"expected in [0, 100], got {self.max_retries}")
-        _check(0 <= self.mu <= 1e6, "federation.mu", f"expected in [0, 1e6], got {self.mu}")
+        require(1 <= self.rounds <= 100_000, "federation.rounds", f"expected in [1, 100000], got {self.rounds}")
+        require(0 < self.fraction <= 1, "federation.fraction", f"expected in (0, 1], got {self.fraction}")
+        require(self.min_clients >= 1, "federation.min_clients", f"expected >= 1, got {self.min_clients}")
+        require(0 <= self.max_retries <= 100, "federation.max_retries", f"expected in [0, 100], got {self.max_retries}")
+        require(0 <= self.mu <= 1e6, "federation.mu", f"expected in [0, 1e6], got {self.mu}")
         if self.reject_norm is not None:
-            _check(self.reject_norm > 0, "federation.reject_norm", f"expected > 0, got {self.reject_norm}")
+            require(self.reject_norm > 0, "federation.reject_norm", f"expected > 0, got {self.reject_norm}")
 
     @property
     def is_weighted(self) -> bool:
@@ -195,11 +196,11 @@ class ServerConfig:
     tau: float = doc("adaptivity epsilon (adaptive optimizers)", 1e-3)
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "server.lr", f"expected > 0, got {self.lr}")
+        require(self.lr > 0, "server.lr", f"expected > 0, got {self.lr}")
         for name in ("momentum", "beta1", "beta2"):
             v = getattr(self, name)
-            _check(0 <= v < 1, f"server.{name}", f"expected in [0, 1), got {v}")
-        _check(self.tau > 0, "server.tau", f"expected > 0, got {self.tau}")
+            require(0 <= v < 1, f"server.{name}", f"expected in [0, 1), got {v}")
+        require(self.tau > 0, "server.tau", f"expected > 0, got {self.tau}")
 
 
 @dataclass(frozen=True)
@@ -212,12 +213,12 @@ class RobustConfig:
     max_norm: float | None = doc("clip every update to this L2 norm before aggregating (norm bound)", None)
 
     def __post_init__(self) -> None:
-        _check(0 <= self.trim_ratio < 0.5, "robust.trim_ratio", f"expected in [0, 0.5), got {self.trim_ratio}")
-        _check(self.byzantine >= 0, "robust.byzantine", f"expected >= 0, got {self.byzantine}")
+        require(0 <= self.trim_ratio < 0.5, "robust.trim_ratio", f"expected in [0, 0.5), got {self.trim_ratio}")
+        require(self.byzantine >= 0, "robust.byzantine", f"expected >= 0, got {self.byzantine}")
         if self.multi is not None:
-            _check(self.multi >= 1, "robust.multi", f"expected >= 1, got {self.multi}")
+            require(self.multi >= 1, "robust.multi", f"expected >= 1, got {self.multi}")
         if self.max_norm is not None:
-            _check(self.max_norm > 0, "robust.max_norm", f"expected > 0, got {self.max_norm}")
+            require(self.max_norm > 0, "robust.max_norm", f"expected > 0, got {self.max_norm}")
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         if self.candidates is not None:
-            _check(self.candidates >= 1, "selection.candidates", f"expected >= 1, got {self.candidates}")
+            require(self.candidates >= 1, "selection.candidates", f"expected >= 1, got {self.candidates}")
 
 
 @dataclass(frozen=True)
@@ -239,8 +240,8 @@ class HierarchyConfig:
     global_every: int = doc("regional aggregation every round, global aggregation every this many rounds", 1)
 
     def __post_init__(self) -> None:
-        _check(0 <= self.regions <= 10_000, "hierarchy.regions", f"expected in [0, 10000], got {self.regions}")
-        _check(1 <= self.global_every <= 10_000, "hierarchy.global_every", f"expected >= 1, got {self.global_every}")
+        require(0 <= self.regions <= 10_000, "hierarchy.regions", f"expected in [0, 10000], got {self.regions}")
+        require(1 <= self.global_every <= 10_000, "hierarchy.global_every", f"expected >= 1, got {self.global_every}")
 
 
 @dataclass(frozen=True)
@@ -251,8 +252,8 @@ class AttackConfig:
     noise_std: float = doc("noise: std of the Gaussian update sent", 1.0)
 
     def __post_init__(self) -> None:
-        _check(0 <= self.fraction <= 1, "attack.fraction", f"expected in [0, 1], got {self.fraction}")
-        _check(self.noise_std >= 0, "attack.noise_std", f"expected >= 0, got {self.noise_std}")
+        require(0 <= self.fraction <= 1, "attack.fraction", f"expected in [0, 1], got {self.fraction}")
+        require(self.noise_std >= 0, "attack.noise_std", f"expected >= 0, got {self.noise_std}")
 
 
 @dataclass(frozen=True)
@@ -273,15 +274,15 @@ class PrivacyConfig:
     dpsgd_clip: float = doc("DP-SGD per-sample clipping norm", 1.0)
 
     def __post_init__(self) -> None:
-        _check(self.clip > 0, "privacy.clip", f"expected > 0, got {self.clip}")
-        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", f"expected >= 0, got {self.noise_multiplier}")
+        require(self.clip > 0, "privacy.clip", f"expected > 0, got {self.clip}")
+        require(self.noise_multiplier >= 0, "privacy.noise_multiplier", f"expected >= 0, got {self.noise_multiplier}")
         if self.target_epsilon is not None:
-            _check(self.target_epsilon > 0, "privacy.target_epsilon", f"expected > 0, got {self.target_epsilon}")
-        _check(0 < self.delta < 1, "privacy.delta", f"expected in (0, 1), got {self.delta}")
-        _check(0 < self.target_quantile < 1, "privacy.target_quantile", f"expected in (0, 1), got {self.target_quantile}")
-        _check(0 < self.secagg_threshold <= 1, "privacy.secagg_threshold", f"expected in (0, 1], got {self.secagg_threshold}")
-        _check(self.dpsgd_noise >= 0, "privacy.dpsgd_noise", f"expected >= 0, got {self.dpsgd_noise}")
-        _check(self.dpsgd_clip > 0, "privacy.dpsgd_clip", f"expected > 0, got {self.dpsgd_clip}")
+            require(self.target_epsilon > 0, "privacy.target_epsilon", f"expected > 0, got {self.target_epsilon}")
+        require(0 < self.delta < 1, "privacy.delta", f"expected in (0, 1), got {self.delta}")
+        require(0 < self.target_quantile < 1, "privacy.target_quantile", f"expected in (0, 1), got {self.target_quantile}")
+        require(0 < self.secagg_threshold <= 1, "privacy.secagg_threshold", f"expected in (0, 1], got {self.secagg_threshold}")
+        require(self.dpsgd_noise >= 0, "privacy.dpsgd_noise", f"expected >= 0, got {self.dpsgd_noise}")
+        require(self.dpsgd_clip > 0, "privacy.dpsgd_clip", f"expected > 0, got {self.dpsgd_clip}")
 
     @property
     def enabled(self) -> bool:
@@ -296,7 +297,7 @@ class CompressionConfig:
     error_feedback: bool = doc("keep the compression error on the client and add it to the next update", True)
 
     def __post_init__(self) -> None:
-        _check(0 < self.topk_fraction <= 1, "compression.topk_fraction", f"expected in (0, 1], got {self.topk_fraction}")
+        require(0 < self.topk_fraction <= 1, "compression.topk_fraction", f"expected in (0, 1], got {self.topk_fraction}")
 
 
 @dataclass(frozen=True)
@@ -312,11 +313,11 @@ class PruneConfig:
     snip_batch: int = doc("snip: examples in the one mini-batch that scores connections", 100)
 
     def __post_init__(self) -> None:
-        _check(0 < self.remaining <= 1, "prune.remaining", f"expected in (0, 1], got {self.remaining}")
-        _check(1 <= self.iterations <= 100, "prune.iterations", f"expected in [1, 100], got {self.iterations}")
-        _check(0 <= self.dae_epochs <= 1000, "prune.dae_epochs", f"expected in [0, 1000], got {self.dae_epochs}")
-        _check(self.dae_lr > 0, "prune.dae_lr", f"expected > 0, got {self.dae_lr}")
-        _check(self.snip_batch >= 1, "prune.snip_batch", f"expected >= 1, got {self.snip_batch}")
+        require(0 < self.remaining <= 1, "prune.remaining", f"expected in (0, 1], got {self.remaining}")
+        require(1 <= self.iterations <= 100, "prune.iterations", f"expected in [1, 100], got {self.iterations}")
+        require(0 <= self.dae_epochs <= 1000, "prune.dae_epochs", f"expected in [0, 1000], got {self.dae_epochs}")
+        require(self.dae_lr > 0, "prune.dae_lr", f"expected > 0, got {self.dae_lr}")
+        require(self.snip_batch >= 1, "prune.snip_batch", f"expected >= 1, got {self.snip_batch}")
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,7 @@ class CheckpointConfig:
     keep: int = doc("checkpoints kept (older ones deleted)", 2)
 
     def __post_init__(self) -> None:
-        _check(1 <= self.keep <= 1000, "checkpoint.keep", f"expected in [1, 1000], got {self.keep}")
+        require(1 <= self.keep <= 1000, "checkpoint.keep", f"expected in [1, 1000], got {self.keep}")
 
 
 @dataclass(frozen=True)
@@ -341,15 +342,15 @@ class TrainConfig:
     max_grad_norm: float = doc("gradient clipping norm (0 disables)", 0.3)
 
     def __post_init__(self) -> None:
-        _check(1 <= self.local_steps <= 1_000_000, "train.local_steps", f"expected >= 1, got {self.local_steps}")
-        _check(1 <= self.batch_size <= 4096, "train.batch_size", f"expected in [1, 4096], got {self.batch_size}")
-        _check(self.lr >= 0, "train.lr", f"expected >= 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "train.weight_decay", f"expected >= 0, got {self.weight_decay}")
-        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"expected in [0, 1), got {self.warmup_ratio}")
-        _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"expected >= 0, got {self.max_grad_norm}")
-        _check(0 <= self.momentum < 1, "train.momentum", f"expected in [0, 1), got {self.momentum}")
+        require(1 <= self.local_steps <= 1_000_000, "train.local_steps", f"expected >= 1, got {self.local_steps}")
+        require(1 <= self.batch_size <= 4096, "train.batch_size", f"expected in [1, 4096], got {self.batch_size}")
+        require(self.lr >= 0, "train.lr", f"expected >= 0, got {self.lr}")
+        require(self.weight_decay >= 0, "train.weight_decay", f"expected >= 0, got {self.weight_decay}")
+        require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"expected in [0, 1), got {self.warmup_ratio}")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", f"expected >= 0, got {self.max_grad_norm}")
+        require(0 <= self.momentum < 1, "train.momentum", f"expected in [0, 1), got {self.momentum}")
         if self.local_epochs is not None:
-            _check(1 <= self.local_epochs <= 10_000, "train.local_epochs", f"expected in [1, 10000], got {self.local_epochs}")
+            require(1 <= self.local_epochs <= 10_000, "train.local_epochs", f"expected in [1, 10000], got {self.local_epochs}")
 
 
 @dataclass(frozen=True)
@@ -361,12 +362,12 @@ class EvalConfig:
     every: int = doc("evaluate every this many rounds (the last round always)", 1)
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "eval.batch_size", f"expected >= 1, got {self.batch_size}")
-        _check(self.bleu_samples >= 0, "eval.bleu_samples", f"expected >= 0, got {self.bleu_samples}")
-        _check(1 <= self.max_new_tokens <= 4096, "eval.max_new_tokens", f"expected in [1, 4096], got {self.max_new_tokens}")
+        require(self.batch_size >= 1, "eval.batch_size", f"expected >= 1, got {self.batch_size}")
+        require(self.bleu_samples >= 0, "eval.bleu_samples", f"expected >= 0, got {self.bleu_samples}")
+        require(1 <= self.max_new_tokens <= 4096, "eval.max_new_tokens", f"expected in [1, 4096], got {self.max_new_tokens}")
         for x in self.targets:
-            _check(0 < x <= 1, "eval.targets", f"expected accuracies in (0, 1], got {x}")
-        _check(1 <= self.every <= 100_000, "eval.every", f"expected >= 1, got {self.every}")
+            require(0 < x <= 1, "eval.targets", f"expected accuracies in (0, 1], got {x}")
+        require(1 <= self.every <= 100_000, "eval.every", f"expected >= 1, got {self.every}")
 
 
 @dataclass(frozen=True)
@@ -391,8 +392,8 @@ class FaultsConfig:
     def __post_init__(self) -> None:
         for name in ("error_prob", "nan_prob", "dropout_prob", "straggler_fraction"):
             v = getattr(self, name)
-            _check(0 <= v <= 1, f"faults.{name}", f"expected a probability in [0, 1], got {v}")
-        _check(0 < self.straggler_speed <= 1, "faults.straggler_speed", f"expected in (0, 1], got {self.straggler_speed}")
+            require(0 <= v <= 1, f"faults.{name}", f"expected a probability in [0, 1], got {v}")
+        require(0 < self.straggler_speed <= 1, "faults.straggler_speed", f"expected in (0, 1], got {self.straggler_speed}")
 
     def _draw(self, client_id: int, rnd: int, kind: str) -> float:
         import numpy as np  # noqa: PLC0415  (config stays import-light)
@@ -433,15 +434,15 @@ class Recipe:
     faults: FaultsConfig = doc("injected client faults and availability", FaultsConfig())
 
     def __post_init__(self) -> None:
-        _check(bool(self.name.strip()) and not any(c in self.name for c in "/\\\0")
+        require(bool(self.name.strip()) and not any(c in self.name for c in "/\\\0")
                and self.name not in (".", "..") and len(self.name.encode("utf-8", "replace")) <= 200,
                "name", f"expected a plain folder name (no / or \\, at most 200 bytes), got {_show(self.name)}")
-        _check(0 <= self.seed < 2**32, "seed", f"expected an integer in [0, 2**32), got {self.seed}")
-        _check(self.federation.min_clients <= self.partition.num_clients, "federation.min_clients",
+        require(0 <= self.seed < 2**32, "seed", f"expected an integer in [0, 2**32), got {self.seed}")
+        require(self.federation.min_clients <= self.partition.num_clients, "federation.min_clients",
                f"expected <= partition.num_clients ({self.partition.num_clients}), got {self.federation.min_clients}")
         for kind in ("nan_clients", "error_clients"):
             for c in getattr(self.faults, kind):
-                _check(0 <= c < self.partition.num_clients, f"faults.{kind}",
+                require(0 <= c < self.partition.num_clients, f"faults.{kind}",
                        f"client ids must be in [0, {self.partition.num_clients}), got {c}")
         for rule in COMPATIBILITY:
             problem = rule(self)

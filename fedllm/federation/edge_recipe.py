@@ -30,13 +30,9 @@ from fedllm.config import (
     build,
     doc,
     read_yaml,
+    require,
 )
 from fedllm.federation.edge import EdgeStudyConfig, quick
-
-
-def _need(cond: bool, where: str, message: str) -> None:
-    if not cond:
-        raise RecipeError(where, message)
 
 
 @dataclass(frozen=True)
@@ -57,8 +53,8 @@ class CoreGroup:
     steps: int = doc("Phase 0: optimizer steps training the core on D_c", 600)
 
     def __post_init__(self) -> None:
-        _need(0 < self.fraction < 1, "core.fraction", f"expected in (0, 1), got {self.fraction}")
-        _need(self.steps >= 1, "core.steps", f"expected >= 1, got {self.steps}")
+        require(0 < self.fraction < 1, "core.fraction", f"expected in (0, 1), got {self.fraction}")
+        require(self.steps >= 1, "core.steps", f"expected >= 1, got {self.steps}")
 
 
 @dataclass(frozen=True)
@@ -74,19 +70,19 @@ class EdgesGroup:
 
     def __post_init__(self) -> None:
         n = self.count
-        _need(1 <= n <= 10_000, "edges.count", f"expected in [1, 10000], got {n}")
-        _need(self.alpha >= 0, "edges.alpha", f"expected >= 0, got {self.alpha}")
-        _need(self.steps >= 1, "edges.steps", f"expected >= 1, got {self.steps}")
-        _need(self.loss_threshold >= 0, "edges.loss_threshold", f"expected >= 0, got {self.loss_threshold}")
-        _need(not self.arrival or sorted(self.arrival) == list(range(n)), "edges.arrival",
+        require(1 <= n <= 10_000, "edges.count", f"expected in [1, 10000], got {n}")
+        require(self.alpha >= 0, "edges.alpha", f"expected >= 0, got {self.alpha}")
+        require(self.steps >= 1, "edges.steps", f"expected >= 1, got {self.steps}")
+        require(self.loss_threshold >= 0, "edges.loss_threshold", f"expected >= 0, got {self.loss_threshold}")
+        require(not self.arrival or sorted(self.arrival) == list(range(n)), "edges.arrival",
               f"expected a permutation of 0..{n - 1}, got {self.arrival}")
         ids = {"edges.lags": [x.edge for x in self.lags], "edges.never_return": self.never_return,
                "edges.noisy": [x.edge for x in self.noisy]}
         for where, edges in ids.items():
-            _need(all(0 <= e < n for e in edges), where, f"edge ids must be in [0, {n}), got {edges}")
-            _need(len(set(edges)) == len(edges), where, f"an edge is listed twice: {edges}")
-        _need(all(x.by >= 0 for x in self.lags), "edges.lags", "expected by >= 0")
-        _need(all(0 <= x.p <= 1 for x in self.noisy), "edges.noisy", "expected p in [0, 1]")
+            require(all(0 <= e < n for e in edges), where, f"edge ids must be in [0, {n}), got {edges}")
+            require(len(set(edges)) == len(edges), where, f"an edge is listed twice: {edges}")
+        require(all(x.by >= 0 for x in self.lags), "edges.lags", "expected by >= 0")
+        require(all(0 <= x.p <= 1 for x in self.noisy), "edges.noisy", "expected p in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -101,11 +97,11 @@ class DistillGroup:
         "D_c (IPP)", "clone")
 
     def __post_init__(self) -> None:
-        _need(self.steps >= 1, "distill.steps", f"expected >= 1, got {self.steps}")
-        _need(self.temperature > 0, "distill.temperature", f"expected > 0, got {self.temperature}")
-        _need(self.alpha >= 0, "distill.alpha", f"expected >= 0, got {self.alpha}")
-        _need(1 <= self.memory <= 1000, "distill.memory", f"expected in [1, 1000], got {self.memory}")
-        _need(1 <= self.ensemble <= 100, "distill.ensemble", f"expected in [1, 100], got {self.ensemble}")
+        require(self.steps >= 1, "distill.steps", f"expected >= 1, got {self.steps}")
+        require(self.temperature > 0, "distill.temperature", f"expected > 0, got {self.temperature}")
+        require(self.alpha >= 0, "distill.alpha", f"expected >= 0, got {self.alpha}")
+        require(1 <= self.memory <= 1000, "distill.memory", f"expected in [1, 1000], got {self.memory}")
+        require(1 <= self.ensemble <= 100, "distill.ensemble", f"expected in [1, 100], got {self.ensemble}")
 
 
 @dataclass(frozen=True)
@@ -115,9 +111,9 @@ class EdgeTrainGroup:
     batch_size: int = doc("examples per step", 64)
 
     def __post_init__(self) -> None:
-        _need(self.lr > 0, "train.lr", f"expected > 0, got {self.lr}")
-        _need(0 <= self.momentum < 1, "train.momentum", f"expected in [0, 1), got {self.momentum}")
-        _need(1 <= self.batch_size <= 4096, "train.batch_size", f"expected in [1, 4096], got {self.batch_size}")
+        require(self.lr > 0, "train.lr", f"expected > 0, got {self.lr}")
+        require(0 <= self.momentum < 1, "train.momentum", f"expected in [0, 1), got {self.momentum}")
+        require(1 <= self.batch_size <= 4096, "train.batch_size", f"expected in [1, 4096], got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -128,10 +124,10 @@ class VisionGroup:
     max_test_examples: int = doc("cut the test set (0: all 10,000)", 0)
 
     def __post_init__(self) -> None:
-        _need(self.max_train_examples >= 0, "vision.max_train_examples", "expected >= 0")
-        _need(self.max_test_examples >= 0, "vision.max_test_examples", "expected >= 0")
+        require(self.max_train_examples >= 0, "vision.max_train_examples", "expected >= 0")
+        require(self.max_test_examples >= 0, "vision.max_test_examples", "expected >= 0")
         if self.data_root is not None:
-            _need(Path(self.data_root).is_dir(), "vision.data_root", f"directory {self.data_root!r} does not exist")
+            require(Path(self.data_root).is_dir(), "vision.data_root", f"directory {self.data_root!r} does not exist")
 
 
 @dataclass(frozen=True)
@@ -145,8 +141,8 @@ class LMGroup:
     eval_batch_size: int = doc("examples per evaluation forward pass", 8)
 
     def __post_init__(self) -> None:
-        _need(self.model.task == "lm", "lm.model.preset", f"expected a causal LM preset, got {self.model.preset!r}")
-        _need(self.eval_batch_size >= 1, "lm.eval_batch_size", f"expected >= 1, got {self.eval_batch_size}")
+        require(self.model.task == "lm", "lm.model.preset", f"expected a causal LM preset, got {self.model.preset!r}")
+        require(self.eval_batch_size >= 1, "lm.eval_batch_size", f"expected >= 1, got {self.eval_batch_size}")
 
 
 @dataclass(frozen=True)
@@ -159,10 +155,10 @@ class StudyGroup:
     threads: int = doc("torch CPU threads (1 is fastest for LeNet)", 1)
 
     def __post_init__(self) -> None:
-        _need(len(self.seeds) >= 1, "study.seeds", "expected at least one seed")
-        _need(all(0 <= s < 2**32 for s in self.seeds), "study.seeds", f"expected seeds in [0, 2**32), got {self.seeds}")
-        _need(1 <= self.fedavg_rounds <= 1000, "study.fedavg_rounds", f"expected in [1, 1000], got {self.fedavg_rounds}")
-        _need(1 <= self.threads <= 1024, "study.threads", f"expected in [1, 1024], got {self.threads}")
+        require(len(self.seeds) >= 1, "study.seeds", "expected at least one seed")
+        require(all(0 <= s < 2**32 for s in self.seeds), "study.seeds", f"expected seeds in [0, 2**32), got {self.seeds}")
+        require(1 <= self.fedavg_rounds <= 1000, "study.fedavg_rounds", f"expected in [1, 1000], got {self.fedavg_rounds}")
+        require(1 <= self.threads <= 1024, "study.threads", f"expected in [1, 1024], got {self.threads}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,11 +174,11 @@ class EdgeRecipe:
     study: StudyGroup = doc("what to run", StudyGroup())
 
     def __post_init__(self) -> None:
-        _need(bool(self.name.strip()) and not any(c in self.name for c in "/\\\0"), "name",
+        require(bool(self.name.strip()) and not any(c in self.name for c in "/\\\0"), "name",
               f"expected a plain name, got {self.name!r}")
         if self.workload == "lm":
-            _need(not self.edges.noisy, "edges.noisy", "label noise applies to workload: vision only")
-            _need(self.edges.alpha == 0, "edges.alpha", "workload: lm splits edges with lm.partition")
+            require(not self.edges.noisy, "edges.noisy", "label noise applies to workload: vision only")
+            require(self.edges.alpha == 0, "edges.alpha", "workload: lm splits edges with lm.partition")
 
     def study_config(self, seed: int | None = None) -> EdgeStudyConfig:
         """The vision workload's :class:`EdgeStudyConfig` (seed: the first of study.seeds)."""
