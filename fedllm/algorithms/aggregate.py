@@ -16,7 +16,7 @@ mean of deltas applied with step 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from fedllm.types import ClientUpdate, StateDict, add, weighted_sum
@@ -79,3 +79,15 @@ class ApplyDelta:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+def build_named(kind: str, registry: Mapping[str, Callable[..., Any]], name: str, **kw: Any) -> Any:
+    """``registry[name](**kw)``, with one-line errors naming the ``kind`` for an unknown name or bad
+    options (the recipe-facing builders of aggregators, server optimizers and samplers share it)."""
+    factory = registry.get(name)
+    if factory is None:
+        raise ValueError(f"unknown {kind} {name!r}; expected one of {sorted(registry)}")
+    try:
+        return factory(**kw)
+    except TypeError as err:
+        raise ValueError(f"{kind} {name!r} got bad options {sorted(kw)}: {err}") from err

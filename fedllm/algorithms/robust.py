@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fedllm.algorithms.aggregate import Aggregator, MeanAggregator
+from fedllm.algorithms.aggregate import Aggregator, MeanAggregator, build_named
 from fedllm.algorithms.drift import FedNovaAggregator
 from fedllm.types import ClientUpdate, StateDict, global_norm
 
@@ -167,11 +167,5 @@ def build_aggregator(name: str, max_norm: float | None = None, **kw: Any) -> Agg
 
     ``weighted`` goes to "mean" and "fednova"; ``max_norm`` wraps any of them in :class:`NormBound`.
     """
-    factory = AGGREGATORS.get(name)
-    if factory is None:
-        raise ValueError(f"unknown aggregator {name!r}; expected one of {sorted(AGGREGATORS)}")
-    try:
-        agg = factory(**kw)
-    except TypeError as err:
-        raise ValueError(f"aggregator {name!r} got bad options {sorted(kw)}: {err}") from err
+    agg = build_named("aggregator", AGGREGATORS, name, **kw)
     return agg if max_norm is None else NormBound(max_norm, agg)

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedllm.algorithms.aggregate import build_named
+
 Losses = Mapping[int, float] | Callable[[list[int]], Mapping[int, float]]
 
 
@@ -248,10 +250,4 @@ SAMPLERS: dict[str, type] = {
 
 def build_sampler(name: str, **kw: Any) -> ClientSampler:
     """The client sampler called ``name`` (one of :data:`SAMPLERS`) built with ``kw``."""
-    cls = SAMPLERS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown client sampler {name!r}; expected one of {sorted(SAMPLERS)}")
-    try:
-        return cls(**kw)
-    except TypeError as err:
-        raise ValueError(f"client sampler {name!r} got bad options {sorted(kw)}: {err}") from err
+    return build_named("client sampler", SAMPLERS, name, **kw)

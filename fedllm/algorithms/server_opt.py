@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fedllm.algorithms.aggregate import ApplyDelta, ServerUpdate
+from fedllm.algorithms.aggregate import ApplyDelta, ServerUpdate, build_named
 from fedllm.types import StateDict
 
 
@@ -176,10 +176,4 @@ SERVER_UPDATES: dict[str, type] = {
 
 def build_server_update(name: str, **kw: Any) -> ServerUpdate:
     """The server optimizer called ``name`` (one of :data:`SERVER_UPDATES`) built with ``kw``."""
-    cls = SERVER_UPDATES.get(name)
-    if cls is None:
-        raise ValueError(f"unknown server optimizer {name!r}; expected one of {sorted(SERVER_UPDATES)}")
-    try:
-        return cls(**kw)
-    except TypeError as err:
-        raise ValueError(f"server optimizer {name!r} got bad options {sorted(kw)}: {err}") from err
+    return build_named("server optimizer", SERVER_UPDATES, name, **kw)
