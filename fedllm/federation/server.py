@@ -73,6 +73,13 @@ class RoundPlan:
         return sorted(self.steps)
 
 
+def norm_violation(update: ClientUpdate, max_norm: float | None) -> str | None:
+    """Why ``update`` exceeds the norm bound ``max_norm`` (``federation.reject_norm``), or None."""
+    if max_norm is not None and (norm := global_norm(update.delta)) > max_norm:
+        return f"L2 norm {norm:.4g} exceeds federation.reject_norm={max_norm}"
+    return None
+
+
 def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
                     max_norm: float | None = None) -> str | None:
     """Why ``update`` must not be aggregated (keys, shapes, dtypes, finiteness, norm), or None."""
@@ -88,9 +95,7 @@ def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
             return f"{k}: dtype {v.dtype}, expected {ref.dtype}"
     if not update.is_finite():
         return "non-finite values (NaN/Inf)"
-    if max_norm is not None and global_norm(update.delta) > max_norm:
-        return f"L2 norm {global_norm(update.delta):.4g} exceeds federation.reject_norm={max_norm}"
-    return None
+    return norm_violation(update, max_norm)
 
 
 def _regions(num_clients: int, regions: int, by: str) -> list[list[int]]:
@@ -111,6 +116,7 @@ class FederatedServer:
         self.num_clients, self.per_round = len(client_sizes), r.clients_per_round
         self.template = clone_state(initial_state)
         self.payload_bytes = payload_bytes or serialized_bytes
+        self.model_bytes = self.payload_bytes(self.template)  # every state/delta/control has its layout
         self.mask, self.mask_bytes = (dict(mask) if mask else None), mask_bytes
         self.has_mask: set[int] = set()  # clients that already downloaded the mask (sent once)
         sizes = {k: int(n) for k, n in enumerate(client_sizes)}
@@ -200,12 +206,10 @@ class FederatedServer:
                 steps.pop(k, None)
         plan = RoundPlan(rnd, sampled, steps, list(fate.dropped), list(fate.stragglers))
         for k in sampled:  # every sampled client downloads the model, including those who then drop
-            self._bytes_down += self.payload_bytes(self.template)
+            self._bytes_down += self.model_bytes * (2 if self.scaffold is not None else 1)  # + SCAFFOLD's c
             if self.mask is not None and k not in self.has_mask:
                 self._bytes_down += self.mask_bytes
                 self.has_mask.add(k)
-            if self.scaffold is not None:
-                self._bytes_down += self.payload_bytes(self.scaffold.c)
         if self.recipe.privacy.secure_aggregation and len(plan.training) >= 2:
             n = len(plan.training)
             threshold = min(n, max(2, math.ceil(self.recipe.privacy.secagg_threshold * n)))
@@ -285,11 +289,12 @@ class FederatedServer:
     # ------------------------------------------------------------------ the round, server side
 
     def finish_round(self, rnd: int, global_state: StateDict) -> tuple[StateDict, dict[str, Any]]:
-        """Validate, aggregate and apply what arrived; the global state is unchanged if too few."""
+        """Norm-check, aggregate and apply what arrived; the global state is unchanged if too few."""
         reject_norm = self.recipe.federation.reject_norm
         valid = []
         for u in self._arrived:
-            reason = None if self._secagg is not None else validate_update(u, self.template, reject_norm)
+            # structure was checked on arrival; the bound applies to what the server received
+            reason = None if self._secagg is not None else norm_violation(u, reject_norm)
             if reason is None:
                 valid.append(u)
             else:
@@ -407,7 +412,7 @@ class FederatedServer:
             metrics["lora_aggregation_error"] = aggregation_error(
                 new_state, [c for _, c in self._sync_clients], [w / total for w, _ in self._sync_clients])
         metrics["bytes_up_regional"] = sum(self.payload_bytes(u.delta) for u in region_ups)
-        metrics["bytes_down_regional"] = self.payload_bytes(global_state) * len(self.regions)
+        metrics["bytes_down_regional"] = self.model_bytes * len(self.regions)
         self.regional, self._region_examples, self._sync_clients = {}, {}, []
         return new_state
 
