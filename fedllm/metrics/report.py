@@ -4,17 +4,33 @@ run can be re-reported: ``report.md`` and PNG plots per mode, and the three-mode
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fedllm.config import RecipeError
 from fedllm.federation.rundir import read_metrics, write_json_atomic
 from fedllm.metrics.cost import cost_to_accuracy
 
-CURVES = (("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("bleu", "BLEU"), ("accuracy", "accuracy"),
-          ("epsilon", "DP epsilon"))
 OPTIONAL_COLUMNS = ("accuracy", "epsilon", "lora_aggregation_error", "rejected_updates", "failed_clients")
+
+# One look per mode: colour, marker and line style all differ, so lines that coincide (federated
+# and local often do early on) stay apart; hollow federated markers show the line drawn over them.
+STYLES = {"federated": {"color": "#1f77b4", "marker": "o", "linestyle": "-", "markersize": 8,
+                        "markerfacecolor": "none", "markeredgewidth": 1.8, "linewidth": 2.2},
+          "centralized": {"color": "#d62728", "marker": "s", "linestyle": "--", "markersize": 5},
+          "local": {"color": "#2ca02c", "marker": "^", "linestyle": ":", "markersize": 6, "linewidth": 2.2}}
+EXTRA_STYLES = ({"color": "#9467bd", "marker": "D", "linestyle": "-."}, {"color": "#8c564b", "marker": "v", "linestyle": "-"})
+ALPHA = 0.8
+
+
+@dataclass(frozen=True)
+class Panel:
+    key: str  # a metrics.jsonl field, or "bytes" (cumulative bytes up + down)
+    title: str
+    ylabel: str
 
 
 def _present(rows: list[dict], key: str) -> bool:
@@ -30,27 +46,156 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _plot(series: dict[str, list[dict]], out: Path, title: str) -> None:
+def is_vision(series: dict[str, list[dict]]) -> bool:
+    """A run is a classifier's when any row has an accuracy."""
+    return any(r.get("accuracy") is not None for rows in series.values() for r in rows)
+
+
+def panels(series: dict[str, list[dict]]) -> list[Panel]:
+    """The panels a figure of these runs shows: eval loss; perplexity (LM) or accuracy (vision);
+    BLEU when the run computed it (even if every value is 0); DP ε when spent; bytes; time."""
+    rows = [r for rs in series.values() for r in rs]
+    vision = is_vision(series)
+    out = [Panel("eval_loss", "eval loss (lower is better)",
+                 "cross-entropy" if vision else "NLL per response token")]
+    if vision:
+        out.append(Panel("accuracy", "accuracy (higher is better)", "accuracy"))
+    else:
+        out.append(Panel("perplexity", "perplexity (lower is better)", "exp(eval loss)"))
+    if any(r.get("bleu") is not None for r in rows):
+        out.append(Panel("bleu", "BLEU of greedy answers (higher is better)", "sacreBLEU (0-100)"))
+    if _present(rows, "epsilon"):
+        out.append(Panel("epsilon", "DP epsilon spent", "epsilon"))
+    out.append(Panel("bytes", "communication so far (up + down)", "bytes, cumulative"))
+    out.append(Panel("round_time_s", "time per round", "seconds"))
+    return out
+
+
+def _points(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    if key == "bytes":
+        total, pts = 0, []
+        for r in rows:
+            total += (r.get("bytes_up") or 0) + (r.get("bytes_down") or 0)
+            pts.append((r["round"], total))
+        return pts
+    if key == "round_time_s":  # round 0 is the initial evaluation, not a round of training
+        return [(r["round"], r[key]) for r in rows if r["round"] > 0 and r.get(key) is not None]
+    return [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+
+
+def _client_range(rows: list[dict], key: str) -> list[tuple[int, float, float]]:
+    """(round, min, max) over a local run's per-client values of ``key``."""
+    out = []
+    for r in rows:
+        vals = [c[key] for c in (r.get("per_client") or {}).values() if c.get(key) is not None]
+        if vals:
+            out.append((r["round"], min(vals), max(vals)))
+    return out
+
+
+def _label(name: str, rows: list[dict], vision: bool) -> str:
+    last = rows[-1]
+    key, what = ("accuracy", "accuracy") if vision else ("eval_loss", "eval loss")
+    label = name if last.get(key) is None else f"{name}: final {what} {last[key]:.4f}"
+    if last.get("per_client"):
+        label += f"\n(mean of {len(last['per_client'])} clients' own models)"
+    return label
+
+
+def _human_bytes(v: float, _pos=None) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(v) >= size:
+            return f"{v / size:.3g} {unit}"
+    return f"{v:.0f} B"
+
+
+def _draw(ax, panel: Panel, series: dict[str, list[dict]]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for i, (name, rows) in enumerate(series.items()):
+        style = STYLES.get(name) or EXTRA_STYLES[i % len(EXTRA_STYLES)]
+        pts = _points(rows, panel.key)
+        if pts:
+            ax.plot(*zip(*pts), alpha=ALPHA, label=name, **style)
+        band = _client_range(rows, panel.key) if panel.key not in ("bytes", "round_time_s") else []
+        if len(band) > 1 and any(lo != hi for _, lo, hi in band):
+            xs, lo, hi = zip(*band)
+            ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.12, linewidth=0,
+                            label=f"{name}: range over clients")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(panel.ylabel)
+    ax.set_title(panel.title, fontsize=10)
+    ax.grid(alpha=0.3)
+    _limits(ax, panel, series)
+
+
+def _limits(ax, panel: Panel, series: dict[str, list[dict]]) -> None:
+    """Axes that read at a glance: accuracy on 0-1, amounts from 0, an all-zero BLEU said in words."""
+    from matplotlib.ticker import FuncFormatter
+
+    top = max((v for rows in series.values() for _, v in _points(rows, panel.key)), default=0.0)
+    if panel.key == "accuracy":
+        ax.set_ylim(0, 1)
+    elif panel.key == "bleu":
+        upper = max(1.0, top * 1.1)
+        ax.set_ylim(-0.02 * upper, upper)
+        if top == 0:
+            ax.text(0.5, 0.5, "BLEU 0 in every round", transform=ax.transAxes, ha="center", va="center",
+                    color="0.4")
+    elif panel.key in ("bytes", "round_time_s"):  # amounts: from 0, so sizes compare
+        if panel.key == "bytes":
+            ax.yaxis.set_major_formatter(FuncFormatter(_human_bytes))
+        if top > 0:
+            ax.set_ylim(-0.02 * top, top * 1.08)
+        else:
+            ax.set_ylim(-0.05, 1)
+            ax.set_yticks([0])
+            ax.text(0.5, 0.5, "no client/server traffic in this mode" if panel.key == "bytes" else "no time",
+                    transform=ax.transAxes, ha="center", va="center", color="0.4")
+
+
+def figure(series: dict[str, list[dict]], title: str):
+    """The matplotlib figure of :func:`panels` for runs ``{name: metrics rows}``: one shared
+    legend (with each run's final eval loss or accuracy), labelled axes, integer round ticks."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    curves = [(k, label) for k, label in CURVES if any(_present(rows, k) for rows in series.values())]
-    curves = curves or list(CURVES[:1])
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
-    axes = axes[0]
-    for ax, (key, label) in zip(axes, curves):
-        for name, rows in series.items():
-            pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xlabel("round")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
+    shown = panels(series)
+    ncols = min(len(shown), 3)
+    nrows = -(-len(shown) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows + 0.9), squeeze=False,
+                             layout="constrained")
+    flat = list(axes.flat)
+    for ax, panel in zip(flat, shown):
+        _draw(ax, panel, series)
+    for ax in flat[len(shown):]:
+        ax.set_visible(False)
+    vision = is_vision(series)
+    handles, names = [], []
+    for ax in flat[: len(shown)]:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    labels = [_label(n, series[n], vision) if n in series else n for n in names]
+    spare = flat[len(shown):]
+    if spare:  # the legend fills the first empty slot of the grid
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        spare[0].legend(handles, labels, loc="center", frameon=False, title="held-out split")
+    else:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), frameon=False)
+    fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def _plot(series: dict[str, list[dict]], out: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(series, title)
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
@@ -86,7 +231,8 @@ def write_report(path: Path, plots: bool = True) -> Path:
         lines += [f"| {x} | {_fmt(c['rounds'])} | {_fmt(c['bytes'])} | {_fmt(c['train_time_s'])} |"
                   for x, c in cost.items()]
     if plots:
-        _plot({rows[0]["mode"]: rows}, path / "metrics.png", f"{path.parent.name} ({rows[0]['mode']})")
+        name = summary.get("name", path.parent.name)
+        _plot({rows[0]["mode"]: rows}, path / "metrics.png", f"{name}: {rows[0]['mode']} run, held-out split")
         lines += ["", "![metrics](metrics.png)"]
     (path / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path / "report.md"
@@ -113,7 +259,40 @@ def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[s
     lines += [f"| {m} | " + " | ".join(_fmt(v[c]) for c in cols) + " |" for m, v in table.items()]
     lines += ["", "Local-only rows are means over clients (each evaluated on the same held-out split)."]
     if plots and series:
-        _plot(series, root / "comparison.png", f"{root.name}: three modes")
+        _plot(series, root / "comparison.png", f"{root.name}: {' vs '.join(series)} on the same held-out split")
         lines += ["", "![comparison](comparison.png)"]
     (root / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return table
+
+
+def _rows_or_error(path: Path) -> list[dict]:
+    """A run directory's metrics rows; a missing, empty or garbled metrics.jsonl is a one-line error."""
+    try:
+        rows = read_metrics(path)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(str(path / "metrics.jsonl"), f"line {exc.lineno} is not JSON; expected one "
+                          "metrics object per line") from None
+    if not rows or not all(isinstance(r, dict) and "round" in r and "mode" in r for r in rows):
+        raise RecipeError(str(path / "metrics.jsonl"), "expected one metrics object (round, mode, ...) per line")
+    return rows
+
+
+def rebuild(path: Path) -> list[Path]:
+    """``fedllm report PATH``: rebuild a run directory's report, or a compare directory's
+    comparison and each of its modes' reports. Any other path is a one-line error."""
+    from fedllm.federation.modes import MODES
+
+    if (path / "metrics.jsonl").is_file():
+        _rows_or_error(path)
+        return [write_report(path)]
+    modes = [m for m in MODES if (path / m / "metrics.jsonl").is_file()]
+    if not modes:
+        what = "does not exist" if not path.exists() else "is not a directory" if not path.is_dir() else \
+            "holds no metrics.jsonl"
+        raise RecipeError(str(path), f"{what}; expected a run directory (with metrics.jsonl) or a compare "
+                          f"directory (with {', '.join(f'{m}/' for m in MODES)} run folders)")
+    for m in modes:
+        _rows_or_error(path / m)
+    out = [write_report(path / m) for m in modes]
+    write_comparison(path, modes)
+    return [*out, path / "comparison.md"]

