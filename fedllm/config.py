@@ -340,6 +340,9 @@ class TrainConfig:
     weight_decay: float = doc("AdamW weight decay", 0.001)
     warmup_ratio: float = doc("fraction of a client's steps with linear warm-up", 0.03)
     max_grad_norm: float = doc("gradient clipping norm (0 disables)", 0.3)
+    noop_guard: Literal["error", "warn"] = doc(
+        "a fit with lr > 0 whose gradients never reach a trainable parameter, or a round whose updates "
+        "are all exactly zero: error (stop the run, exit 3) or warn", "error")
 
     def __post_init__(self) -> None:
         require(1 <= self.local_steps <= 1_000_000, "train.local_steps", f"expected >= 1, got {self.local_steps}")

@@ -39,6 +39,8 @@ class ClientUpdate:
 
     ``delta`` is θ_local − θ_global over the trainable state (GradualDiff-Fed's Δᵢ). Every built-in
     algorithm speaks in deltas; FedAvg's weighted mean of weights is θ_g + Σ wᵢ Δᵢ.
+    ``grad_steps`` lets the engine tell a fit that trained from one whose gradients never reached
+    a trainable parameter (:mod:`fedllm.federation.guard`).
     """
 
     client_id: int
@@ -48,6 +50,7 @@ class ClientUpdate:
     train_loss: float
     bytes_up: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    grad_steps: int | None = None  # backward passes that left a non-zero gradient; None: not measured
 
     def is_finite(self) -> bool:
         """True when the reported loss and every delta entry are finite (no NaN/Inf)."""

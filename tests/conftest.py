@@ -14,6 +14,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_sessionstart(session):
+    """Print the machine first (also under ``-q``, which hides pytest's own header)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        for line in _machine_lines():
+            reporter.write_line(line)
+
+
+def _machine_lines() -> list[str]:
+    """The machine a failure happened on: CPU flags that change bitsandbytes' kernels, and the kernel used."""
+    from fedllm.models.quant import bnb_says_avx512_bf16, kernel_info
+
+    info = kernel_info()
+    flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in _cpu_flags()]
+    return [f"fedllm machine: CPU flags {' '.join(flags) or 'none of avx512f/avx512_bf16/amx_bf16'}; "
+            f"bitsandbytes {info['bitsandbytes']} sees AVX512-BF16: {bnb_says_avx512_bf16()}; "
+            f"CUDA: {info['cuda'] or 'none'}; torch {info['torch']}",
+            "fedllm 4-bit kernel: exact (bitsandbytes' AVX512-BF16 packing is switched off by fedllm's loader)"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return {f for line in lines if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
 @pytest.fixture(scope="session")
 def tiny_recipe():
     from fedllm.config import load_recipe

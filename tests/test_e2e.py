@@ -62,6 +62,13 @@ def test_round0_perplexity_matches_direct_transformers(tiny_compare, tiny_recipe
                            bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32,
                                                  device_map={"": "cpu"}).eval()
+    # the exact 4-bit path, as fedllm computes it: on CPUs with AVX512-BF16, bitsandbytes' default
+    # would repack every layer for bf16 inference at this first no-grad forward
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
     records = coralmap_records()
     eval_ids = json.loads((tiny_compare / "federated" / "partition.json").read_text())["eval"]
     nll, count = 0.0, 0

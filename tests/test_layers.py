@@ -5,7 +5,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "fedllm"
 ORDER = ["types", "config", "data", "models", "algorithms", "client", "federation", "metrics", "cli"]
-RANK = {"types": 0, "config": 1, "data": 2, "models": 2, "algorithms": 3, "client": 4, "federation": 5,
+RANK = {"errors": 0, "types": 0, "config": 1, "data": 2, "models": 2, "algorithms": 3, "client": 4, "federation": 5,
         "metrics": 6, "studies": 7, "cli": 7}
 
 

@@ -7,28 +7,17 @@ One model object per process serves every client: the callback swaps only the tr
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from fedllm.client.fit import add_grad_term
 from fedllm.config import TrainConfig
 from fedllm.data.text import Example, collate
+from fedllm.models.quant import check_exact_kernels
 from fedllm.models.state import TrainableState
 from fedllm.types import StateDict, subtract
-
-
-@torch.no_grad()
-def add_grad_term(params: dict[str, torch.nn.Parameter], grad_term) -> None:
-    """p.grad += grad_term(params)[name] for every trainable parameter that has a gradient."""
-    if grad_term is None:
-        return
-    extra = grad_term(params)
-    for name, p in params.items():
-        if p.grad is not None and name in extra:
-            p.grad.add_(extra[name].to(p.grad.device, p.grad.dtype))
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -53,6 +42,9 @@ class CausalLMModule(L.LightningModule):
         self.grad_term = grad_term  # e.g. FedProx's μ(θ − θ_g): f(named params) -> {name: tensor}
         self.losses: list[float] = []
 
+    def on_fit_start(self) -> None:
+        check_exact_kernels(self.model)  # a packed 4-bit layer has no backward: never train on one
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
         self.losses.append(float(loss.detach()))
@@ -66,17 +58,6 @@ class CausalLMModule(L.LightningModule):
                                 weight_decay=self.train_cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, self.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-@dataclass
-class FitResult:
-    """What one Lightning fit produced for the orchestrator."""
-
-    delta: StateDict
-    train_loss: float
-    steps: int
-    finite: bool
-    losses: list[float] = field(default_factory=list)
 
 
 class StopOnNonFinite(L.Callback):
@@ -111,25 +92,3 @@ def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(examples, batch_size=batch_size, shuffle=True, generator=gen,
                       collate_fn=lambda b: collate(b, pad_id), num_workers=0)
-
-
-def make_trainer(steps: int, max_grad_norm: float, callbacks: list, accelerator: str) -> L.Trainer:
-    """A quiet Trainer for ``steps`` optimizer steps (cycling the loader as needed)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0,
-                         gradient_clip_val=max_grad_norm or None, callbacks=callbacks,
-                         limit_val_batches=0)
-
-
-def fit_steps(module: CausalLMModule, loader: DataLoader, steps: int, callbacks: list,
-              accelerator: str) -> list[float]:
-    """Run ``steps`` optimizer steps of ``module`` with Lightning; returns the step losses."""
-    module.losses = []
-    trainer = make_trainer(steps, module.train_cfg.max_grad_norm, callbacks, accelerator)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, train_dataloaders=loader)
-    return list(module.losses)

@@ -8,7 +8,6 @@ The same module serves the federated, centralized and local modes. ``grad_term``
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedllm.algorithms.prune import check_mask
-from fedllm.client.lm import add_grad_term, make_trainer
+from fedllm.client.fit import FitStats, add_grad_term, fit_module
 
 
 @dataclass(frozen=True)
@@ -103,14 +102,9 @@ class VisionClassifier(L.LightningModule):
 
 
 def fit_classifier(module: VisionClassifier, loader: DataLoader, steps: int, callbacks: list | None = None,
-                   accelerator: str = "cpu", max_grad_norm: float = 0.0) -> list[float]:
-    """Run ``steps`` optimizer steps of ``module`` with a quiet Lightning Trainer; returns the step losses."""
-    module.losses = []
-    trainer = make_trainer(steps, max_grad_norm, list(callbacks or []), accelerator)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, train_dataloaders=loader)
-    return list(module.losses)
+                   accelerator: str = "cpu", max_grad_norm: float = 0.0) -> FitStats:
+    """Run ``steps`` optimizer steps of ``module`` with a quiet Lightning Trainer (losses, grad steps)."""
+    return fit_module(module, loader, steps, list(callbacks or []), accelerator, max_grad_norm)
 
 
 def vision_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,

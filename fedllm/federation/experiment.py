@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from fedllm.client.evaluate import EvalResult, evaluate
-from fedllm.client.lm import CausalLMModule, FederatedRoundCallback, fit_steps, make_loader
+from fedllm.client.fit import fit_module
+from fedllm.client.lm import CausalLMModule, FederatedRoundCallback, make_loader
 from fedllm.config import Recipe
 from fedllm.data.build import TextData, build_text_data
 from fedllm.data.text import Example
@@ -69,13 +70,15 @@ class LMExperiment:
         loader = make_loader(examples, self.recipe.train.batch_size, self.tokenizer.pad_token_id, seed)
         module = CausalLMModule(self.model, self.state, self.recipe.train, steps, grad_term)
         round_cb = FederatedRoundCallback(start)
-        losses = fit_steps(module, loader, steps, [round_cb, *self.step_callbacks], self.accelerator)
-        delta = round_cb.delta
+        fitted = fit_module(module, loader, steps, [round_cb, *self.step_callbacks], self.accelerator,
+                            self.recipe.train.max_grad_norm)
+        losses, delta = fitted.losses, round_cb.delta
         if self.recipe.faults.fires(client_id, rnd, "nan"):
             delta = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
         train_loss = statistics.fmean(losses) if losses and not round_cb.tripped else float("nan")
         return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(examples),
-                            local_steps=len(losses), train_loss=train_loss, bytes_up=serialized_bytes(delta))
+                            local_steps=len(losses), train_loss=train_loss, bytes_up=serialized_bytes(delta),
+                            grad_steps=fitted.grad_steps)
 
     def evaluate(self, state: StateDict) -> EvalResult:
         self.state.set(state)

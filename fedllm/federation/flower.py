@@ -120,7 +120,8 @@ class TrainRequest:
 def update_to_records(upd: ClientUpdate) -> RecordDict:
     arrays, bf16 = pack_state(upd.delta)
     scalars = {"client-id": upd.client_id, "num-examples": upd.num_examples, "local-steps": upd.local_steps,
-               "train-loss": float(upd.train_loss), "bytes-up": upd.bytes_up}
+               "train-loss": float(upd.train_loss), "bytes-up": upd.bytes_up,
+               "grad-steps": -1 if upd.grad_steps is None else upd.grad_steps}
     return RecordDict({"delta": arrays, "update": MetricRecord(scalars),
                        "metrics": MetricRecord({k: float(v) for k, v in upd.metrics.items()}),
                        "codec": ConfigRecord({BF16_KEYS: bf16})})
@@ -135,7 +136,8 @@ def records_to_update(content: RecordDict) -> ClientUpdate:
     metrics = dict(content["metrics"]) if "metrics" in content else {}
     return ClientUpdate(client_id=int(u["client-id"]), delta=unpack_state(content["delta"], bf16),
                         num_examples=int(u["num-examples"]), local_steps=int(u["local-steps"]),
-                        train_loss=float(u["train-loss"]), bytes_up=int(u["bytes-up"]), metrics=metrics)
+                        train_loss=float(u["train-loss"]), bytes_up=int(u["bytes-up"]), metrics=metrics,
+                        grad_steps=int(u["grad-steps"]) if int(u.get("grad-steps", -1)) >= 0 else None)
 
 
 # ----------------------------------------------------------------------------- the site (client side)
@@ -381,13 +383,17 @@ def run_simulation(recipe: Recipe, out: str | None = None, num_cpus: int | None 
 
     from fedllm.config import dump_recipe
     from fedllm.federation.rundir import run_dir
+    from fedllm.models.llm import pick_device
 
     out_root = str(Path(out or recipe.output.dir).resolve())
     cfg = FlowerRunConfig(dump_recipe(recipe), out_root, timeout_s, "flower-simulation", resume)
     summary = run_dir(recipe, "federated", out_root) / "summary.json"
     started = time.time()
     cpus = num_cpus or max(1, min(recipe.partition.num_clients, os.cpu_count() or 1))
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    # On CUDA every ClientApp actor must see the GPU (Ray hides it from actors that ask for none);
+    # the actors share it, each holding its own copy of the base, loaded once per actor.
+    gpus = 1.0 / cpus if pick_device(recipe.model) == "cuda" else 0.0
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
                              "log_to_driver": False}}
     flwr_run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),

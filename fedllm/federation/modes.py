@@ -21,6 +21,7 @@ from typing import Any
 
 from fedllm.algorithms.selection import UniformSampler
 from fedllm.config import RecipeError, one_line
+from fedllm.errors import IntegrityError
 from fedllm.federation.checkpoint import (
     ServerState,
     capture_rng,
@@ -30,8 +31,10 @@ from fedllm.federation.checkpoint import (
     resume_state,
     save_checkpoint,
 )
+from fedllm.federation.guard import check_progress
 from fedllm.federation.rundir import RunWriter, run_dir, summarize
 from fedllm.federation.server import FederatedServer
+from fedllm.models.quant import kernel_info
 from fedllm.types import StateDict, add, clone_state
 
 log = logging.getLogger(__name__)
@@ -92,8 +95,12 @@ def _draw_key(rnd: int, attempt: int) -> int:
 
 def _train_clients(exp, server: FederatedServer, plan, state: StateDict, rnd: int,
                    hooks: Hooks) -> tuple[list[float], dict[str, int]]:
-    """Run the plan's clients and hand each update to the server's upload path."""
-    losses, counts = [], {"failed_clients": 0}
+    """Run the plan's clients and hand each update to the server's upload path.
+
+    The round's raw updates (before any upload transform) must show that training happened
+    (:func:`~fedllm.federation.guard.check_progress`).
+    """
+    losses, counts, arrived = [], {"failed_clients": 0}, []
     speed = exp.recipe.faults.straggler_speed
     for k in plan.training:
         hooks.on_client(k)
@@ -104,6 +111,8 @@ def _train_clients(exp, server: FederatedServer, plan, state: StateDict, rnd: in
         start = server.start_state(k, state)
         try:
             upd = exp.fit(k, examples, start, rnd, steps, grad_term=server.grad_term(k, start))
+        except IntegrityError:  # not one client's failure: nothing the run computes can be trusted
+            raise
         except Exception as exc:  # a failing client never takes the round down
             log.warning("round %d: client %d failed (%s: %s); left out of aggregation",
                         rnd, k, type(exc).__name__, one_line(str(exc)))
@@ -111,7 +120,9 @@ def _train_clients(exp, server: FederatedServer, plan, state: StateDict, rnd: in
             continue
         if math.isfinite(upd.train_loss):
             losses.append(upd.train_loss)
+        arrived.append(upd)
         server.upload(rnd, upd, start)
+    check_progress(exp.recipe, arrived, f"round {rnd}")
     return losses, counts
 
 
@@ -196,6 +207,7 @@ def run_centralized(exp, out: str | None = None, hooks: Hooks | None = None) -> 
         sampled = sample_clients(recipe.partition.num_clients, fed.fraction, recipe.seed, rnd)
         steps = sum(local_steps(recipe, len(exp.data.client_examples(k))) for k in sampled)
         upd = exp.fit(-1, pooled, state, rnd, steps)
+        check_progress(recipe, [upd], f"centralized round {rnd}")
         if upd.is_finite():
             state = add(state, upd.delta)
         else:
@@ -223,6 +235,7 @@ def run_local(exp, out: str | None = None, hooks: Hooks | None = None) -> dict[s
             t0 = time.perf_counter()
             examples = exp.data.client_examples(k)
             upd = exp.fit(k, examples, state, rnd, local_steps(recipe, len(examples)))
+            check_progress(recipe, [upd], f"local round {rnd}")
             if upd.is_finite():
                 state = add(state, upd.delta)
             t1 = time.perf_counter()
@@ -254,7 +267,10 @@ def _mean(values: list[Any]) -> float | None:
 def _finish(exp, writer: RunWriter, state: StateDict, extra: dict | None = None) -> dict:
     if exp.recipe.output.save_adapter:
         exp.save_adapter(state, writer.path / "adapter")
-    summary = summarize(writer.rows, {"name": exp.recipe.name, "data": exp.data.stats, **(extra or {})})
+    # the numeric path this run's numbers came from (versions, CPU flags, the 4-bit kernel)
+    machine = kernel_info(getattr(exp, "model", None))  # engines without a local model: versions and flags
+    summary = summarize(writer.rows, {"name": exp.recipe.name, "data": exp.data.stats, "machine": machine,
+                                      **(extra or {})})
     writer.finish(summary)
     return summary
 

@@ -47,6 +47,7 @@ from fedllm.algorithms.prune import (
     snip_scores,
 )
 from fedllm.client.evaluate import EvalResult
+from fedllm.client.fit import FitStats
 from fedllm.client.vision import (
     VisionClassifier,
     VisionTrainConfig,
@@ -58,6 +59,7 @@ from fedllm.config import Recipe, RecipeError
 from fedllm.data.partition import partition
 from fedllm.data.vision import DEFAULT_ROOT, NUM_CLASSES, load_fashion_mnist, split_open_data
 from fedllm.federation.experiment import ClientFault, round_seed
+from fedllm.models.llm import pick_device
 from fedllm.models.vision import build_vision_model
 from fedllm.types import ClientUpdate, StateDict, serialized_bytes
 
@@ -129,10 +131,12 @@ class VisionExperiment:
         self.data = VisionSplits(recipe)
         torch.manual_seed(recipe.seed)
         self.model = build_vision_model(recipe.model.preset)
-        self.accelerator = "gpu" if recipe.model.device == "cuda" else "cpu"
-        self.mask: Mask | None = self._build_mask()
+        self.mask: Mask | None = self._build_mask()  # on the CPU, before the model moves
         self.mask_bytes = len(encode_mask(self.mask)) if self.mask is not None else 0
-        state = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+        state = {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()}
+        device = pick_device(recipe.model)  # `auto` picks CUDA when present, as for LMs
+        self.model.to(device)  # once: the trainer's strategy never moves it (fedllm.client.strategy)
+        self.accelerator = "gpu" if device == "cuda" else "cpu"
         self.initial_state: StateDict = apply_mask(state, self.mask) if self.mask is not None else state
         self.prune_stats = {"remaining": remaining_rate(self.mask) if self.mask is not None else 1.0,
                             "mask_bytes": self.mask_bytes}
@@ -203,21 +207,23 @@ class VisionExperiment:
         loader = vision_loader(x, y, cfg.batch_size, shuffle=True, seed=seed)
         metrics: dict[str, float] = {}
         if r.privacy.dpsgd:
-            losses, metrics["dpsgd_epsilon"] = self._fit_dpsgd(client_id, loader, cfg, steps)
+            fitted, metrics["dpsgd_epsilon"] = self._fit_dpsgd(client_id, loader, cfg, steps)
+            losses, grad_steps = fitted.losses, fitted.grad_steps
         else:
             module = VisionClassifier(self.model, cfg, self.mask, grad_term=grad_term)
-            losses = fit_classifier(module, loader, steps, self.step_callbacks, self.accelerator,
+            fitted = fit_classifier(module, loader, steps, self.step_callbacks, self.accelerator,
                                     r.train.max_grad_norm)
-        delta = {k: p.detach() - start[k] for k, p in self.model.named_parameters()}
+            losses, grad_steps = fitted.losses, fitted.grad_steps
+        delta = {k: p.detach().cpu() - start[k] for k, p in self.model.named_parameters()}
         if r.faults.fires(client_id, rnd, "nan"):
             delta = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
         finite = losses and all(math.isfinite(v) for v in losses)
         return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(examples), local_steps=len(losses),
                             train_loss=statistics.fmean(losses) if finite else float("nan"),
-                            bytes_up=self.payload_bytes(delta), metrics=metrics)
+                            bytes_up=self.payload_bytes(delta), metrics=metrics, grad_steps=grad_steps)
 
-    def _fit_dpsgd(self, client_id: int, loader, cfg: VisionTrainConfig, steps: int) -> tuple[list[float], float]:
-        """Opacus DP-SGD (per-sample clip ``privacy.dpsgd_clip``, noise ``dpsgd_noise``); (losses, ε so far)."""
+    def _fit_dpsgd(self, client_id: int, loader, cfg: VisionTrainConfig, steps: int) -> tuple[FitStats, float]:
+        """Opacus DP-SGD (per-sample clip ``privacy.dpsgd_clip``, noise ``dpsgd_noise``); (fit stats, ε so far)."""
         from opacus.accountants import RDPAccountant  # noqa: PLC0415
 
         from fedllm.algorithms.privacy import make_private_dpsgd  # noqa: PLC0415
@@ -230,14 +236,14 @@ class VisionExperiment:
                                                             p.dpsgd_clip, p.delta)
         try:
             module = VisionClassifier(self.model, cfg, self.mask, net=gsm, optimizer=dp_opt)
-            losses = fit_classifier(module, dp_loader, steps, self.step_callbacks, self.accelerator)
+            fitted = fit_classifier(module, dp_loader, steps, self.step_callbacks, self.accelerator)
         finally:
             gsm._close()  # remove opacus' hooks and per-sample grads: the model is shared by all clients
         history = self._dp_history.setdefault(client_id, [])
         history.extend(ledger.accountant.history)
         acc = RDPAccountant()
         acc.history = list(history)
-        return losses, float(acc.get_epsilon(p.delta))
+        return fitted, float(acc.get_epsilon(p.delta))
 
     def evaluate(self, state: StateDict) -> EvalResult:
         """Test-set cross-entropy and accuracy; perplexity is exp(loss) (capped), no BLEU."""

