@@ -1,4 +1,4 @@
-"""The ``fedllm`` command: run, compare, validate and report recipes.
+"""The ``fedllm`` command: run, compare, validate and report recipes; export, generate and chat with a run.
 
 Process-wide settings (logging, warning filters, library verbosity) are set here and only here.
 A bad recipe or data file ends with one line on stderr and exit code 2 — never a traceback.
@@ -64,8 +64,11 @@ def _parser() -> argparse.ArgumentParser:
                             help="continue the federated run in the run directory from its last checkpoint")
             sp.add_argument("--engine", choices=("inprocess", "flower"),
                             help="federated engine (default: recipe federation.engine); flower: Flower simulation")
-    rp = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
-    rp.add_argument("run_dir")
+    rp = sub.add_parser("report", help="rebuild report.md and plots from a run directory, or a compare "
+                        "directory's comparison and reports")
+    rp.add_argument("run_dir", help="a run directory (<output.dir>/<name>/<mode>) or a compare directory "
+                    "(<output.dir>/<name>)")
+    _use_parsers(sub)
     ep = sub.add_parser("edge", help="asynchronous edge learning by cloned KD from an edge recipe (recipes/edge/)")
     ep.add_argument("recipe", help="edge recipe YAML")
     ep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.memory=3 study.kind=single")
@@ -73,6 +76,48 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--quick", action="store_true", help="reduced CI-size run")
     ep.add_argument("--check", action="store_true", help="validate the edge recipe without running it")
     return p
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _use_parsers(sub) -> None:
+    """export, generate and chat: use a finished LM run (its config.yaml and adapter/)."""
+    xp = sub.add_parser("export", help="copy the adapter with a real base name, or --merge it into a "
+                        "full-precision model that transformers loads on its own")
+    xp.add_argument("run_dir", help="a finished run directory (<output.dir>/<name>/<mode>)")
+    xp.add_argument("--out", required=True, help="new or empty directory to write")
+    xp.add_argument("--merge", action="store_true", help="merge the adapter into an fp32 base; save model + tokenizer")
+    xp.add_argument("--merge-base", choices=("run", "original"), default="run",
+                    help="run: the base as the run computed with it (NF4-rounded for nf4 runs; reproduces "
+                         "the run's eval loss); original: the full-precision checkpoint")
+    gp = sub.add_parser("generate", help="greedy answers of a run's model to prompts, as JSONL")
+    gp.add_argument("run_dir", help="a finished run directory (<output.dir>/<name>/<mode>)")
+    src = gp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    src.add_argument("--file", help='JSONL of prompts: a string or {"prompt": ...} per line')
+    gp.add_argument("--out", help="answers JSONL, one {prompt, response} per line (default: stdout)")
+    gp.add_argument("--max-new-tokens", type=_positive, default=128, help="answer length limit (default 128)")
+    cp = sub.add_parser("chat", help="talk to a run's model on stdin (/exit or end of input quits)")
+    cp.add_argument("run_dir", help="a finished run directory (<output.dir>/<name>/<mode>)")
+    cp.add_argument("--max-new-tokens", type=_positive, default=128, help="answer length limit (default 128)")
+
+
+def _use_command(args) -> int:
+    if args.command == "export":
+        from fedllm.export import export
+
+        out = export(args.run_dir, args.out, merge=args.merge, merge_base=args.merge_base)
+        print(f"{'merged model' if args.merge else 'adapter'}: {out}")
+        return 0
+    from fedllm.serve import chat_command, generate_command
+
+    if args.command == "generate":
+        return generate_command(args.run_dir, args.prompt, args.file, args.out, args.max_new_tokens)
+    return chat_command(args.run_dir, args.max_new_tokens)
 
 
 def _progress():
@@ -156,10 +201,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return edge_command(args.recipe, args.overrides, args.out, args.quick, args.check)
         if args.command == "report":
-            from fedllm.metrics.report import write_report
+            from fedllm.metrics.report import rebuild
 
-            print(write_report(Path(args.run_dir)))
+            for path in rebuild(Path(args.run_dir)):
+                print(path)
             return 0
+        if args.command in ("export", "generate", "chat"):
+            return _use_command(args)
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             if args.explain:
