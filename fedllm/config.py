@@ -333,11 +333,12 @@ class CheckpointConfig:
 class TrainConfig:
     local_steps: int = doc("optimizer steps each client runs per round", 10)
     batch_size: int = doc("examples per step", 4)
-    optimizer: Literal["adamw", "sgd"] = doc("client optimizer (adamw for LoRA, sgd for the vision baselines)", "adamw")
+    optimizer: Literal["auto", "adamw", "sgd"] = doc(
+        "client optimizer: adamw, sgd (with momentum), or auto (adamw for language models, sgd for vision)", "auto")
     lr: float = doc("learning rate", 2e-4)
-    momentum: float = doc("sgd momentum", 0.0)
+    momentum: float = doc("sgd momentum (adamw ignores it)", 0.0)
     local_epochs: int | None = doc("train this many epochs over the client's data each round instead of local_steps", None)
-    weight_decay: float = doc("AdamW weight decay", 0.001)
+    weight_decay: float = doc("weight decay: AdamW's decoupled decay, or SGD's L2 penalty on the gradient", 0.001)
     warmup_ratio: float = doc("fraction of a client's steps with linear warm-up", 0.03)
     max_grad_norm: float = doc("gradient clipping norm (0 disables)", 0.3)
     noop_guard: Literal["error", "warn"] = doc(
@@ -354,6 +355,13 @@ class TrainConfig:
         require(0 <= self.momentum < 1, "train.momentum", f"expected in [0, 1), got {self.momentum}")
         if self.local_epochs is not None:
             require(1 <= self.local_epochs <= 10_000, "train.local_epochs", f"expected in [1, 10000], got {self.local_epochs}")
+
+    def optimizer_for(self, task: str) -> Literal["adamw", "sgd"]:
+        """The optimizer a client of ``task`` ("lm" or "vision") builds; ``auto`` keeps each task's
+        historical one (AdamW for LoRA, SGD for the vision baselines)."""
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "sgd" if task == "vision" else "adamw"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,10 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 
 
 class CausalLMModule(L.LightningModule):
-    """Trains the (shared, peft-wrapped) model's trainable parameters with AdamW.
+    """Trains the (shared, peft-wrapped) model's trainable parameters with ``train.optimizer``.
+
+    AdamW (``auto``'s choice for language models) or SGD with ``train.momentum``; either with
+    ``train.weight_decay`` and the linear warm-up over the first ``warmup_ratio`` of the steps.
 
     The same module serves the federated, centralized and local modes, so a comparison of the
     three differs only in orchestration.
@@ -54,8 +57,12 @@ class CausalLMModule(L.LightningModule):
         add_grad_term(self.state.params, self.grad_term)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW([p for p in self.state.parameters() if p.requires_grad], lr=self.train_cfg.lr,
-                                weight_decay=self.train_cfg.weight_decay)
+        t = self.train_cfg
+        params = [p for p in self.state.parameters() if p.requires_grad]
+        if t.optimizer_for("lm") == "sgd":
+            opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, self.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

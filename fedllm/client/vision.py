@@ -1,4 +1,4 @@
-"""The client for vision baselines: a LightningModule training a small classifier with SGD.
+"""The client for vision baselines: a LightningModule training a small classifier (SGD or AdamW).
 
 An optional pruning mask (HP-FL, SNIP, random) is re-applied after every optimizer step, so the
 pruned weights stay exactly zero however the optimizer (momentum, weight decay) moves them.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import lightning as L
 import torch
@@ -23,14 +24,17 @@ from fedllm.client.fit import FitStats, add_grad_term, fit_module
 
 @dataclass(frozen=True)
 class VisionTrainConfig:
-    """Local SGD settings for the vision baselines."""
+    """Local optimizer settings for the vision baselines."""
 
-    lr: float = 0.1              # SGD learning rate
-    momentum: float = 0.0        # SGD momentum
-    weight_decay: float = 0.0    # L2 penalty added by the optimizer
+    lr: float = 0.1              # learning rate
+    momentum: float = 0.0        # SGD momentum (AdamW ignores it)
+    weight_decay: float = 0.0    # SGD: L2 penalty on the gradient; AdamW: decoupled decay
     batch_size: int = 60         # mini-batch size
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # torch.optim.SGD or torch.optim.AdamW
 
     def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
@@ -46,8 +50,9 @@ class VisionClassifier(L.LightningModule):
 
     ``grad_term(params) -> {name: tensor}``, if given, is added to ``p.grad`` after each backward.
     ``net`` (default: ``model``) is what the forward pass runs, e.g. opacus' GradSampleModule
-    wrapping ``model``; ``optimizer`` replaces the SGD built from ``cfg`` (e.g. opacus'
-    DPOptimizer). The mask and ``grad_term`` always address ``model``'s own parameter names.
+    wrapping ``model``; ``optimizer`` replaces the one :func:`make_optimizer` builds from ``cfg``
+    (e.g. opacus' DPOptimizer). The mask and ``grad_term`` always address ``model``'s own parameter
+    names.
     """
 
     def __init__(self, model: nn.Module, cfg: VisionTrainConfig | None = None,
@@ -97,8 +102,14 @@ class VisionClassifier(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self._optimizer is not None:
             return self._optimizer
-        return torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
-                               weight_decay=self.cfg.weight_decay)
+        return make_optimizer(self.model.parameters(), self.cfg)
+
+
+def make_optimizer(params, cfg: VisionTrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``params``: SGD (lr, momentum, L2 weight decay) or AdamW (lr, weight decay)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def fit_classifier(module: VisionClassifier, loader: DataLoader, steps: int, callbacks: list | None = None,

@@ -182,7 +182,8 @@ class VisionExperiment:
 
     def _train_cfg(self) -> VisionTrainConfig:
         t = self.recipe.train
-        return VisionTrainConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size)
+        return VisionTrainConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size,
+                                 optimizer=t.optimizer_for("vision"))
 
     def fit(self, client_id: int, examples, start: StateDict, rnd: int, steps: int,
             grad_term=None) -> ClientUpdate:
