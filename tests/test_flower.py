@@ -3,6 +3,7 @@ SuperLink with two SuperNodes on 127.0.0.1 gives the in-process engine's metrics
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 pytest.importorskip("flwr")
 
+from fedllm.algorithms.drift import Correction, Proximal  # noqa: E402
 from fedllm.config import dump_recipe, load_recipe  # noqa: E402
 from fedllm.federation.flower import (  # noqa: E402
     TrainRequest,
@@ -51,13 +53,23 @@ def test_state_round_trips_bit_exactly_including_bfloat16():
 
 def test_train_request_and_client_update_round_trip():
     state = _state()
-    req = TrainRequest(round=3, client_id=1, start=state, steps=5, correction={k: v * 0 for k, v in state.items()})
+    req = TrainRequest(round=3, client_id=1, start=state, steps=5,
+                       drift=Correction({k: v * 0 for k, v in state.items()}))
     back = TrainRequest.from_records(req.to_records())
     assert (back.round, back.client_id, back.steps) == (3, 1, 5)
-    assert back.correction is not None and set(back.correction) == set(state)
+    assert isinstance(back.drift, Correction) and set(back.drift.tensors) == set(state)
+    # a proximal term travels as its μ; its anchor is the start state unless another is sent
+    prox = TrainRequest.from_records(TrainRequest(3, 1, state, 5, drift=Proximal(0.25, state)).to_records())
+    assert isinstance(prox.drift, Proximal) and prox.drift.mu == 0.25 and prox.drift.anchor is prox.start
+    other = {k: v + 1 for k, v in state.items()}
+    moved = TrainRequest.from_records(TrainRequest(3, 1, state, 5, drift=Proximal(0.5, other)).to_records())
+    assert all(torch.equal(moved.drift.anchor[k].view(torch.uint8), other[k].view(torch.uint8)) for k in other)
+    assert TrainRequest.from_records(TrainRequest(3, 1, state, 5).to_records()).drift is None
     upd = ClientUpdate(client_id=1, delta=state, num_examples=7, local_steps=5, train_loss=2.5, bytes_up=99,
                        metrics={"accuracy": 0.5})
     got = records_to_update(update_to_records(upd))
+    assert got.grad_steps is None
+    assert records_to_update(update_to_records(dataclasses.replace(upd, grad_steps=4))).grad_steps == 4
     assert (got.client_id, got.num_examples, got.local_steps, got.train_loss, got.bytes_up) == (1, 7, 5, 2.5, 99)
     assert dict(got.metrics) == {"accuracy": 0.5} and torch.equal(got.delta["a.lora_A.weight"], state["a.lora_A.weight"])
 

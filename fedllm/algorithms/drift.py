@@ -18,6 +18,7 @@ stateful piece and checkpoints as plain tensors.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,6 +67,44 @@ def prox_penalty(params: Mapping[str, torch.Tensor], global_params: Mapping[str,
         return torch.zeros(())
     total = sum(((w - anchors[k]) ** 2).sum() for k, w in params.items())
     return 0.5 * mu * total
+
+
+# ---------------------------------------------------------------------------- what a client adds to its gradients
+
+
+@dataclass(frozen=True)
+class Proximal:
+    """FedProx's term for one client and round: μ(w − anchor) added to each gradient.
+
+    ``anchor`` is the state the client started from (the global, or its region's, model).
+    """
+
+    mu: float
+    anchor: StateDict
+
+    def __post_init__(self) -> None:
+        _check_mu(self.mu)
+
+    def __call__(self, params: Mapping[str, torch.Tensor]) -> StateDict:
+        return prox_gradient(params, self.anchor, self.mu)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A constant per-key gradient correction for one client and round (SCAFFOLD's c − cᵢ)."""
+
+    tensors: StateDict
+
+    def __call__(self, params: Mapping[str, torch.Tensor]) -> StateDict:
+        return self.tensors
+
+
+DriftTerm = Proximal | Correction
+"""What the server hands a client to add to its gradients after every backward pass.
+
+Typed, so that an engine can ship it (a μ and an anchor, or a set of tensors) without knowing
+which algorithm asked for it; the client calls it with its named trainable parameters.
+"""
 
 
 # ---------------------------------------------------------------------------- SCAFFOLD

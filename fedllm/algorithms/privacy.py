@@ -178,6 +178,19 @@ class DPAggregator:
         noise = gaussian_noise_like(mean, std, self.generator)
         return {k: mean[k] + noise[k] for k in mean}, std
 
+    def clip_before_masking(self, delta: Mapping[str, torch.Tensor]) -> StateDict:
+        """Server mode under secure aggregation: the client clips to the current C itself, since the
+        server will only ever see the masked sum."""
+        return clip_delta(delta, self.clip)[0]
+
+    def noise_secure_sum(self, mean: Mapping[str, torch.Tensor], count: int) -> StateDict:
+        """Server mode under secure aggregation: noise the unmasked mean of ``count`` deltas that
+        the clients clipped (:meth:`clip_before_masking`); one round of the mechanism is spent."""
+        out, std = self.noise_mean(mean, count)
+        self.last_stats = {"clip": self.clip, "noise_std": std}
+        self.round += 1
+        return out
+
     def _update_clip(self, unclipped_count: int, k: int) -> None:
         """C ← C·exp(−η(b̄ − γ)) with b̄ the noised fraction of unclipped updates."""
         noise = 0.0

@@ -43,7 +43,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedllm.algorithms.drift import prox_gradient
+from fedllm.algorithms.drift import Correction, DriftTerm, Proximal
 from fedllm.config import Recipe
 from fedllm.federation.experiment import make_experiment
 from fedllm.federation.flower_apps import (
@@ -89,20 +89,33 @@ def unpack_state(record: ArrayRecord, bf16: Iterable[str] = ()) -> StateDict:
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """What the server sends one sampled client: ``exp.fit``'s arguments, minus the data."""
+    """What the server sends one sampled client: ``exp.fit``'s arguments, minus the data.
+
+    ``drift`` travels by its type (:data:`fedllm.algorithms.drift.DriftTerm`): a proximal term as
+    its μ (its anchor is the start state, or is sent beside it), a correction as its tensors. The
+    engine never needs to know which algorithm made it.
+    """
 
     round: int
     client_id: int
     start: StateDict
     steps: int
-    correction: StateDict | None = None  # SCAFFOLD's c − cᵢ, added to every gradient
+    drift: DriftTerm | None = None
 
     def to_records(self) -> RecordDict:
         arrays, bf16 = pack_state(self.start)
-        content = RecordDict({"state": arrays, "instruction": ConfigRecord(
-            {"round": self.round, "client-id": self.client_id, "local-steps": self.steps, BF16_KEYS: bf16})})
-        if self.correction is not None:
-            content["correction"] = pack_state(self.correction)[0]
+        instruction = {"round": self.round, "client-id": self.client_id, "local-steps": self.steps, BF16_KEYS: bf16}
+        content = RecordDict({"state": arrays})
+        if isinstance(self.drift, Proximal):
+            instruction.update({"drift": "proximal", "mu": float(self.drift.mu)})
+            if self.drift.anchor is not self.start:
+                content["anchor"] = pack_state(self.drift.anchor)[0]
+        elif isinstance(self.drift, Correction):
+            instruction["drift"] = "correction"
+            content["correction"] = pack_state(self.drift.tensors)[0]
+        elif self.drift is not None:
+            raise TypeError(f"cannot send a drift term of type {type(self.drift).__name__}")
+        content["instruction"] = ConfigRecord(instruction)
         return content
 
     @classmethod
@@ -112,9 +125,18 @@ class TrainRequest:
                 raise ValueError(f"train message lacks the {key!r} record; expected fedllm's TrainRequest records")
         c = content["instruction"]
         bf16 = list(c.get(BF16_KEYS, []))
-        corr = unpack_state(content["correction"], bf16) if "correction" in content else None
-        return cls(round=int(c["round"]), client_id=int(c["client-id"]), start=unpack_state(content["state"], bf16),
-                   steps=int(c["local-steps"]), correction=corr)
+        start = unpack_state(content["state"], bf16)
+        kind = c.get("drift", "none")
+        drift: DriftTerm | None = None
+        if kind == "proximal":
+            anchor = unpack_state(content["anchor"], bf16) if "anchor" in content else start
+            drift = Proximal(float(c["mu"]), anchor)
+        elif kind == "correction":
+            drift = Correction(unpack_state(content["correction"], bf16))
+        elif kind != "none":
+            raise ValueError(f"unknown drift term {kind!r}; expected 'proximal' or 'correction'")
+        return cls(round=int(c["round"]), client_id=int(c["client-id"]), start=start,
+                   steps=int(c["local-steps"]), drift=drift)
 
 
 def update_to_records(upd: ClientUpdate) -> RecordDict:
@@ -178,23 +200,11 @@ def handle_request(kind: str, cfg: FlowerRunConfig, node: NodeSpec, content: Rec
 
 
 def site_train(exp, client_id: int, examples: Any, content: RecordDict) -> RecordDict:
-    """One train message on a site: rebuild the gradient term, run ``exp.fit``, encode the update.
-
-    FedProx's μ(θ − θ_start) is rebuilt from the recipe's μ and the received start state; SCAFFOLD's
-    c − cᵢ arrives as the ``correction`` record (the same tensors the in-process engine adds).
-    """
+    """One train message on a site: decode the request (its drift term included), run ``exp.fit``."""
     req = TrainRequest.from_records(content)
     if req.client_id != client_id:
         raise ValueError(f"instruction for client {req.client_id} reached the node of client {client_id}")
-    fed = exp.recipe.federation
-    grad_term = None
-    if req.correction is not None:
-        corr = req.correction
-        grad_term = lambda params: corr  # noqa: E731  (SCAFFOLD: a constant per round)
-    elif fed.algorithm == "fedprox" and fed.mu > 0:
-        start, mu = req.start, fed.mu
-        grad_term = lambda params: prox_gradient(params, start, mu)  # noqa: E731
-    upd = exp.fit(req.client_id, examples, req.start, req.round, req.steps, grad_term=grad_term)
+    upd = exp.fit(req.client_id, examples, req.start, req.round, req.steps, grad_term=req.drift)
     return update_to_records(upd)
 
 
@@ -327,14 +337,8 @@ class RemoteExperiment:
     def fit(self, client_id: int, examples: Any, start: StateDict, rnd: int, steps: int,
             grad_term=None) -> ClientUpdate:
         """Train on client ``client_id``'s site; raise if it fails or does not answer in time."""
-        fed = self._exp.recipe.federation
-        correction = None
-        if grad_term is not None and fed.algorithm == "scaffold":
-            correction = {k: v.detach().clone() for k, v in grad_term(start).items()}  # constant in params
-        elif grad_term is not None and fed.algorithm != "fedprox":
-            raise NotImplementedError(f"the Flower engine cannot send the gradient term of {fed.algorithm!r}")
         site = self.sites[client_id]
-        msg = Message(TrainRequest(rnd, client_id, start, steps, correction).to_records(),
+        msg = Message(TrainRequest(rnd, client_id, start, steps, grad_term).to_records(),
                       dst_node_id=site.node_id, message_type=MessageType.TRAIN, group_id=str(rnd))
         t0 = time.perf_counter()
         replies = exchange(self.grid, [msg], self.timeout_s)

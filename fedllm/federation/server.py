@@ -1,17 +1,17 @@
-"""The server side of a federated round, composed from the pure algorithms a recipe names.
+"""The server side of a federated round: validate, aggregate, apply, account.
 
 One round, as :func:`fedllm.federation.modes.run_federated` drives it::
 
     plan = server.begin_round(rnd)               # sampler + availability -> who trains, how long
     for k in plan.training:                      # each client, from server.start_state(k):
-        upd = exp.fit(..., grad_term=server.grad_term(k, start))      # FedProx / SCAFFOLD terms
-        server.upload(rnd, upd, start)           # the client's side of the wire (below)
+        upd = exp.fit(..., grad_term=server.grad_term(k, start))      # a typed DriftTerm or None
+        server.upload(rnd, upd, start)           # arrival: structure check, then the client's uplink
     state, metrics = server.finish_round(rnd, state)
 
-``upload`` is what a client does to its update before it leaves the device: simulated attacks,
-client-side DP clipping and noise, lossy compression with error feedback, secure-aggregation
-masking. ``finish_round`` is what the server does with what arrived: validation (keys, shapes,
-dtypes, finiteness, norm bound), aggregation (mean / robust / FedNova / LoRA-exact, wrapped by
+The algorithm objects come built from the recipe (:mod:`fedllm.federation.build`); what a client
+does to its update before it leaves the device (attack simulation, SCAFFOLD's control, client DP,
+compression, masking) is :mod:`fedllm.federation.uplink`. ``finish_round`` is what the server
+does with what arrived: the norm bound, aggregation (mean / robust / FedNova / LoRA, wrapped by
 server-side DP), the server optimizer, SCAFFOLD's control variates, hierarchical tiers and the
 privacy ledger. Under secure aggregation the server only ever holds masked tensors and their sum.
 
@@ -19,10 +19,8 @@ Everything stateful (optimizer moments, control variates, error-feedback residua
 DP clip, privacy ledger, regional models) is in :meth:`state_dict`, so a checkpointed run resumes
 to the same result.
 """
-
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -32,28 +30,26 @@ from typing import Any
 import torch
 
 from fedllm.algorithms.aggregate import MeanAggregator, mean_delta
-from fedllm.algorithms.attacks import Attack, attack_update, attackers
-from fedllm.algorithms.compress import ErrorFeedback, build_codec
-from fedllm.algorithms.drift import ScaffoldState, prox_gradient, scaffold_client_control, scaffold_correction
+from fedllm.algorithms.drift import (
+    Correction,
+    DriftTerm,
+    Proximal,
+    ScaffoldState,
+    scaffold_correction,
+)
 from fedllm.algorithms.lora_agg import aggregation_error, lora_aggregate, lora_pairs
 from fedllm.algorithms.privacy import (
     DPAggregator,
-    DPConfig,
     PrivacyLedger,
-    clip_delta,
-    resolve_noise_multiplier,
 )
-from fedllm.algorithms.prune import masked_values, unmask_values
-from fedllm.algorithms.robust import build_aggregator
 from fedllm.algorithms.secure import SecAggRound
-from fedllm.algorithms.selection import Availability, build_sampler
-from fedllm.algorithms.server_opt import build_server_update
+from fedllm.algorithms.selection import Availability
 from fedllm.config import Recipe
+from fedllm.federation import build
+from fedllm.federation.uplink import Uplink
 from fedllm.types import ClientUpdate, StateDict, add, clone_state, global_norm, serialized_bytes, subtract
 
 log = logging.getLogger(__name__)
-
-GradTerm = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 SECAGG_SCALE_BITS, SECAGG_MODULUS_BITS = 30, 62  # per-coordinate rounding 2^-31; |sum| < 2^31 / K
 
@@ -119,37 +115,17 @@ class FederatedServer:
         self.model_bytes = self.payload_bytes(self.template)  # every state/delta/control has its layout
         self.mask, self.mask_bytes = (dict(mask) if mask else None), mask_bytes
         self.has_mask: set[int] = set()  # clients that already downloaded the mask (sent once)
-        sizes = {k: int(n) for k, n in enumerate(client_sizes)}
-        self.sampler = self._sampler(sizes)
+        self.sampler = build.sampler(r, {k: int(n) for k, n in enumerate(client_sizes)})
         f = r.faults
         self.availability = Availability(f.dropout_prob, seed, f.straggler_fraction, f.straggler_speed)
-        opt = r.server
-        opt_kw = {"none": {}, "fedavgm": {"lr": opt.lr, "momentum": opt.momentum}}.get(
-            opt.optimizer, {"lr": opt.lr, "beta1": opt.beta1, "beta2": opt.beta2, "tau": opt.tau})
-        self.server_opt = build_server_update(opt.optimizer, **opt_kw)
-        self.aggregator = self._aggregator()
-        self.dp: DPAggregator | None = None
-        self.ledger: PrivacyLedger | None = None
-        self.sigma = 0.0
-        if r.privacy.enabled:
-            p, q = r.privacy, self.per_round / self.num_clients
-            cfg = DPConfig(noise_multiplier=p.noise_multiplier, clip_norm=p.clip, mode=p.dp,
-                           adaptive=p.adaptive_clip, target_quantile=p.target_quantile, delta=p.delta,
-                           target_epsilon=p.target_epsilon)
-            self.sigma = resolve_noise_multiplier(cfg, q, fed.rounds, p.accountant)
-            cfg = dataclasses.replace(cfg, noise_multiplier=self.sigma, target_epsilon=None)
-            self.dp = DPAggregator(self.aggregator, cfg, self.per_round, seed)
-            self.ledger = PrivacyLedger(self.sigma, q, p.delta, p.accountant)
+        self.server_opt = build.server_optimizer(r)
+        self.aggregator = build.aggregator(r)
+        dp = build.privacy(r, self.aggregator, self.num_clients)
+        self.dp: DPAggregator | None = dp.aggregator if dp else None
+        self.ledger: PrivacyLedger | None = dp.ledger if dp else None
+        self.sigma = dp.sigma if dp else 0.0
         self.scaffold = ScaffoldState(initial_state) if fed.algorithm == "scaffold" else None
-        c = r.compression
-        codec_kw = {"topk": {"fraction": c.topk_fraction}}.get(c.codec, {})
-        if c.codec in ("q8", "q4", "q2"):
-            codec_kw = {"seed": seed}
-        self.codec = build_codec(c.codec, **codec_kw)
-        self.feedback = ErrorFeedback() if c.error_feedback and c.codec not in ("none", "fp16") else None
-        self.attack = (Attack(r.attack.kind, r.attack.fraction, r.attack.scale, r.attack.noise_std, seed)
-                       if r.attack.kind != "none" else None)
-        self.attackers = attackers(range(self.num_clients), self.attack) if self.attack else set()
+        self.uplink = Uplink(r, self.num_clients, self.payload_bytes, self.mask, self.dp)
         h = r.hierarchy
         self.regions = _regions(self.num_clients, h.regions, h.by) if h.regions else []
         self.region_of = {k: i for i, members in enumerate(self.regions) for k in members}
@@ -159,31 +135,7 @@ class FederatedServer:
         self.has_lora = bool(lora_pairs(initial_state))
         self._reset_round()
 
-    # ------------------------------------------------------------------ construction helpers
-
-    def _sampler(self, sizes: dict[int, int]):
-        sel, seed, m = self.recipe.selection, self.recipe.seed, self.per_round
-        fraction = self.recipe.federation.fraction
-        kw: dict[str, Any] = {
-            "uniform": {"fraction": fraction, "seed": seed},
-            "round_robin": {"per_round": m},
-            "importance": {"fraction": fraction, "seed": seed, "num_examples": sizes},
-            "power_of_choice": {"d": min(self.num_clients, sel.candidates or 2 * m), "m": m, "seed": seed,
-                                "num_examples": sizes},
-        }[sel.method]
-        return build_sampler(sel.method, **kw)
-
-    def _aggregator(self):
-        fed, rob = self.recipe.federation, self.recipe.robust
-        weighted = fed.is_weighted
-        if fed.algorithm == "fednova":
-            return build_aggregator("fednova", weighted=weighted, max_norm=rob.max_norm)
-        kw: dict[str, Any] = {
-            "mean": {"weighted": weighted}, "median": {}, "trimmed_mean": {"beta": rob.trim_ratio},
-            "krum": {"num_byzantine": rob.byzantine, "multi": 1},
-            "multi_krum": {"num_byzantine": rob.byzantine, "multi": rob.multi},
-        }[rob.aggregator]
-        return build_aggregator(rob.aggregator, max_norm=rob.max_norm, **kw)
+    # ------------------------------------------------------------------ the round, client side
 
     def _reset_round(self) -> None:
         self._arrived: list[ClientUpdate] = []
@@ -192,8 +144,6 @@ class FederatedServer:
         self._controls: dict[int, StateDict] = {}
         self._bytes_up = self._bytes_down = 0
         self._rejected: dict[int, str] = {}
-
-    # ------------------------------------------------------------------ the round, client side
 
     def begin_round(self, rnd: int) -> RoundPlan:
         """Sample the round's clients and decide (seeded) who drops out or straggles."""
@@ -225,62 +175,29 @@ class FederatedServer:
             return self.regional[self.region_of[client_id]]
         return global_state if global_state is not None else self.template
 
-    def grad_term(self, client_id: int, start: StateDict) -> GradTerm | None:
-        """FedProx's μ(θ − θ_g) or SCAFFOLD's c − cᵢ, added to the client's gradients."""
+    def grad_term(self, client_id: int, start: StateDict) -> DriftTerm | None:
+        """FedProx's μ(θ − θ_start) or SCAFFOLD's c − cᵢ, added to the client's gradients."""
         fed = self.recipe.federation
         if fed.algorithm == "fedprox" and fed.mu > 0:
-            mu = fed.mu
-            return lambda params: prox_gradient(params, start, mu)
+            return Proximal(fed.mu, start)
         if self.scaffold is not None:
-            corr = scaffold_correction(self.scaffold.c, self.scaffold.client_control(client_id))
-            return lambda params: corr
+            return Correction(scaffold_correction(self.scaffold.c, self.scaffold.client_control(client_id)))
         return None
 
     def upload(self, rnd: int, update: ClientUpdate, start: StateDict) -> None:
-        """The client's side of the wire: attack, SCAFFOLD control, DP noise, compression, masking."""
-        k = update.client_id
+        """An update arrives: structure-checked first, then sent through the client's uplink."""
         reason = validate_update(update, self.template)
         if reason is not None:  # malformed (keys, shapes, dtypes, NaN/Inf): rejected as it arrives
-            self._reject(rnd, k, reason)
+            self._reject(rnd, update.client_id, reason)
             return
-        if k in self.attackers and self.attack.kind != "label_flip":  # label flips happen in training
-            update = attack_update(update, self.attack, rnd)
-        if self.scaffold is not None and update.local_steps > 0:
-            self._controls[k] = scaffold_client_control(self.scaffold.client_control(k), self.scaffold.c,
-                                                        update.delta, update.local_steps, self.recipe.train.lr)
-            self._bytes_up += self.payload_bytes(self._controls[k])
-        delta = update.delta
-        if self.dp is not None and self.recipe.privacy.dp == "client":
-            gen = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + rnd * 7_919 + k)
-            noised = self.dp.client_noise(delta, gen)
-            frozen = self.recipe.federation.lora_aggregation == "frozen_a"  # A never moves, so no noise on it
-            delta = {key: delta[key] if frozen and ".lora_A" in key else v for key, v in noised.items()}
-        if self._secagg is not None and self.dp is not None and self.recipe.privacy.dp == "server":
-            delta = clip_delta(delta, self.dp.clip)[0]  # the server cannot clip what it cannot see
-        delta, nbytes = self._encode(k, delta)
-        update = dataclasses.replace(update, delta=delta, bytes_up=nbytes)
-        if self._secagg is not None:
-            masked = self._secagg.masked_input(k, update.delta)
-            self._masked[k] = masked
-            self._bytes_up += serialized_bytes(masked)
-            self._arrived.append(dataclasses.replace(update, delta={}))  # metadata only
-            return
-        self._bytes_up += nbytes
-        self._arrived.append(update)
-
-    def _encode(self, client_id: int, delta: StateDict) -> tuple[StateDict, int]:
-        """(what the server decodes, bytes on the wire) under the recipe's codec and mask."""
-        if self.recipe.compression.codec == "none":
-            return delta, self.payload_bytes(delta)
-        values = masked_values(delta, self.mask) if self.mask is not None else delta
-        if self.feedback is not None:
-            enc = self.feedback.compress(client_id, values, self.codec)
-        else:
-            enc = self.codec.encode(values)
-        decoded = self.codec.decode(enc)
-        if self.mask is not None:
-            decoded = unmask_values(decoded, self.mask, delta)
-        return {k: v.to(delta[k].dtype) for k, v in decoded.items()}, enc.nbytes
+        sent = self.uplink.send(rnd, update, self.scaffold, self._secagg)
+        k = update.client_id
+        if sent.control is not None:
+            self._controls[k] = sent.control
+        if sent.masked is not None:
+            self._masked[k] = sent.masked
+        self._bytes_up += sent.bytes_up
+        self._arrived.append(sent.update)
 
     def _reject(self, rnd: int, client_id: int, reason: str) -> None:
         log.warning("round %d: update of client %d rejected: %s", rnd, client_id, reason)
@@ -346,9 +263,8 @@ class FederatedServer:
                                         dtype=torch.float64)
             mean = {k: v / len(updates) for k, v in total.items()}
             if self.dp is not None and self.recipe.privacy.dp == "server":  # clients clipped before masking
-                mean, std = self.dp.noise_mean(mean, len(updates))
-                self.dp.round += 1
-                metrics.update({"dp_clip": self.dp.clip, "dp_noise_std": std})
+                mean = self.dp.noise_secure_sum(mean, len(updates))
+                metrics.update({f"dp_{k}": v for k, v in self.dp.last_stats.items()})
             return {k: v.to(global_state[k].dtype) for k, v in mean.items()}
         if self.dp is not None:
             delta = self.dp(updates)
@@ -443,12 +359,11 @@ class FederatedServer:
                                "regional": {i: clone_state(s) for i, s in self.regional.items()},
                                "region_examples": dict(self._region_examples),
                                "sync_clients": [[w, clone_state(c)] for w, c in self._sync_clients]}
-        for name in ("dp", "ledger", "scaffold", "feedback"):
+        for name in ("dp", "ledger", "scaffold"):
             part = getattr(self, name)
             if part is not None:
                 out[name] = part.state_dict()
-        if hasattr(self.codec, "state_dict"):
-            out["codec"] = self.codec.state_dict()
+        out.update(self.uplink.state_dict())  # "feedback", "codec"
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -459,7 +374,8 @@ class FederatedServer:
         self.regional = {int(i): clone_state(s) for i, s in state["regional"].items()}
         self._region_examples = {int(i): int(n) for i, n in state["region_examples"].items()}
         self._sync_clients = [(float(w), clone_state(c)) for w, c in state["sync_clients"]]
-        for name in ("dp", "ledger", "scaffold", "feedback", "codec"):
-            part = self.codec if name == "codec" else getattr(self, name)
-            if name in state and part is not None and hasattr(part, "load_state_dict"):
+        for name in ("dp", "ledger", "scaffold"):
+            part = getattr(self, name)
+            if name in state and part is not None:
                 part.load_state_dict(state[name])
+        self.uplink.load_state_dict(state)
