@@ -14,18 +14,15 @@ from fedllm.data.vision import FILES, VisionData
 from fedllm.federation.edge import (
     EdgeSchedule,
     EdgeStudyConfig,
-    describe,
     make_splits,
     run_edge_learning,
-    run_edge_study,
     run_sync_fedavg,
-    study_variants,
     train_core,
     train_edge,
 )
 from fedllm.federation.edge_recipe import EdgeRecipe, load_edge_recipe
 from fedllm.metrics.edge_report import summarize, write_edge_report
-from fedllm.studies.edge import main
+from fedllm.studies.edge import describe, main, run_edge_study, study_variants
 from fedllm.types import global_norm, subtract
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,17 +21,16 @@ Data (Fashion-MNIST here; the paper used CIFAR-100 and ResNet-32): a seeded shuf
 set (optionally cut to ``max_train_examples``) gives the first ``core_fraction`` to the core and
 splits the rest into ``num_edges`` equal iid parts (or Dirichlet(α) label skew when
 ``edge_alpha`` > 0). Accuracy is on the test set. :func:`run_sync_fedavg` runs synchronous FedAvg on
-the same splits from the same Phase-0 core; :func:`run_edge_study` runs the paper's comparisons (reported by
-:mod:`fedllm.metrics.edge_report`; run it with ``python -m fedllm.studies.edge``).
+the same splits from the same Phase-0 core. The paper's comparisons (variants, seeds, baselines) are
+the study's: :func:`fedllm.studies.edge.run_edge_study`, reported by :mod:`fedllm.metrics.edge_report`.
 """
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,7 +46,6 @@ from fedllm.types import ClientUpdate, StateDict, clone_state, subtract
 
 TEACHER_INITS = ("clone", "independent", "independent_pretrained")
 _CORE, _EDGE, _DISTILL, _INDEP, _NOISE, _FEDAVG = range(6)  # tags that keep each RNG stream apart
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -308,84 +306,3 @@ def run_sync_fedavg(cfg: EdgeStudyConfig, data: VisionData, rounds: int,
         rows.append({"round": rnd, "edge_visits": rnd * cfg.num_edges, "time_s": time.perf_counter() - t0,
                      "acc": accuracy(cfg, state, data.test_x[splits.test], data.test_y[splits.test])})
     return rows
-
-
-def study_variants(base: EdgeStudyConfig) -> list[tuple[str, str, EdgeStudyConfig]]:
-    """(group, name, config) for the paper's Figure 5 (transfer), 7 (lag) and 8 (noise), plus memory
-    under label-skewed edges. Each group's first variant is its reference."""
-    cpp = replace(base, teacher_init="clone", memory=1, ensemble=1, lags=(), never_return=(), noisy_edges=())
-    n, m = base.ensemble if base.ensemble > 1 else 3, base.memory if base.memory > 1 else 3
-    late, noisy, alpha = cpp.num_edges // 4, cpp.num_edges // 2, base.edge_alpha or 0.3
-    j = min(4, cpp.num_edges - 1 - late)
-    skew = replace(cpp, edge_alpha=alpha)
-    return [
-        ("transfer", "CPP: clone of the core", cpp),
-        ("transfer", "IsPP: independent init", replace(cpp, teacher_init="independent")),
-        ("transfer", "IPP: independent init, core-pretrained", replace(cpp, teacher_init="independent_pretrained")),
-        ("transfer", f"CPP + ensemble n={n}", replace(cpp, ensemble=n)),
-        ("transfer", f"CPP + memory M={m}", replace(cpp, memory=m)),
-        ("transfer", f"CPP + ensemble n={n} + memory M={m}", replace(cpp, ensemble=n, memory=m)),
-        ("lag", "no delay", cpp),
-        ("lag", f"edge {late} lagged by {j}, used", replace(cpp, lags=((late, j),))),
-        ("lag", f"edge {late} lagged, omitted", replace(cpp, never_return=(late,))),
-        ("noise", "clean", cpp),
-        ("noise", f"edge {noisy} noisy p=0.5", replace(cpp, noisy_edges=((noisy, 0.5),))),
-        ("noise", f"edge {noisy} noisy p=1.0", replace(cpp, noisy_edges=((noisy, 1.0),))),
-        ("non-iid", f"Dirichlet α={alpha}: CPP, M=1", skew),
-        ("non-iid", f"Dirichlet α={alpha}: CPP + memory M={m}", replace(skew, memory=m)),
-        ("non-iid", f"Dirichlet α={alpha}: CPP + memory M={cpp.num_edges}", replace(skew, memory=cpp.num_edges)),
-    ]
-
-
-def describe(cfg: EdgeStudyConfig) -> str:
-    """A short name of one run's configuration (the table's variant column)."""
-    parts = [{"clone": "CPP", "independent": "IsPP", "independent_pretrained": "IPP"}[cfg.teacher_init]]
-    parts += [f"ensemble n={cfg.ensemble}"] * (cfg.ensemble > 1) + [f"memory M={cfg.memory}"] * (cfg.memory > 1)
-    parts += [f"edge {e} lagged by {j}" for e, j in cfg.lags] + [f"edge {e} omitted" for e in cfg.never_return]
-    parts += [f"edge {e} noisy p={p}" for e, p in cfg.noisy_edges]
-    parts += [f"Dirichlet α={cfg.edge_alpha}"] * (cfg.edge_alpha > 0)
-    return " + ".join(parts)
-
-
-def _study_one_seed(cfg: EdgeStudyConfig, data: VisionData, fedavg_rounds: int, single: bool) -> list[dict]:
-    t0, splits = time.perf_counter(), make_splits(cfg, data)
-    core = train_core(cfg, data, splits)
-    acc = accuracy(cfg, core, data.test_x[splits.test], data.test_y[splits.test])
-    rows = [{"group": "baseline", "variant": "core only (Phase 0)", "position": 0, "acc": acc,
-             "time_s": time.perf_counter() - t0}]
-    done: dict[EdgeStudyConfig, list[dict]] = {}
-    for group, name, variant in [("run", describe(cfg), cfg)] if single else study_variants(cfg):
-        if variant not in done:
-            done[variant] = run_edge_learning(variant, data, core_state=core)
-            log.info("seed %d  %-8s %-45s final acc %.4f", cfg.seed, group, name, done[variant][-1]["acc"])
-        rows += [{"group": group, "variant": name, **r} for r in done[variant]]
-    name = f"sync FedAvg ({fedavg_rounds} rounds x {cfg.num_edges} edges)"
-    rows += [{"group": "baseline", "variant": name, "position": r["round"], **r}
-             for r in run_sync_fedavg(cfg, data, fedavg_rounds, core_state=core)]
-    return [{"seed": cfg.seed, **r} for r in rows]
-
-
-def run_edge_study(base_cfg: EdgeStudyConfig, data: VisionData, seeds: list[int] | None = None,
-                   fedavg_rounds: int = 3, single: bool = False) -> dict:
-    """Run :func:`study_variants` (``single``: ``base_cfg`` alone, group "run") and the baselines
-    (core only, sync FedAvg) for each seed (default: the config's), sharing one Phase-0 core per
-    seed and running identical configs once.
-
-    Returns the raw result (config, seeds, fedavg_rounds, variants, rows), JSON-ready; the tables and
-    plots are built from it by :mod:`fedllm.metrics.edge_report`.
-    """
-    seeds = list(seeds) if seeds else [base_cfg.seed]
-    rows = [r for s in seeds for r in _study_one_seed(replace(base_cfg, seed=s), data, fedavg_rounds, single)]
-    chosen = [("run", describe(base_cfg), base_cfg)] if single else study_variants(base_cfg)
-    variants = [{"group": g, "variant": n, "config": asdict(c)} for g, n, c in chosen]
-    return {"config": asdict(base_cfg), "seeds": seeds, "fedavg_rounds": fedavg_rounds,
-            "variants": variants, "rows": rows}
-
-
-QUICK_SIZES = dict(max_train_examples=2000, max_test_examples=500, core_fraction=0.1, core_steps=40,
-                   edge_steps=15, distill_steps=15, batch_size=32)
-
-
-def quick(cfg: EdgeStudyConfig) -> EdgeStudyConfig:
-    """``cfg`` cut to CI size (2,000 training and 500 test images, a few dozen steps per phase)."""
-    return replace(cfg, **QUICK_SIZES)

@@ -32,7 +32,7 @@ from fedllm.config import (
     read_yaml,
     require,
 )
-from fedllm.federation.edge import EdgeStudyConfig, quick
+from fedllm.federation.edge import EdgeSchedule, EdgeStudyConfig
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,12 @@ class EdgeRecipe:
             seed=self.study.seeds[0] if seed is None else seed, max_train_examples=v.max_train_examples,
             max_test_examples=v.max_test_examples)
 
+    def schedule(self) -> EdgeSchedule:
+        """The stream of edges (arrival order, lags, never-return, label noise) for either workload."""
+        e = self.edges
+        return EdgeSchedule(tuple(e.arrival) or tuple(range(e.count)), {x.edge: x.by for x in e.lags},
+                            frozenset(e.never_return), {x.edge: x.p for x in e.noisy})
+
     def lm_recipe(self) -> Recipe:
         """The main recipe that builds the LM workload's model, adapter and data (one client per edge)."""
         lm = self.lm
@@ -201,19 +207,17 @@ class EdgeRecipe:
                       train=TrainConfig(batch_size=self.train.batch_size, lr=self.train.lr))
 
     def quick(self) -> EdgeRecipe:
-        """CI size: vision cut by :func:`fedllm.federation.edge.quick`, lm to a few steps; one seed."""
+        """CI size, one seed: vision on 2,000 training / 500 test images with a few dozen steps per
+        phase (core 10 % of them, 40 steps; 15 per edge and per distillation; batch 32), lm to a few steps."""
         study = replace(self.study, seeds=self.study.seeds[:1])
         if self.workload == "lm":
             return replace(self, study=study, core=replace(self.core, steps=min(self.core.steps, 4)),
                            edges=replace(self.edges, steps=min(self.edges.steps, 3)),
                            distill=replace(self.distill, steps=min(self.distill.steps, 3)))
-        q = quick(self.study_config())
-        return replace(self, study=study, core=CoreGroup(q.core_fraction, q.core_steps),
-                       edges=replace(self.edges, steps=q.edge_steps),
-                       distill=replace(self.distill, steps=q.distill_steps),
-                       train=replace(self.train, batch_size=q.batch_size),
-                       vision=replace(self.vision, max_train_examples=q.max_train_examples,
-                                      max_test_examples=q.max_test_examples))
+        return replace(self, study=study, core=CoreGroup(fraction=0.1, steps=40),
+                       edges=replace(self.edges, steps=15), distill=replace(self.distill, steps=15),
+                       train=replace(self.train, batch_size=32),
+                       vision=replace(self.vision, max_train_examples=2000, max_test_examples=500))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
