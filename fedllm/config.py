@@ -203,10 +203,17 @@ class ServerConfig:
         require(self.tau > 0, "server.tau", f"expected > 0, got {self.tau}")
 
 
+def krum_min_updates(byzantine: int, multi: int | None = 1) -> int:
+    """Fewest updates Krum can score with f Byzantine clients: K > 2f + 2 (Blanchard et al., 2017);
+    multi-Krum also needs K >= m. The one statement of the rule (recipe check, aggregator, server)."""
+    return max(2 * byzantine + 3, multi or 1)
+
+
 @dataclass(frozen=True)
 class RobustConfig:
-    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = doc(
-        "mean (per the algorithm), coordinate-wise median, trimmed mean, Krum or multi-Krum", "mean")
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed"] = doc(
+        "mean (per the algorithm), coordinate-wise median, trimmed mean, Krum, multi-Krum or "
+        "geometric median (RFA)", "mean")
     trim_ratio: float = doc("trimmed_mean: fraction beta cut from each end per coordinate", 0.1)
     byzantine: int = doc("krum/multi_krum: assumed number f of Byzantine clients per round", 1)
     multi: int | None = doc("multi_krum: updates kept (default K - f)", None)
@@ -517,8 +524,8 @@ def _aggregator(r: Recipe) -> Problem:
         return "robust.aggregator", "FedNova is itself the aggregator (deltas normalized by local steps); use mean"
     if rob.aggregator != "mean" and f.lora_aggregation == "exact":
         return "federation.lora_aggregation", "exact LoRA aggregation averages products; robust aggregators pick coordinates"
-    if rob.aggregator in ("krum", "multi_krum") and m < 2 * rob.byzantine + 3:
-        return "robust.byzantine", (f"Krum needs clients per round >= 2f + 3 = {2 * rob.byzantine + 3}, "
+    if rob.aggregator in ("krum", "multi_krum") and m < krum_min_updates(rob.byzantine):
+        return "robust.byzantine", (f"Krum needs clients per round >= 2f + 3 = {krum_min_updates(rob.byzantine)}, "
                                     f"got {m} (fraction x num_clients)")
     if rob.aggregator == "multi_krum" and rob.multi is not None and rob.multi > m:
         return "robust.multi", f"expected <= clients per round ({m}), got {rob.multi}"

@@ -16,7 +16,11 @@ mean of deltas applied with step 1.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedllm.types import ClientUpdate, StateDict, add, weighted_sum
@@ -41,6 +45,50 @@ class ServerUpdate(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+@dataclass(frozen=True)
+class Registered:
+    """An aggregator a recipe can name (``robust.aggregator``; FedNova by ``federation.algorithm``)."""
+
+    factory: Callable[..., Aggregator]        # options -> the aggregator
+    options: Callable[[Any], dict[str, Any]]  # the recipe -> its options
+    needs: Callable[[Any], int]               # the recipe -> fewest updates it can combine
+
+
+_AGGREGATORS: dict[str, Registered] = {}
+
+
+def register_aggregator(name: str, options: Callable[[Any], dict[str, Any]] = lambda recipe: {},
+                        needs: Callable[[Any], int] = lambda recipe: 1):
+    """Class/function decorator: make ``name`` an aggregator a recipe can choose.
+
+    Adding an aggregator is one module in ``fedllm/algorithms/`` that decorates its class (and
+    its test); :func:`aggregators` finds it. The recipe's ``robust.aggregator`` names are held
+    against this registry by ``tests/test_registries.py``.
+    """
+    def decorate(factory):
+        if name in _AGGREGATORS and _AGGREGATORS[name].factory is not factory:
+            raise ValueError(f"aggregator {name!r} is registered twice")
+        _AGGREGATORS[name] = Registered(factory, options, needs)
+        return factory
+
+    return decorate
+
+
+@functools.cache
+def _discover() -> None:
+    """Import every module of ``fedllm.algorithms`` once, so each registers its aggregators."""
+    import fedllm.algorithms as package  # noqa: PLC0415  (the package itself: same layer)
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def aggregators() -> dict[str, Registered]:
+    """Every registered aggregator by name."""
+    _discover()
+    return dict(_AGGREGATORS)
+
+
 def client_weights(updates: Sequence[ClientUpdate], weighted: bool) -> list[float]:
     """Weights summing to 1: by number of examples when ``weighted``, else uniform (1/K)."""
     if not updates:
@@ -58,6 +106,7 @@ def mean_delta(updates: Sequence[ClientUpdate], weighted: bool = False) -> State
     return weighted_sum([u.delta for u in updates], client_weights(updates, weighted))
 
 
+@register_aggregator("mean", options=lambda recipe: {"weighted": recipe.federation.is_weighted})
 class MeanAggregator:
     """The plain (optionally example-weighted) mean of the client deltas."""
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fedllm.algorithms.aggregate import client_weights
+from fedllm.algorithms.aggregate import client_weights, register_aggregator
 from fedllm.types import ClientUpdate, StateDict, weighted_sum
 
 
@@ -202,6 +202,7 @@ def fednova_aggregate(updates: Sequence[ClientUpdate], weighted: bool = True) ->
     return weighted_sum([u.delta for u in updates], coefficients)
 
 
+@register_aggregator("fednova", options=lambda recipe: {"weighted": recipe.federation.is_weighted})
 class FedNovaAggregator:
     """FedNova's normalized averaging as an :class:`~fedllm.algorithms.aggregate.Aggregator`."""
 

@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from fedllm.algorithms.aggregate import Aggregator, MeanAggregator, build_named
-from fedllm.algorithms.drift import FedNovaAggregator
+from fedllm.algorithms.aggregate import (
+    Aggregator,
+    MeanAggregator,
+    aggregators,
+    build_named,
+    register_aggregator,
+)
+from fedllm.config import krum_min_updates
 from fedllm.types import ClientUpdate, StateDict, global_norm
 
 
@@ -56,6 +62,7 @@ def coordinate_median(updates: Sequence[ClientUpdate]) -> StateDict:
     return out
 
 
+@register_aggregator("median")
 class Median:
     """Coordinate-wise median (Yin et al., 2018)."""
 
@@ -63,6 +70,7 @@ class Median:
         return coordinate_median(updates)
 
 
+@register_aggregator("trimmed_mean", options=lambda recipe: {"beta": recipe.robust.trim_ratio})
 class TrimmedMean:
     """Coordinate-wise β-trimmed mean (Yin et al., 2018): drop ⌊βK⌋ values at each end."""
 
@@ -96,7 +104,7 @@ def krum_select(updates: Sequence[ClientUpdate], num_byzantine: int, multi: int 
     """Indices (into ``updates``) of the ``multi`` deltas with the lowest Krum score, best first."""
     _check_nonempty(updates)
     n, f = len(updates), num_byzantine
-    if n <= 2 * f + 2:
+    if n < krum_min_updates(f):
         raise ValueError(f"Krum needs more than 2f + 2 = {2 * f + 2} updates for f={f}, got {n}")
     if not 1 <= multi <= n:
         raise ValueError(f"multi-Krum m must be in [1, {n}], got {multi}")
@@ -107,6 +115,8 @@ def krum_select(updates: Sequence[ClientUpdate], num_byzantine: int, multi: int 
     return [int(i) for i in torch.argsort(scores, stable=True)[:multi]]
 
 
+@register_aggregator("krum", options=lambda recipe: {"num_byzantine": recipe.robust.byzantine, "multi": 1},
+                     needs=lambda recipe: krum_min_updates(recipe.robust.byzantine))
 class Krum:
     """Krum (m=1) and multi-Krum (mean of the m best) of Blanchard et al., 2017.
 
@@ -148,18 +158,27 @@ class NormBound:
         return self.inner([clip_update(u, self.max_norm) for u in updates])
 
 
+@register_aggregator("multi_krum",
+                     options=lambda recipe: {"num_byzantine": recipe.robust.byzantine, "multi": recipe.robust.multi},
+                     needs=lambda recipe: krum_min_updates(recipe.robust.byzantine, recipe.robust.multi))
 def _multi_krum(num_byzantine: int, multi: int | None = None) -> Krum:
     return Krum(num_byzantine, multi)
 
 
-AGGREGATORS: dict[str, Any] = {
-    "mean": MeanAggregator,
-    "median": Median,
-    "trimmed_mean": TrimmedMean,
-    "krum": Krum,
-    "multi_krum": _multi_krum,
-    "fednova": FedNovaAggregator,
-}
+class _Registry(Mapping):
+    """name -> factory of every registered aggregator (a live view: see ``aggregate.aggregators``)."""
+
+    def __getitem__(self, name: str):
+        return aggregators()[name].factory
+
+    def __iter__(self):
+        return iter(aggregators())
+
+    def __len__(self) -> int:
+        return len(aggregators())
+
+
+AGGREGATORS: Mapping[str, Any] = _Registry()
 
 
 def build_aggregator(name: str, max_norm: float | None = None, **kw: Any) -> Aggregator:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedllm.algorithms.aggregate import Aggregator, ServerUpdate
+from fedllm.algorithms.aggregate import Aggregator, ServerUpdate, aggregators
 from fedllm.algorithms.attacks import Attack, attackers
 from fedllm.algorithms.compress import Codec, ErrorFeedback, build_codec
 from fedllm.algorithms.privacy import DPAggregator, DPConfig, PrivacyLedger, resolve_noise_multiplier
@@ -38,17 +38,20 @@ def sampler(recipe: Recipe, sizes: Mapping[int, int]) -> ClientSampler:
     return build_sampler(sel.method, **kw)
 
 
+def _aggregator_name(recipe: Recipe) -> str:
+    return "fednova" if recipe.federation.algorithm == "fednova" else recipe.robust.aggregator
+
+
 def aggregator(recipe: Recipe) -> Aggregator:
-    """FedNova's normalized mean, or ``robust.aggregator`` (mean, median, trimmed mean, Krum, ...)."""
-    fed, rob = recipe.federation, recipe.robust
-    if fed.algorithm == "fednova":
-        return build_aggregator("fednova", weighted=fed.is_weighted, max_norm=rob.max_norm)
-    kw: dict[str, Any] = {
-        "mean": {"weighted": fed.is_weighted}, "median": {}, "trimmed_mean": {"beta": rob.trim_ratio},
-        "krum": {"num_byzantine": rob.byzantine, "multi": 1},
-        "multi_krum": {"num_byzantine": rob.byzantine, "multi": rob.multi},
-    }[rob.aggregator]
-    return build_aggregator(rob.aggregator, max_norm=rob.max_norm, **kw)
+    """FedNova's normalized mean, or ``robust.aggregator`` (mean, median, trimmed mean, Krum, ...),
+    with the options its registration reads from the recipe; ``robust.max_norm`` clips first."""
+    name = _aggregator_name(recipe)
+    return build_aggregator(name, max_norm=recipe.robust.max_norm, **aggregators()[name].options(recipe))
+
+
+def aggregator_needs(recipe: Recipe) -> int:
+    """Fewest updates the recipe's aggregator can combine (Krum: 2f + 3; most: 1)."""
+    return aggregators()[_aggregator_name(recipe)].needs(recipe)
 
 
 def server_optimizer(recipe: Recipe) -> ServerUpdate:

@@ -120,6 +120,7 @@ class FederatedServer:
         self.availability = Availability(f.dropout_prob, seed, f.straggler_fraction, f.straggler_speed)
         self.server_opt = build.server_optimizer(r)
         self.aggregator = build.aggregator(r)
+        self.min_updates = build.aggregator_needs(r)
         dp = build.privacy(r, self.aggregator, self.num_clients)
         self.dp: DPAggregator | None = dp.aggregator if dp else None
         self.ledger: PrivacyLedger | None = dp.ledger if dp else None
@@ -242,12 +243,8 @@ class FederatedServer:
         return new_state, self._round_metrics(metrics)
 
     def aggregator_needs(self) -> int:
-        """Fewest updates the robust aggregator can combine (Krum: n > 2f + 2; multi-Krum: also >= m)."""
-        rob = self.recipe.robust
-        if rob.aggregator in ("krum", "multi_krum"):
-            multi = (rob.multi or 1) if rob.aggregator == "multi_krum" else 1
-            return max(2 * rob.byzantine + 3, multi)
-        return 1
+        """Fewest updates the aggregator can combine (Krum: n > 2f + 2; multi-Krum: also >= m)."""
+        return self.min_updates
 
     def _aggregate(self, global_state: StateDict, updates: list[ClientUpdate], metrics: dict) -> StateDict:
         delta = self._combine(global_state, updates, metrics)
