@@ -75,12 +75,13 @@ STUDIES = (
 
 
 def run_variant(study: Study, label: str, overrides: list[str], runs: Path, quick: bool,
-                reuse: bool = False, vision_client: str = "auto") -> dict[str, Any]:
+                reuse: bool = False) -> dict[str, Any]:
     """Run one variant federated; return its metrics rows (read back from the run directory).
 
     With ``reuse``, a finished run directory of the identical recipe is read instead of re-run.
     """
     from fedllm.config import load_recipe  # noqa: PLC0415  (heavy imports only when running)
+    from fedllm.federation.experiment import make_experiment  # noqa: PLC0415
     from fedllm.federation.modes import run_federated  # noqa: PLC0415
     from fedllm.federation.rundir import read_metrics  # noqa: PLC0415
 
@@ -88,7 +89,7 @@ def run_variant(study: Study, label: str, overrides: list[str], runs: Path, quic
     extra = [f"name={study.name}_{slug}", *(study.quick if quick else [])]
     recipe = load_recipe(RECIPES / study.recipe, [*overrides, *extra])
     path = runs / recipe.name / "federated"
-    if reuse and _finished_same(path, recipe, vision_client):
+    if reuse and _finished_same(path, recipe):
         rows = [{k: r.get(k) for k in KEEP} for r in read_metrics(path)]
         same = path / "same_updates.json"
         if same.is_file():
@@ -98,7 +99,7 @@ def run_variant(study: Study, label: str, overrides: list[str], runs: Path, quic
                 "experiment": summary.get("experiment"), "wall_s": summary.get("study_wall_s"),
                 "cpu_s": summary.get("study_cpu_s"), "rows": rows}
     t0, c0 = time.perf_counter(), time.process_time()
-    exp = _experiment(recipe, vision_client)
+    exp = make_experiment(recipe)
     seen = _record_fits(exp) if study.name == "lora" else None
     run_federated(exp, out=str(runs))
     rows = read_metrics(runs / recipe.name / "federated")
@@ -119,32 +120,18 @@ KEEP = ("round", "accuracy", "eval_loss", "perplexity", "train_loss", "lora_aggr
         "applied", "clients", "stragglers")
 
 
-def _experiment(recipe, vision_client: str):
-    """The LM experiment, or for vision the engine's VisionExperiment / the plain-torch stand-in."""
-    from fedllm.federation.experiment import make_experiment  # noqa: PLC0415
+def _finished_same(path: Path, recipe) -> bool:
+    """A finished run of the identical recipe through the engine's own experiment.
 
-    if recipe.model.task == "lm" or vision_client == "engine":
-        return make_experiment(recipe)
-    if vision_client == "auto" and _has_vision_experiment():
-        return make_experiment(recipe)
-    return FallbackVision(recipe)
-
-
-def _client_name(recipe, vision_client: str) -> str | None:
-    if recipe.model.task == "lm":
-        return None
-    return "FallbackVision" if vision_client == "plain" or (
-        vision_client == "auto" and not _has_vision_experiment()) else "VisionExperiment"
-
-
-def _finished_same(path: Path, recipe, vision_client: str) -> bool:
+    Run directories the study wrote before its vision runs went through the engine's
+    ``VisionExperiment`` name the plain-torch stand-in it used then; they are not reused.
+    """
     from fedllm.config import dump_recipe  # noqa: PLC0415
 
     if not ((path / "summary.json").is_file() and (path / "config.yaml").is_file()
             and (path / "config.yaml").read_text(encoding="utf-8") == dump_recipe(recipe)):
         return False
-    want = _client_name(recipe, vision_client)
-    return want is None or json.loads((path / "summary.json").read_text()).get("experiment") == want
+    return json.loads((path / "summary.json").read_text()).get("experiment") != "FallbackVision"
 
 
 def _merge_same(rows: list[dict[str, Any]], same: dict[str, dict[str, float]]) -> None:
@@ -184,12 +171,11 @@ def _same_update_errors(rows: list[dict[str, Any]], seen: dict[int, list], weigh
             row[f"same_updates_{mode}"] = lora_aggregate(start, ups, mode, weighted)[1]
 
 
-def run_study(study: Study, runs: Path, quick: bool, reuse: bool = False,
-              vision_client: str = "auto") -> dict[str, Any]:
+def run_study(study: Study, runs: Path, quick: bool, reuse: bool = False) -> dict[str, Any]:
     out = {}
     for label, overrides in study.variants.items():
         logging.getLogger(__name__).info("%s: %s", study.name, label)
-        out[label] = run_variant(study, label, overrides, runs, quick, reuse, vision_client)
+        out[label] = run_variant(study, label, overrides, runs, quick, reuse)
         print(f"  {study.name:6s} {label:28s} {_final_summary(out[label])}  ({out[label]['wall_s'] or 0:.0f} s)",
               flush=True)
     return out
@@ -200,95 +186,6 @@ def _final_summary(run: dict[str, Any]) -> str:
     if last.get("accuracy") is not None:
         return f"accuracy {100 * last['accuracy']:.2f} %"
     return f"perplexity {last['perplexity']:.3f}"
-
-
-def _has_vision_experiment() -> bool:
-    """Whether the engine's VisionExperiment imports (it may not be in the tree yet)."""
-    try:
-        from fedllm.federation.vision_experiment import VisionExperiment  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
-
-
-class FallbackVision:
-    """A stand-in for ``VisionExperiment`` while it is not in the tree: plain-torch SGD clients.
-
-    Same protocol (``fit`` honours ``grad_term``), same data (Fashion-MNIST IDX files, the recipe's
-    partition), same models (:func:`fedllm.models.vision.build_vision_model`). ``data.max_examples``
-    training images are drawn (seeded) from the 60k training set, ``data.eval_size`` from the test set.
-    """
-
-    def __init__(self, recipe) -> None:
-        import numpy as np  # noqa: PLC0415
-        import torch  # noqa: PLC0415
-
-        from fedllm.data.partition import partition  # noqa: PLC0415
-        from fedllm.data.vision import DEFAULT_ROOT, load_fashion_mnist  # noqa: PLC0415
-        from fedllm.models.vision import build_vision_model  # noqa: PLC0415
-
-        self.recipe, self.torch = recipe, torch
-        d, rng = recipe.data, np.random.default_rng(recipe.seed)
-        data = load_fashion_mnist(d.root or DEFAULT_ROOT)
-        train = np.sort(rng.permutation(len(data.train_y))[: d.max_examples or len(data.train_y)])
-        test = np.sort(rng.permutation(len(data.test_y))[: d.eval_size])
-        self.x, self.y = data.train_x[train], data.train_y[train]
-        self.eval_x, self.eval_y = data.test_x[test], data.test_y[test]
-        self.parts = partition(len(self.y), self.y.tolist(), recipe.partition, recipe.seed)
-        torch.manual_seed(recipe.seed)
-        self.model = build_vision_model(recipe.model.preset)
-        self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.step_callbacks: list = []
-        self.data = self  # the data protocol lives on the same object (partition_json, client_examples, ...)
-        self.train_examples = list(range(len(self.y)))
-        self.stats = {"train": len(self.y), "eval": len(self.eval_y), "sizes": [len(p) for p in self.parts]}
-
-    def partition_json(self) -> dict:
-        return {"clients": self.parts}
-
-    def client_examples(self, k: int) -> list[int]:
-        return self.parts[k] if k >= 0 else self.train_examples
-
-    def fit(self, client_id, examples, start, rnd, steps, grad_term=None):
-        from fedllm.federation.experiment import round_seed  # noqa: PLC0415
-        from fedllm.types import ClientUpdate, serialized_bytes  # noqa: PLC0415
-
-        torch, t = self.torch, self.recipe.train
-        self.model.load_state_dict(start)
-        params = dict(self.model.named_parameters())
-        opt = torch.optim.SGD(params.values(), lr=t.lr, momentum=t.momentum)
-        gen = torch.Generator().manual_seed(round_seed(self.recipe.seed, rnd) + client_id + 1)
-        idx, order, losses = torch.as_tensor(examples), torch.empty(0, dtype=torch.long), []
-        for _ in range(steps):
-            if len(order) < t.batch_size:
-                order = torch.cat([order, idx[torch.randperm(len(idx), generator=gen)]])
-            batch, order = order[: t.batch_size], order[t.batch_size:]
-            loss = torch.nn.functional.cross_entropy(self.model(self.x[batch]), self.y[batch])
-            opt.zero_grad()
-            loss.backward()
-            if grad_term is not None:
-                for k, g in grad_term({k: p.detach() for k, p in params.items()}).items():
-                    params[k].grad += g.to(params[k].grad.dtype)
-            opt.step()
-            losses.append(float(loss.detach()))
-        delta = {k: v.detach() - start[k] for k, v in self.model.state_dict().items()}
-        return ClientUpdate(client_id, delta, len(examples), steps, sum(losses) / len(losses), serialized_bytes(delta))
-
-    def evaluate(self, state):
-        from fedllm.client.evaluate import EvalResult  # noqa: PLC0415
-        from fedllm.client.vision import evaluate_classifier  # noqa: PLC0415
-
-        self.model.load_state_dict(state)
-        loss, acc = evaluate_classifier(self.model, self.eval_x, self.eval_y)
-        return EvalResult(loss, math.exp(min(loss, 700.0)), None, [], acc)
-
-    def payload_bytes(self, state) -> int:
-        from fedllm.types import serialized_bytes  # noqa: PLC0415
-
-        return serialized_bytes(state)
-
-    def save_adapter(self, state, path) -> None:
-        return None
 
 
 # ----------------------------------------------------------------------------- tables
@@ -397,7 +294,7 @@ def _setup(study: Study, run: dict[str, Any]) -> str:
     slow = (f", {100 * f.straggler_fraction:.0f} % stragglers doing {100 * f.straggler_speed:.0f} % of their steps"
             if f.straggler_fraction else "")
     return (f"Setup: {r.model.preset}, {data}, {r.partition.num_clients} clients ({r.partition.method}), "
-            f"{r.clients_per_round} per round, {r.federation.rounds} rounds, {t.local_steps} local {t.optimizer} "
+            f"{r.clients_per_round} per round, {r.federation.rounds} rounds, {t.local_steps} local {t.optimizer_for(r.model.task)} "
             f"steps of batch {t.batch_size} at lr {t.lr}{slow}." + (_attack_setup(study) if study.name == "robust" else ""))
 
 
@@ -446,9 +343,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only this study (repeatable); default all")
     parser.add_argument("--reuse", action="store_true",
                         help="read finished run directories of identical recipes instead of re-running them")
-    parser.add_argument("--vision-client", choices=("auto", "engine", "plain"), default="auto",
-                        help="vision clients: the engine's VisionExperiment (Lightning), the plain-torch stand-in "
-                        "FallbackVision, or auto (the engine's when it imports)")
     args = parser.parse_args(argv)
     # process-wide settings belong to the entry point (ARCHITECTURE.md, decision 9)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -461,9 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     for study in STUDIES:
         if args.only and study.name not in args.only:
             continue
-        results[study.name] = run_study(study, Path(args.runs), args.quick, args.reuse, args.vision_client)
-    cmd = ("python -m fedllm.studies.algorithms --out " + args.out + (" --quick" if args.quick else "")
-           + (f" --vision-client {args.vision_client}" if args.vision_client != "auto" else ""))
+        results[study.name] = run_study(study, Path(args.runs), args.quick, args.reuse)
+    cmd = "python -m fedllm.studies.algorithms --out " + args.out + (" --quick" if args.quick else "")
     meta = {"command": cmd, "quick": args.quick, "wall_s": time.perf_counter() - t0,
             "cpu_s": time.process_time() - c0}
     write_report(results, Path(args.out), meta)
