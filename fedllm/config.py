@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+log = logging.getLogger(__name__)
 
 def one_line(text: str) -> str:
     """``text`` with line breaks and other control characters escaped (``\\n``, ``\\x85``, ...)."""
@@ -166,9 +168,10 @@ class FederationConfig:
     max_retries: int = doc("re-samples of a round before it is skipped (on_too_few: retry)", 2)
     reject_norm: float | None = doc("reject (do not aggregate) an update whose L2 norm exceeds this", None)
     mu: float = doc("FedProx proximal coefficient", 0.01)
-    lora_aggregation: Literal["factorwise", "exact", "frozen_a"] = doc(
-        "factorwise: average dA and dB (the paper's); exact: average B_i A_i and re-factorize by SVD; "
-        "frozen_a: A frozen at its shared init, only B trained", "factorwise")
+    lora_aggregation: Literal["factorwise", "svd", "frozen_a", "exact"] = doc(
+        "factorwise: average dA and dB (the paper's); svd: average B_i A_i and keep its best rank-r "
+        "factorization (Eckart-Young; exact only when that mean has rank <= r); frozen_a: A frozen at "
+        "its shared init, only B trained; exact: old name of svd (accepted, with a warning)", "factorwise")
     engine: Literal["inprocess", "flower"] = doc("inprocess: simulate all clients here; flower: Flower simulation", "inprocess")
 
     def __post_init__(self) -> None:
@@ -179,6 +182,10 @@ class FederationConfig:
         require(0 <= self.mu <= 1e6, "federation.mu", f"expected in [0, 1e6], got {self.mu}")
         if self.reject_norm is not None:
             require(self.reject_norm > 0, "federation.reject_norm", f"expected > 0, got {self.reject_norm}")
+        if self.lora_aggregation == "exact":  # it is the best rank-r re-factorization, not exact
+            log.warning("federation.lora_aggregation: 'exact' is now called 'svd' (the best rank-r "
+                        "factorization of the mean product); using svd")
+            object.__setattr__(self, "lora_aggregation", "svd")
 
     @property
     def is_weighted(self) -> bool:
@@ -518,12 +525,12 @@ def _vision_only(r: Recipe) -> Problem:
 
 def _aggregator(r: Recipe) -> Problem:
     f, rob, m = r.federation, r.robust, r.clients_per_round
-    if f.algorithm == "fednova" and f.lora_aggregation == "exact":
-        return "federation.lora_aggregation", "FedNova normalizes each delta by its steps; exact re-factorizes products: use factorwise or frozen_a"
+    if f.algorithm == "fednova" and f.lora_aggregation == "svd":
+        return "federation.lora_aggregation", "FedNova normalizes each delta by its steps; svd re-factorizes products: use factorwise or frozen_a"
     if f.algorithm == "fednova" and rob.aggregator != "mean":
         return "robust.aggregator", "FedNova is itself the aggregator (deltas normalized by local steps); use mean"
-    if rob.aggregator != "mean" and f.lora_aggregation == "exact":
-        return "federation.lora_aggregation", "exact LoRA aggregation averages products; robust aggregators pick coordinates"
+    if rob.aggregator != "mean" and f.lora_aggregation == "svd":
+        return "federation.lora_aggregation", "svd LoRA aggregation averages products; robust aggregators pick coordinates"
     if rob.aggregator in ("krum", "multi_krum") and m < krum_min_updates(rob.byzantine):
         return "robust.byzantine", (f"Krum needs clients per round >= 2f + 3 = {krum_min_updates(rob.byzantine)}, "
                                     f"got {m} (fraction x num_clients)")
@@ -547,8 +554,8 @@ def _privacy(r: Recipe) -> Problem:
                     "updates, but secure aggregation shows the server only their sum")
         if f.algorithm == "fednova":
             return "privacy.secure_aggregation", "FedNova reweights individual updates; the server sees only the sum"
-        if f.lora_aggregation == "exact":
-            return "privacy.secure_aggregation", "exact LoRA aggregation multiplies individual factors; the server sees only the sum"
+        if f.lora_aggregation == "svd":
+            return "privacy.secure_aggregation", "svd LoRA aggregation multiplies individual factors; the server sees only the sum"
         if r.compression.codec not in ("none", "fp16"):
             return ("compression.codec", "masked updates are uniform integers mod 2^b: they cannot be quantized "
                     "or sparsified after masking; use none or fp16 with secure aggregation")
@@ -567,8 +574,8 @@ def _privacy(r: Recipe) -> Problem:
             return "privacy.adaptive_clip", "adaptive clipping needs the server to see update norms (dp: server)"
         if r.hierarchy.regions:
             return "privacy.dp", "client-level DP with hierarchical aggregation is not supported"
-        if f.lora_aggregation == "exact":
-            return "federation.lora_aggregation", "exact re-factorization is not covered by the DP clipping; use factorwise or frozen_a"
+        if f.lora_aggregation == "svd":
+            return "federation.lora_aggregation", "svd re-factorization is not covered by the DP clipping; use factorwise or frozen_a"
     return None
 
 

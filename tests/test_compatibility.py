@@ -35,7 +35,7 @@ NUM_CLIENTS = 6
 ALGORITHMS = ("gradualdiff", "fedavg", "fedprox", "scaffold", "fednova")
 AGGREGATORS = tuple(sorted(get_args(get_type_hints(RobustConfig)["aggregator"])))  # every name a recipe accepts
 PRIVACY = tuple(itertools.product(("none", "server", "client"), (False, True)))  # (dp, secure_aggregation)
-LORA_MODES = ("factorwise", "exact", "frozen_a")
+LORA_MODES = ("factorwise", "svd", "frozen_a")
 CODECS = ("none", "q8", "topk")  # fp16 behaves as none for every rule; pinned in known-good below
 REGIONS = (0, 2)
 TASKS = ("lm", "vision")
@@ -136,12 +136,12 @@ def test_every_rejection_is_for_a_rule_that_applies():
         weighted = algorithm != "gradualdiff"
         reasons = [
             task == "vision" and lora != "factorwise",
-            algorithm == "fednova" and (aggregator != "mean" or lora == "exact"),
-            aggregator != "mean" and lora == "exact",
-            secagg and (aggregator != "mean" or algorithm == "fednova" or lora == "exact"
+            algorithm == "fednova" and (aggregator != "mean" or lora == "svd"),
+            aggregator != "mean" and lora == "svd",
+            secagg and (aggregator != "mean" or algorithm == "fednova" or lora == "svd"
                         or codec not in ("none", "fp16") or regions > 0 or weighted),
             dp != "none" and (aggregator != "mean" or algorithm == "fednova" or weighted or regions > 0
-                              or lora == "exact"),
+                              or lora == "svd"),
             regions > 0 and algorithm in ("scaffold", "fednova"),
         ]
         assert any(reasons), (combo, str(out))
@@ -177,9 +177,9 @@ def test_frozen_a_with_client_dp_runs_a_round():
     assert metrics["applied"]
 
 
-def test_fednova_with_exact_lora_is_rejected_or_normalized():
+def test_fednova_with_svd_lora_is_rejected_or_normalized():
     with pytest.raises(RecipeError) as err:
-        build(Recipe, values(algorithm="fednova", lora="exact"))
+        build(Recipe, values(algorithm="fednova", lora="svd"))
     assert err.value.where == "federation.lora_aggregation"
 
 
@@ -187,7 +187,7 @@ def test_fednova_with_exact_lora_is_rejected_or_normalized():
     (dict(aggregator="median", privacy=("none", True), algorithm="gradualdiff"), "privacy.secure_aggregation"),
     (dict(algorithm="fednova", aggregator="krum"), "robust.aggregator"),
     (dict(algorithm="fedavg", privacy=("server", False)), "federation.weighted"),
-    (dict(algorithm="gradualdiff", task="vision", lora="exact"), "federation.lora_aggregation"),
+    (dict(algorithm="gradualdiff", task="vision", lora="svd"), "federation.lora_aggregation"),
     (dict(algorithm="scaffold", regions=2), "hierarchy.regions"),
     (dict(algorithm="gradualdiff", privacy=("none", True), codec="q8"), "compression.codec"),
     (dict(aggregator="krum", partition={"num_clients": 4}), "robust.byzantine"),

@@ -183,7 +183,7 @@ def test_mean_under_sign_flip_is_dragged_while_median_is_not(tmp_path):
 def test_lora_modes_report_the_aggregation_error_of_the_pure_function(tmp_path):
     # Prepare: the toy LoRA layer (peft's key layout: A random, B zero)
     rows_by_mode = {}
-    for mode in ("factorwise", "exact", "frozen_a"):
+    for mode in ("factorwise", "svd", "frozen_a"):
         recipe = toy_recipe(name=mode, federation={"lora_aggregation": mode, "rounds": 2})
         # Execute
         exp, rows = run(tmp_path, recipe, lora=True)
@@ -193,7 +193,7 @@ def test_lora_modes_report_the_aggregation_error_of_the_pure_function(tmp_path):
         assert rows[2]["lora_aggregation_error"] == pytest.approx(err, rel=1e-9, abs=1e-15)
     assert rows_by_mode["frozen_a"][2]["lora_aggregation_error"] < 1e-12
     assert rows_by_mode["factorwise"][2]["lora_aggregation_error"] > 1e-4
-    assert rows_by_mode["exact"][2]["lora_aggregation_error"] <= rows_by_mode["factorwise"][2]["lora_aggregation_error"]
+    assert rows_by_mode["svd"][2]["lora_aggregation_error"] <= rows_by_mode["factorwise"][2]["lora_aggregation_error"]
 
 
 # ----------------------------------------------------------------------------- hierarchical FL
@@ -369,11 +369,11 @@ def test_lora_aggregation_modes_on_the_tiny_llm(tmp_path):
 
     root = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
     recipes = {mode: load_recipe(root, [*TINY_LORA, f"federation.lora_aggregation={mode}", f"name={mode}"])
-               for mode in ("factorwise", "exact", "frozen_a")}
+               for mode in ("factorwise", "svd", "frozen_a")}
     # Prepare: one experiment for factorwise and exact (same construction), one with A frozen
     shared, frozen = LMExperiment(recipes["factorwise"]), LMExperiment(recipes["frozen_a"])
     errors, updates = {}, {}
-    for mode, exp in (("factorwise", shared), ("exact", shared), ("frozen_a", frozen)):
+    for mode, exp in (("factorwise", shared), ("svd", shared), ("frozen_a", frozen)):
         exp.recipe = dataclasses.replace(recipes[mode])
         updates[mode] = _recording(exp)
         # Execute
@@ -384,12 +384,12 @@ def test_lora_aggregation_modes_on_the_tiny_llm(tmp_path):
     assert errors["frozen_a"] < 1e-5
     assert all(float(u.delta[k].abs().max()) == 0 for u in updates["frozen_a"] for k in u.delta if "lora_A" in k)
     assert errors["factorwise"] > 1e-4
-    assert errors["exact"] == pytest.approx(_eckart_young(shared.initial_state, updates["exact"]), rel=1e-4)
-    assert errors["exact"] < errors["factorwise"]
+    assert errors["svd"] == pytest.approx(_eckart_young(shared.initial_state, updates["svd"]), rel=1e-4)
+    assert errors["svd"] < errors["factorwise"]
 
 
-def test_hierarchy_with_one_region_keeps_exact_lora_aggregation(tmp_path):
-    lora = {"lora_aggregation": "exact", "rounds": 2}
+def test_hierarchy_with_one_region_keeps_svd_lora_aggregation(tmp_path):
+    lora = {"lora_aggregation": "svd", "rounds": 2}
     e_flat, _ = run(tmp_path, toy_recipe(name="flat", federation=lora), lora=True)
     e_h, rows = run(tmp_path, toy_recipe(name="h", federation=lora, hierarchy={"regions": 1}), lora=True)
     assert "lora_aggregation_error" in rows[1]
@@ -403,9 +403,9 @@ def test_krum_round_with_too_few_arrivals_is_skipped_not_crashed(tmp_path):
     assert any(r["applied"] is False for r in rows[1:])
 
 
-def test_hierarchy_exact_lora_reports_the_global_tier_error(tmp_path):
+def test_hierarchy_svd_lora_reports_the_global_tier_error(tmp_path):
     # Prepare: 4 clients in 2 regions, global sync every round, exact aggregation
-    recipe = toy_recipe(name="hx", federation={"lora_aggregation": "exact", "rounds": 1},
+    recipe = toy_recipe(name="hx", federation={"lora_aggregation": "svd", "rounds": 1},
                         hierarchy={"regions": 2, "global_every": 1})
     # Execute
     exp, rows = run(tmp_path, recipe, lora=True)

@@ -31,36 +31,36 @@ def product_after(glob, delta):
     return (glob[B] + delta[B]).double() @ (glob[A] + delta[A]).double()
 
 
-def test_exact_is_exact_when_the_mean_product_has_rank_r():
+def test_svd_is_exact_when_the_mean_product_has_rank_r():
     # Prepare: all clients share A, so mean(BᵢA) = mean(Bᵢ)·A has rank <= r
     glob, ups = make(0, shared_a=True)
     # Execute
-    delta, err = lora_aggregate(glob, ups, "exact")
+    delta, err = lora_aggregate(glob, ups, "svd")
     # Assert: the new factors multiply to the dense mean of the client products
     assert err < 1e-5
     assert torch.allclose(product_after(glob, delta), dense_mean_product(glob, ups, [1 / K] * K), atol=1e-5)
     assert torch.allclose(delta[HEAD], mean_delta(ups)[HEAD])
 
 
-def test_exact_keeps_the_best_rank_r_part_when_rank_is_higher():
+def test_svd_keeps_the_best_rank_r_part_when_rank_is_higher():
     # Prepare: generic clients, so rank(M) = min(K·r, out, in) = 5 > r
     glob, ups = make(1)
     m = dense_mean_product(glob, ups, [1 / K] * K)
     u, s, vh = torch.linalg.svd(m)
     best = (u[:, :R] * s[:R]) @ vh[:R]
     # Execute
-    delta, err = lora_aggregate(glob, ups, "exact")
+    delta, err = lora_aggregate(glob, ups, "svd")
     # Assert: Eckart–Young: the residual is √(Σ_{j>r} σ_j²)/‖M‖, the product the truncated SVD
     assert err == pytest.approx(float(s[R:].norm() / s.norm()), rel=1e-4)
     assert torch.allclose(product_after(glob, delta), best, atol=1e-5)
     assert delta[A].shape == (R, IN) and delta[B].shape == (OUT, R)
 
 
-def test_exact_respects_example_weights():
+def test_svd_respects_example_weights():
     # Prepare
     glob, ups = make(2, shared_a=True, weights=[1, 2, 7])
     # Execute
-    delta, err = lora_aggregate(glob, ups, "exact", weighted=True)
+    delta, err = lora_aggregate(glob, ups, "svd", weighted=True)
     # Assert
     assert err < 1e-5
     expected = dense_mean_product(glob, ups, [0.1, 0.2, 0.7])
@@ -93,8 +93,8 @@ def test_factorwise_is_the_mean_of_deltas_and_inexact():
     for key in (A, B, HEAD):
         assert torch.allclose(delta[key], mean_delta(ups)[key])
     assert err > 1e-3
-    _, exact_err = lora_aggregate(glob, ups, "exact")
-    assert exact_err <= err
+    _, svd_err = lora_aggregate(glob, ups, "svd")
+    assert svd_err <= err
 
 
 def test_aggregation_error_by_hand_over_two_pairs():
@@ -127,7 +127,7 @@ def test_pairs_follow_peft_key_styles():
 def test_bad_input_is_rejected():
     glob, ups = make(6)
     with pytest.raises(ValueError, match="mode"):
-        lora_aggregate(glob, ups, "svd")
+        lora_aggregate(glob, ups, "stacked")
     with pytest.raises(ValueError, match="no partner"):
         lora_pairs({A: torch.zeros(R, IN)})
     with pytest.raises(ValueError, match="r×in"):

@@ -35,3 +35,12 @@ def test_every_registered_aggregator_builds_from_a_recipe_and_states_what_it_nee
         assert callable(build.aggregator(recipe))
         assert build.aggregator_needs(recipe) >= 1
     assert krum_min_updates(2) == 7 and krum_min_updates(1, multi=9) == 9
+
+
+def test_exact_is_an_old_name_of_svd_and_warns(caplog):
+    from tests._toy import toy_recipe
+
+    with caplog.at_level("WARNING", logger="fedllm.config"):
+        recipe = toy_recipe(federation={"lora_aggregation": "exact"})
+    assert recipe.federation.lora_aggregation == "svd"
+    assert any("'exact' is now called 'svd'" in r.getMessage() for r in caplog.records)

@@ -7,11 +7,12 @@ mean product M = Σ wᵢ BᵢAᵢ. Three modes:
 
 - ``factorwise``: B ← mean Bᵢ, A ← mean Aᵢ (GradualDiff-Fed's mean of deltas, also FedIT). Then
   B A = (Σ wᵢBᵢ)(Σ wⱼAⱼ) ≠ Σ wᵢ BᵢAᵢ in general: the cross terms BᵢAⱼ leak in.
-- ``exact``: form M (without materialising it), take the truncated SVD M ≈ U_r S_r V_rᵀ and set
+- ``svd`` (formerly ``exact``): form M (without materialising it), take the truncated SVD M ≈ U_r S_r V_rᵀ and set
   B ← U_r √S_r, A ← √S_r V_rᵀ. Exact when rank(M) ≤ r; otherwise the residual is the Eckart–Young
   optimum √(Σ_{j>r} σ_j²). M = [w₁B₁ … w_KB_K]·[A₁; …; A_K] has rank ≤ Kr, so we QR-factor both
   sides and take the SVD of a small (≤Kr)×(≤Kr) core instead of the out×in matrix.
-  (As in FLoRA-style stacking / FedEx-LoRA's exact aggregation; here the rank stays r.)
+  (FLoRA-style stacking and FedEx-LoRA are exact by growing the rank or folding the residual into
+  the base; here the rank stays r, so this is the best rank-r answer, exact only when rank M ≤ r.)
 - ``frozen_a``: A stays at a shared initialisation (FFA-LoRA, Sun et al., 2024), so ΔAᵢ ≡ 0 and
   mean Bᵢ · A = mean(BᵢA): averaging B is exact. A non-zero ΔA is an error.
 
@@ -30,7 +31,7 @@ import torch
 from fedllm.algorithms.aggregate import client_weights
 from fedllm.types import ClientUpdate, StateDict, weighted_sum
 
-MODES = ("factorwise", "exact", "frozen_a")
+MODES = ("factorwise", "svd", "frozen_a")
 
 # "…q_proj.lora_A.weight" (get_peft_model_state_dict) or "…q_proj.lora_A.default.weight" (state_dict)
 _A_KEY = re.compile(r"^(?P<prefix>.*)lora_A(?P<adapter>\.[^.]+)?\.weight$")
@@ -80,7 +81,7 @@ def aggregation_error(global_new: Mapping[str, torch.Tensor],
     return (num / den) ** 0.5
 
 
-def _exact_pair(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], w: list[float],
+def _svd_pair(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], w: list[float],
                 a_key: str, b_key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """New (A, B) from the rank-r truncated SVD of M = Σ wᵢ BᵢAᵢ, computed via QR of the stacks."""
     a_g, b_g = global_state[a_key], global_state[b_key]
@@ -121,9 +122,9 @@ def lora_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequence[C
     if mode == "frozen_a":
         _check_frozen_a(updates, pairs)
     delta = weighted_sum([u.delta for u in updates], w)
-    if mode == "exact":
+    if mode == "svd":
         for a_key, b_key in pairs:
-            new_a, new_b = _exact_pair(global_state, updates, w, a_key, b_key)
+            new_a, new_b = _svd_pair(global_state, updates, w, a_key, b_key)
             delta[a_key] = (new_a - global_state[a_key].to(torch.float64)).to(global_state[a_key].dtype)
             delta[b_key] = (new_b - global_state[b_key].to(torch.float64)).to(global_state[b_key].dtype)
     lora_keys = [k for pair in pairs for k in pair]  # the error only reads the factors

@@ -266,8 +266,8 @@ class FederatedServer:
         if self.dp is not None:
             delta = self.dp(updates)
             metrics.update({f"dp_{k}": v for k, v in self.dp.last_stats.items()})
-        elif fed.lora_aggregation == "exact" and self.has_lora:
-            delta, err = lora_aggregate(global_state, updates, "exact", fed.is_weighted)
+        elif fed.lora_aggregation == "svd" and self.has_lora:
+            delta, err = lora_aggregate(global_state, updates, "svd", fed.is_weighted)
             metrics["lora_aggregation_error"] = err
             return delta
         else:
@@ -275,7 +275,7 @@ class FederatedServer:
         if self.has_lora and self.recipe.robust.aggregator == "mean" and fed.algorithm != "fednova":
             # what averaging the factors loses against averaging the products B_i A_i
             metrics["lora_aggregation_error"] = lora_aggregate(global_state, updates, fed.lora_aggregation
-                                                               if fed.lora_aggregation != "exact" else "factorwise",
+                                                               if fed.lora_aggregation != "svd" else "factorwise",
                                                                fed.is_weighted)[1]
         return delta
 
@@ -283,7 +283,7 @@ class FederatedServer:
                       metrics: dict) -> StateDict:
         """Regions aggregate their clients every round; the server combines regions every R rounds.
 
-        Both tiers use the same aggregation (exact LoRA included); regions weigh by the examples
+        Both tiers use the same aggregation (svd LoRA included); regions weigh by the examples
         they aggregated since the last sync. Between syncs the global model is unchanged
         (:meth:`eval_state` is the regions' mean) and the row reports the worst regional error; at a
         sync it reports the global model's error against every client trained since the last one.
@@ -315,8 +315,8 @@ class FederatedServer:
                       for i, n in sorted(self._region_examples.items())]
         if len(region_ups) == 1:  # one region trained: its model is the mean (no re-factorization)
             delta = region_ups[0].delta
-        elif self.has_lora and self.recipe.federation.lora_aggregation == "exact":
-            delta = lora_aggregate(global_state, region_ups, "exact", weighted=True)[0]
+        elif self.has_lora and self.recipe.federation.lora_aggregation == "svd":
+            delta = lora_aggregate(global_state, region_ups, "svd", weighted=True)[0]
         else:
             delta = mean_delta(region_ups, weighted=True)
         new_state = self.server_opt.step(global_state, delta)
