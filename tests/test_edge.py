@@ -3,24 +3,23 @@ edge recipe and ``fedllm edge``, the report, and the reduced study end to end.""
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedllm.cli import main as cli
+from fedllm.config import RecipeError
 from fedllm.data.vision import FILES, VisionData
 from fedllm.federation.edge import (
     EdgeSchedule,
-    EdgeStudyConfig,
     make_splits,
     run_edge_learning,
     run_sync_fedavg,
     train_core,
     train_edge,
 )
-from fedllm.federation.edge_recipe import EdgeRecipe, load_edge_recipe
+from fedllm.federation.edge_recipe import EdgeLag, EdgeRecipe, load_edge_recipe
 from fedllm.metrics.edge_report import summarize, write_edge_report
 from fedllm.studies.edge import describe, main, run_edge_study, study_variants
 from fedllm.types import global_norm, subtract
@@ -57,8 +56,8 @@ def toy_data(n_train=400, n_test=100, seed=0):
     return VisionData(tx, ty, vx, vy)
 
 
-TOY = EdgeStudyConfig(num_edges=4, core_fraction=0.2, core_steps=20, edge_steps=5, distill_steps=5,
-                      batch_size=16, lr=0.05)
+TOY = load_edge_recipe(None, ["edges.count=4", "core.fraction=0.2", "core.steps=20", "edges.steps=5",
+                              "distill.steps=5", "train.batch_size=16", "train.lr=0.05", "study.seeds=[0]"])
 
 
 def test_schedule_lag_and_never_return():
@@ -81,48 +80,50 @@ def test_schedule_late_past_the_stream_and_same_step_order():
                      (2, "return", 0)]
 
 
-def test_schedule_follows_arrival_order_from_config():
-    cfg = replace(TOY, arrival=(2, 0, 3, 1), never_return=(0,))
-    events = EdgeSchedule.from_config(cfg).events()
+def test_schedule_follows_arrival_order_from_the_recipe():
+    cfg = TOY.with_values({"edges.arrival": [2, 0, 3, 1], "edges.never_return": [0]})
+    events = EdgeSchedule.from_recipe(cfg).events()
     assert [e for _, kind, e in events if kind == "send"] == [2, 0, 3, 1]
     assert [e for _, kind, e in events if kind == "return"] == [2, 3, 1]
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"lags": ((7, 1),)}, "not in arrival"),
-    ({"lags": ((1, -1),)}, "lags >= 0"),
-    ({"noisy_edges": ((0, 1.5),)}, r"noise p in \[0, 1\]"),
-    ({"arrival": (0, 1, 2, 2)}, "permutation"),
-    ({"teacher_init": "random"}, "teacher_init"),
-    ({"memory": 0}, "memory"),
-    ({"core_fraction": 1.0}, "core_fraction"),
+@pytest.mark.parametrize("change, field", [
+    ({"edges.lags": [{"edge": 7, "by": 1}]}, "edges.lags"),
+    ({"edges.lags": [{"edge": 1, "by": -1}]}, "edges.lags"),
+    ({"edges.noisy": [{"edge": 0, "p": 1.5}]}, "edges.noisy"),
+    ({"edges.arrival": [0, 1, 2, 2]}, "edges.arrival"),
+    ({"distill.teacher_init": "random"}, "distill.teacher_init"),
+    ({"distill.memory": 0}, "distill.memory"),
+    ({"core.fraction": 1.0}, "core.fraction"),
 ])
-def test_config_rejects_bad_values(change, match):
-    with pytest.raises(ValueError, match=match):
-        replace(TOY, **change)
+def test_config_rejects_bad_values(change, field):
+    with pytest.raises(RecipeError) as caught:
+        TOY.with_values(change)
+    assert caught.value.where == field and len(str(caught.value).splitlines()) == 1
 
 
 def test_splits_are_disjoint_and_cover_the_pool():
     data = toy_data()
-    splits = make_splits(replace(TOY, max_train_examples=300, max_test_examples=50), data)
+    cut = TOY.with_values({"vision.max_train_examples": 300, "vision.max_test_examples": 50})
+    splits = make_splits(cut, data)
     parts = [splits.core, *splits.edges]
     union = torch.cat(parts)
     assert len(splits.core) == 60 and [len(p) for p in splits.edges] == [60] * 4
     assert len(union) == len(set(union.tolist())) == 300
     assert len(splits.test) == 50
-    skewed = make_splits(replace(TOY, edge_alpha=0.3), data)
+    skewed = make_splits(TOY.with_values({"edges.alpha": 0.3}), data)
     assert torch.equal(skewed.core, make_splits(TOY, data).core)  # the core does not depend on the skew
 
 
 def test_downlink_is_a_clone_or_an_independent_init():
     # Prepare: an almost zero learning rate, so the returned model is where it started
-    data, cfg = toy_data(), replace(TOY, lr=1e-9, edge_steps=1)
+    data, cfg = toy_data(), TOY.with_values({"train.lr": 1e-9, "edges.steps": 1})
     splits = make_splits(cfg, data)
     core = train_core(cfg, data, splits)
     # Execute
     (clone,), _ = train_edge(cfg, data, splits, 0, core)
-    (indep,), _ = train_edge(replace(cfg, teacher_init="independent"), data, splits, 0, core)
-    (ens_a, ens_b), _ = train_edge(replace(TOY, ensemble=2), data, splits, 0, core)
+    (indep,), _ = train_edge(cfg.with_values({"distill.teacher_init": "independent"}), data, splits, 0, core)
+    (ens_a, ens_b), _ = train_edge(TOY.with_values({"distill.ensemble": 2}), data, splits, 0, core)
     # Assert
     assert global_norm(subtract(clone, core)) < 1e-5
     assert global_norm(subtract(indep, core)) > 1.0
@@ -131,7 +132,8 @@ def test_downlink_is_a_clone_or_an_independent_init():
 
 def test_run_edge_learning_rows_follow_the_schedule_and_are_reproducible():
     data = toy_data()
-    cfg = replace(TOY, lags=((1, 2),), never_return=(3,), memory=2, noisy_edges=((2, 1.0),))
+    cfg = TOY.with_values({"edges.lags": [{"edge": 1, "by": 2}], "edges.never_return": [3], "distill.memory": 2,
+                           "edges.noisy": [{"edge": 2, "p": 1.0}]})
     core = train_core(cfg, data, make_splits(cfg, data))
     rows = run_edge_learning(cfg, data, core_state=core)
     again = run_edge_learning(cfg, data, core_state=core)
@@ -145,7 +147,7 @@ def test_run_edge_learning_rows_follow_the_schedule_and_are_reproducible():
 
 
 def test_edges_teach_the_core_on_learnable_data():
-    data, cfg = toy_data(), replace(TOY, core_steps=3, edge_steps=40, distill_steps=20)
+    data, cfg = toy_data(), TOY.with_values({"core.steps": 3, "edges.steps": 40, "distill.steps": 20})
     rows = run_edge_learning(cfg, data)
     assert rows[-1]["acc"] > rows[0]["acc_before"] + 0.2
 
@@ -160,19 +162,20 @@ def test_sync_fedavg_rows():
 
 
 def test_study_variants_cover_the_papers_figures():
-    variants = study_variants(EdgeStudyConfig())
+    variants = study_variants(EdgeRecipe())
     groups = {g for g, _, _ in variants}
     assert groups == {"transfer", "lag", "noise", "non-iid"}
-    inits = {c.teacher_init for g, _, c in variants if g == "transfer"}
+    inits = {c.distill.teacher_init for g, _, c in variants if g == "transfer"}
     assert inits == {"clone", "independent", "independent_pretrained"}
-    assert any(c.never_return for _, _, c in variants) and any(c.lags for _, _, c in variants)
+    assert any(c.edges.never_return for _, _, c in variants) and any(c.edges.lags for _, _, c in variants)
 
 
 def test_single_run_study_and_report_from_files(tmp_path):
     # Prepare: one configured run (lagged edge, memory 2) on toy data, two seeds
-    cfg = replace(TOY, lags=((1, 1),), memory=2)
+    cfg = TOY.with_values({"edges.lags": [{"edge": 1, "by": 1}], "distill.memory": 2, "study.seeds": [0, 1],
+                           "study.fedavg_rounds": 1, "study.kind": "single"})
     # Execute
-    result = run_edge_study(cfg, toy_data(), seeds=[0, 1], fedavg_rounds=1, single=True)
+    result = run_edge_study(cfg, toy_data())
     (tmp_path / "edge_study.json").write_text(json.dumps(result))
     table = write_edge_report(tmp_path).read_text()
     # Assert: the run, the core-only and FedAvg baselines, per seed; report built from the file alone
@@ -188,8 +191,7 @@ def test_single_run_study_and_report_from_files(tmp_path):
 def test_study_recipe_is_the_default_study():
     recipe = load_edge_recipe(STUDY_RECIPE)
     assert recipe == EdgeRecipe(name="fashion_mnist_cloned_kd")
-    assert recipe.study_config() == EdgeStudyConfig()
-    assert load_edge_recipe(STUDY_RECIPE, ["edges.lags=[{edge: 2, by: 4}]"]).study_config().lags == ((2, 4),)
+    assert load_edge_recipe(STUDY_RECIPE, ["edges.lags=[{edge: 2, by: 4}]"]).edges.lags == [EdgeLag(edge=2, by=4)]
 
 
 @pytest.mark.parametrize("override, field", [

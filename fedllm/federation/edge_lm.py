@@ -4,7 +4,7 @@ The LM form of the paper's Algorithm 1 (see :mod:`fedllm.federation.edge`), on o
 per process whose LoRA adapter is swapped in place (:class:`fedllm.models.state.TrainableState`):
 
   Phase 0  the core adapter trains on the core examples D_c (response-token cross-entropy).
-  per edge e (in the stream of :meth:`EdgeRecipe.schedule`: arrival order, lag, never-return):
+  per edge e (in the stream of :meth:`EdgeSchedule.from_recipe`: arrival order, lag, never-return):
     downlink  a clone of the core adapter (``teacher_init: clone``), or a fresh adapter from another
               seed (``independent``: lora_A redrawn, lora_B = 0, i.e. the base model), optionally
               first trained on D_c (``independent_pretrained``);
@@ -38,6 +38,7 @@ from fedllm.client.evaluate import response_nll
 from fedllm.config import RecipeError
 from fedllm.data.build import build_text_data
 from fedllm.data.text import Example, collate
+from fedllm.federation.edge import EdgeSchedule
 from fedllm.federation.edge_recipe import EdgeRecipe
 from fedllm.models.llm import add_lora, load_base
 from fedllm.models.state import TrainableState
@@ -147,7 +148,7 @@ def run_edge_lm(recipe: EdgeRecipe, run: LMEdgeLearning | None = None) -> dict:
     """Phase 0, then the edge stream; the JSON-ready result with one row per returned edge."""
     t0 = time.perf_counter()
     run = run or LMEdgeLearning(recipe)
-    e, d, schedule = recipe.edges, recipe.distill, recipe.schedule()
+    e, d, schedule = recipe.edges, recipe.distill, EdgeSchedule.from_recipe(recipe)
     core, _ = run.train(run.initial, run.core, recipe.core.steps, _seed(run.seed, 0))
     core0 = core
     loss = run.eval_loss(core)

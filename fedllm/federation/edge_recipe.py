@@ -8,7 +8,9 @@ distillation, so it has its own groups. They load with the same machinery (``rea
 
 ``workload: vision`` runs Algorithm 1 on Fashion-MNIST (:mod:`fedllm.federation.edge`);
 ``workload: lm`` distils next-token distributions between LoRA adapters of a causal LM
-(:mod:`fedllm.federation.edge_lm`). The defaults are the measured study in ``docs/edge_study``.
+(:mod:`fedllm.federation.edge_lm`). Both engines take an :class:`EdgeRecipe` itself: it is the one
+edge config (a run uses its first seed; :meth:`EdgeRecipe.with_values` makes a study's variants).
+The defaults are the measured study in ``docs/edge_study``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fedllm.config import (
     DataConfig,
@@ -32,7 +34,6 @@ from fedllm.config import (
     read_yaml,
     require,
 )
-from fedllm.federation.edge import EdgeSchedule, EdgeStudyConfig
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class StudyGroup:
     kind: Literal["paper", "single"] = doc(
         "vision: paper = every variant of the paper's Figures 5, 7, 8 (+ memory under label skew) and "
         "the baselines; single = the configured run only (+ core-only and sync FedAvg baselines)", "paper")
-    seeds: list[int] = doc("one study per seed (lm: the first)", [0, 1])
+    seeds: list[int] = doc("vision: one study per seed; one run (and lm) uses the first", [0, 1])
     fedavg_rounds: int = doc("rounds of the synchronous FedAvg baseline", 3)
     threads: int = doc("torch CPU threads (1 is fastest for LeNet)", 1)
 
@@ -180,29 +181,28 @@ class EdgeRecipe:
             require(not self.edges.noisy, "edges.noisy", "label noise applies to workload: vision only")
             require(self.edges.alpha == 0, "edges.alpha", "workload: lm splits edges with lm.partition")
 
-    def study_config(self, seed: int | None = None) -> EdgeStudyConfig:
-        """The vision workload's :class:`EdgeStudyConfig` (seed: the first of study.seeds)."""
-        e, d, v, t = self.edges, self.distill, self.vision, self.train
-        return EdgeStudyConfig(
-            model=v.model, num_edges=e.count, core_fraction=self.core.fraction, edge_alpha=e.alpha,
-            core_steps=self.core.steps, edge_steps=e.steps, edge_loss_threshold=e.loss_threshold,
-            distill_steps=d.steps, lr=t.lr, momentum=t.momentum, batch_size=t.batch_size,
-            temperature=d.temperature, alpha=d.alpha, memory=d.memory, ensemble=d.ensemble,
-            teacher_init=d.teacher_init, arrival=tuple(e.arrival), lags=tuple((x.edge, x.by) for x in e.lags),
-            never_return=tuple(e.never_return), noisy_edges=tuple((x.edge, x.p) for x in e.noisy),
-            seed=self.study.seeds[0] if seed is None else seed, max_train_examples=v.max_train_examples,
-            max_test_examples=v.max_test_examples)
+    @property
+    def seed(self) -> int:
+        """The seed of one run: the first of study.seeds (the vision study runs once per seed)."""
+        return self.study.seeds[0]
 
-    def schedule(self) -> EdgeSchedule:
-        """The stream of edges (arrival order, lags, never-return, label noise) for either workload."""
-        e = self.edges
-        return EdgeSchedule(tuple(e.arrival) or tuple(range(e.count)), {x.edge: x.by for x in e.lags},
-                            frozenset(e.never_return), {x.edge: x.p for x in e.noisy})
+    def with_values(self, changes: dict[str, Any]) -> EdgeRecipe:
+        """A copy with dotted fields changed, checked like a recipe file (a bad value raises
+        :class:`RecipeError` naming the field): ``with_values({"distill.memory": 3})``."""
+        values = self.to_dict()
+        for key, value in changes.items():
+            *groups, last = key.split(".")
+            node = values
+            for group in groups:
+                node = node.setdefault(group, {})
+                require(isinstance(node, dict), key, f"{group!r} is not a group")
+            node[last] = value
+        return build(EdgeRecipe, values)
 
     def lm_recipe(self) -> Recipe:
         """The main recipe that builds the LM workload's model, adapter and data (one client per edge)."""
         lm = self.lm
-        return Recipe(name=self.name, seed=self.study.seeds[0], model=lm.model, lora=lm.lora, data=lm.data,
+        return Recipe(name=self.name, seed=self.seed, model=lm.model, lora=lm.lora, data=lm.data,
                       partition=replace(lm.partition, num_clients=self.edges.count),
                       train=TrainConfig(batch_size=self.train.batch_size, lr=self.train.lr))
 
@@ -232,11 +232,6 @@ def load_edge_recipe(path: str | Path | None = None, overrides: list[str] | None
         recipe = build(EdgeRecipe, values)
     except RecursionError:
         raise RecipeError(str(path), "a value is nested too deeply") from None
-    if recipe.workload == "vision":
-        try:
-            recipe.study_config()
-        except ValueError as exc:  # a cross-field problem the groups cannot see
-            raise RecipeError("edges", str(exc)) from None
-    else:
-        recipe.lm_recipe()
+    if recipe.workload == "lm":
+        recipe.lm_recipe()  # the main recipe's own checks on model, adapter and data
     return recipe

@@ -1,7 +1,8 @@
 """Tables and plots of the cloned-KD edge studies, built from their result files only.
 
-The vision study (:func:`fedllm.federation.edge.run_edge_study`) leaves ``edge_study.json`` (config,
-seeds, variants and one row per returned edge: the core's test accuracy after it);
+The vision study (:func:`fedllm.studies.edge.run_edge_study`) leaves ``edge_study.json`` (config:
+the edge recipe's values, seeds, variants and one row per returned edge: the core's test accuracy
+after it);
 :func:`write_edge_report` turns it into ``edge_study.md`` (one line per variant) and
 ``edge_study.png`` (one panel per group of the paper's figures). The LM workload
 (:mod:`fedllm.federation.edge_lm`) leaves ``edge_lm.json``; :func:`write_lm_report` writes
@@ -45,11 +46,21 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _setting(config: dict) -> tuple[str, int, float, float]:
+    """(model, edges, core fraction, edge alpha) of a study's config block: the edge recipe's values
+    (``EdgeRecipe.to_dict()``), or the flat config that studies written before it recorded."""
+    if "edges" in config:
+        edges = config["edges"]
+        return config["vision"]["model"], edges["count"], config["core"]["fraction"], edges["alpha"]
+    return config["model"], config["num_edges"], config["core_fraction"], config["edge_alpha"]
+
+
 def write_table(summary: list[dict], config: dict, seeds: list[int], path: Path) -> None:
-    """The study's markdown table; ``config`` is the base EdgeStudyConfig as a mapping."""
-    skew = f"Dirichlet α={config['edge_alpha']}" if config["edge_alpha"] else "iid"
+    """The study's markdown table; ``config`` is the study JSON's config block (see :func:`_setting`)."""
+    model, edges, fraction, alpha = _setting(config)
+    skew = f"Dirichlet α={alpha}" if alpha else "iid"
     lines = ["# Asynchronous edge learning by cloned KD: study", "",
-             f"Model `{config['model']}`, {config['num_edges']} edges, core fraction {config['core_fraction']}, "
+             f"Model `{model}`, {edges} edges, core fraction {fraction}, "
              f"edges {skew} unless named, seeds {seeds}; edge ids are 0-based. "
              "Core test accuracy after each returned edge (FedAvg: after each round), mean over seeds; "
              "final ± sd over seeds; Δ = final minus its group's first variant, paired by seed.", "",

@@ -8,8 +8,9 @@ Without a recipe the defaults of :class:`fedllm.federation.edge_recipe.EdgeRecip
 are the study (``recipes/edge/fashion_mnist_cloned_kd.yaml`` spells them out). ``workload: vision``
 writes ``edge_study.{json,md,png}``; ``workload: lm`` writes ``edge_lm.{json,md,png}``.
 
-The vision study is :func:`run_edge_study`: the paper's variants (:func:`study_variants`) and the
-baselines (core only, synchronous FedAvg), per seed, over Algorithm 1 of :mod:`fedllm.federation.edge`.
+The vision study is :func:`run_edge_study`: the paper's variants (:func:`study_variants`, each an
+edge recipe changed by :meth:`EdgeRecipe.with_values`) and the baselines (core only, synchronous
+FedAvg), per seed, over Algorithm 1 of :mod:`fedllm.federation.edge`.
 """
 
 from __future__ import annotations
@@ -19,19 +20,11 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
 from fedllm.config import RecipeError
 from fedllm.data.vision import VisionData
-from fedllm.federation.edge import (
-    EdgeStudyConfig,
-    accuracy,
-    make_splits,
-    run_edge_learning,
-    run_sync_fedavg,
-    train_core,
-)
+from fedllm.federation.edge import accuracy, make_splits, run_edge_learning, run_sync_fedavg, train_core
 from fedllm.federation.edge_recipe import EdgeRecipe, load_edge_recipe
 from fedllm.metrics.edge_report import LM_JSON, STUDY_JSON, summarize, write_edge_report, write_lm_report
 
@@ -41,75 +34,84 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- the vision study
 
 
-def study_variants(base: EdgeStudyConfig) -> list[tuple[str, str, EdgeStudyConfig]]:
-    """(group, name, config) for the paper's Figure 5 (transfer), 7 (lag) and 8 (noise), plus memory
+def study_variants(base: EdgeRecipe) -> list[tuple[str, str, EdgeRecipe]]:
+    """(group, name, recipe) for the paper's Figure 5 (transfer), 7 (lag) and 8 (noise), plus memory
     under label-skewed edges. Each group's first variant is its reference."""
-    cpp = replace(base, teacher_init="clone", memory=1, ensemble=1, lags=(), never_return=(), noisy_edges=())
-    n, m = base.ensemble if base.ensemble > 1 else 3, base.memory if base.memory > 1 else 3
-    late, noisy, alpha = cpp.num_edges // 4, cpp.num_edges // 2, base.edge_alpha or 0.3
-    j = min(4, cpp.num_edges - 1 - late)
-    skew = replace(cpp, edge_alpha=alpha)
+    cpp = base.with_values({"distill.teacher_init": "clone", "distill.memory": 1, "distill.ensemble": 1,
+                            "edges.lags": [], "edges.never_return": [], "edges.noisy": []})
+    d, count = base.distill, cpp.edges.count
+    n, m = d.ensemble if d.ensemble > 1 else 3, d.memory if d.memory > 1 else 3
+    late, noisy, alpha = count // 4, count // 2, base.edges.alpha or 0.3
+    j = min(4, count - 1 - late)
+    skew = cpp.with_values({"edges.alpha": alpha})
     return [
         ("transfer", "CPP: clone of the core", cpp),
-        ("transfer", "IsPP: independent init", replace(cpp, teacher_init="independent")),
-        ("transfer", "IPP: independent init, core-pretrained", replace(cpp, teacher_init="independent_pretrained")),
-        ("transfer", f"CPP + ensemble n={n}", replace(cpp, ensemble=n)),
-        ("transfer", f"CPP + memory M={m}", replace(cpp, memory=m)),
-        ("transfer", f"CPP + ensemble n={n} + memory M={m}", replace(cpp, ensemble=n, memory=m)),
+        ("transfer", "IsPP: independent init", cpp.with_values({"distill.teacher_init": "independent"})),
+        ("transfer", "IPP: independent init, core-pretrained",
+         cpp.with_values({"distill.teacher_init": "independent_pretrained"})),
+        ("transfer", f"CPP + ensemble n={n}", cpp.with_values({"distill.ensemble": n})),
+        ("transfer", f"CPP + memory M={m}", cpp.with_values({"distill.memory": m})),
+        ("transfer", f"CPP + ensemble n={n} + memory M={m}",
+         cpp.with_values({"distill.ensemble": n, "distill.memory": m})),
         ("lag", "no delay", cpp),
-        ("lag", f"edge {late} lagged by {j}, used", replace(cpp, lags=((late, j),))),
-        ("lag", f"edge {late} lagged, omitted", replace(cpp, never_return=(late,))),
+        ("lag", f"edge {late} lagged by {j}, used", cpp.with_values({"edges.lags": [{"edge": late, "by": j}]})),
+        ("lag", f"edge {late} lagged, omitted", cpp.with_values({"edges.never_return": [late]})),
         ("noise", "clean", cpp),
-        ("noise", f"edge {noisy} noisy p=0.5", replace(cpp, noisy_edges=((noisy, 0.5),))),
-        ("noise", f"edge {noisy} noisy p=1.0", replace(cpp, noisy_edges=((noisy, 1.0),))),
+        ("noise", f"edge {noisy} noisy p=0.5", cpp.with_values({"edges.noisy": [{"edge": noisy, "p": 0.5}]})),
+        ("noise", f"edge {noisy} noisy p=1.0", cpp.with_values({"edges.noisy": [{"edge": noisy, "p": 1.0}]})),
         ("non-iid", f"Dirichlet α={alpha}: CPP, M=1", skew),
-        ("non-iid", f"Dirichlet α={alpha}: CPP + memory M={m}", replace(skew, memory=m)),
-        ("non-iid", f"Dirichlet α={alpha}: CPP + memory M={cpp.num_edges}", replace(skew, memory=cpp.num_edges)),
+        ("non-iid", f"Dirichlet α={alpha}: CPP + memory M={m}", skew.with_values({"distill.memory": m})),
+        ("non-iid", f"Dirichlet α={alpha}: CPP + memory M={count}", skew.with_values({"distill.memory": count})),
     ]
 
 
-def describe(cfg: EdgeStudyConfig) -> str:
+def describe(recipe: EdgeRecipe) -> str:
     """A short name of one run's configuration (the table's variant column)."""
-    parts = [{"clone": "CPP", "independent": "IsPP", "independent_pretrained": "IPP"}[cfg.teacher_init]]
-    parts += [f"ensemble n={cfg.ensemble}"] * (cfg.ensemble > 1) + [f"memory M={cfg.memory}"] * (cfg.memory > 1)
-    parts += [f"edge {e} lagged by {j}" for e, j in cfg.lags] + [f"edge {e} omitted" for e in cfg.never_return]
-    parts += [f"edge {e} noisy p={p}" for e, p in cfg.noisy_edges]
-    parts += [f"Dirichlet α={cfg.edge_alpha}"] * (cfg.edge_alpha > 0)
+    d, e = recipe.distill, recipe.edges
+    parts = [{"clone": "CPP", "independent": "IsPP", "independent_pretrained": "IPP"}[d.teacher_init]]
+    parts += [f"ensemble n={d.ensemble}"] * (d.ensemble > 1) + [f"memory M={d.memory}"] * (d.memory > 1)
+    parts += [f"edge {x.edge} lagged by {x.by}" for x in e.lags] + [f"edge {x} omitted" for x in e.never_return]
+    parts += [f"edge {x.edge} noisy p={x.p}" for x in e.noisy]
+    parts += [f"Dirichlet α={e.alpha}"] * (e.alpha > 0)
     return " + ".join(parts)
 
 
-def _study_one_seed(cfg: EdgeStudyConfig, data: VisionData, fedavg_rounds: int, single: bool) -> list[dict]:
-    t0, splits = time.perf_counter(), make_splits(cfg, data)
-    core = train_core(cfg, data, splits)
-    acc = accuracy(cfg, core, data.test_x[splits.test], data.test_y[splits.test])
+def _study_one_seed(recipe: EdgeRecipe, data: VisionData) -> list[dict]:
+    """The study for one recipe run with its (first) seed: the baselines and every variant."""
+    t0, splits, single = time.perf_counter(), make_splits(recipe, data), recipe.study.kind == "single"
+    core = train_core(recipe, data, splits)
+    acc = accuracy(recipe, core, data.test_x[splits.test], data.test_y[splits.test])
     rows = [{"group": "baseline", "variant": "core only (Phase 0)", "position": 0, "acc": acc,
              "time_s": time.perf_counter() - t0}]
-    done: dict[EdgeStudyConfig, list[dict]] = {}
-    for group, name, variant in [("run", describe(cfg), cfg)] if single else study_variants(cfg):
-        if variant not in done:
-            done[variant] = run_edge_learning(variant, data, core_state=core)
-            log.info("seed %d  %-8s %-45s final acc %.4f", cfg.seed, group, name, done[variant][-1]["acc"])
-        rows += [{"group": group, "variant": name, **r} for r in done[variant]]
-    name = f"sync FedAvg ({fedavg_rounds} rounds x {cfg.num_edges} edges)"
+    done: list[tuple[EdgeRecipe, list[dict]]] = []  # identical variants run once (recipes hold lists: no hash)
+    for group, name, variant in [("run", describe(recipe), recipe)] if single else study_variants(recipe):
+        curve = next((c for r, c in done if r == variant), None)
+        if curve is None:
+            curve = run_edge_learning(variant, data, core_state=core)
+            done.append((variant, curve))
+            log.info("seed %d  %-8s %-45s final acc %.4f", recipe.seed, group, name, curve[-1]["acc"])
+        rows += [{"group": group, "variant": name, **r} for r in curve]
+    rounds = recipe.study.fedavg_rounds
+    name = f"sync FedAvg ({rounds} rounds x {recipe.edges.count} edges)"
     rows += [{"group": "baseline", "variant": name, "position": r["round"], **r}
-             for r in run_sync_fedavg(cfg, data, fedavg_rounds, core_state=core)]
-    return [{"seed": cfg.seed, **r} for r in rows]
+             for r in run_sync_fedavg(recipe, data, rounds, core_state=core)]
+    return [{"seed": recipe.seed, **r} for r in rows]
 
 
-def run_edge_study(base_cfg: EdgeStudyConfig, data: VisionData, seeds: list[int] | None = None,
-                   fedavg_rounds: int = 3, single: bool = False) -> dict:
-    """Run :func:`study_variants` (``single``: ``base_cfg`` alone, group "run") and the baselines
-    (core only, sync FedAvg) for each seed (default: the config's), sharing one Phase-0 core per
-    seed and running identical configs once.
+def run_edge_study(recipe: EdgeRecipe, data: VisionData) -> dict:
+    """Run :func:`study_variants` (``study.kind: single``: the recipe alone, group "run") and the
+    baselines (core only, sync FedAvg for ``study.fedavg_rounds``) for each of ``study.seeds``,
+    sharing one Phase-0 core per seed and running identical variants once.
 
-    Returns the raw result (config, seeds, fedavg_rounds, variants, rows), JSON-ready; the tables and
-    plots are built from it by :mod:`fedllm.metrics.edge_report`.
+    Returns the raw result (config: the recipe's values, seeds, fedavg_rounds, variants with their
+    recipes' values, rows), JSON-ready; the tables and plots are built from it by
+    :mod:`fedllm.metrics.edge_report`.
     """
-    seeds = list(seeds) if seeds else [base_cfg.seed]
-    rows = [r for s in seeds for r in _study_one_seed(replace(base_cfg, seed=s), data, fedavg_rounds, single)]
-    chosen = [("run", describe(base_cfg), base_cfg)] if single else study_variants(base_cfg)
-    variants = [{"group": g, "variant": n, "config": asdict(c)} for g, n, c in chosen]
-    return {"config": asdict(base_cfg), "seeds": seeds, "fedavg_rounds": fedavg_rounds,
+    seeds = list(recipe.study.seeds)
+    rows = [r for s in seeds for r in _study_one_seed(recipe.with_values({"study.seeds": [s]}), data)]
+    chosen = [("run", describe(recipe), recipe)] if recipe.study.kind == "single" else study_variants(recipe)
+    variants = [{"group": g, "variant": n, "config": c.to_dict()} for g, n, c in chosen]
+    return {"config": recipe.to_dict(), "seeds": seeds, "fedavg_rounds": recipe.study.fedavg_rounds,
             "variants": variants, "rows": rows}
 
 
@@ -142,9 +144,8 @@ def run_recipe(recipe: EdgeRecipe, out: str | Path, quick: bool = False, plots: 
         data = load_fashion_mnist(root)
     except FileNotFoundError as exc:
         raise RecipeError("vision.data_root", str(exc)) from None
-    result = run_edge_study(recipe.study_config(), data, seeds=recipe.study.seeds,
-                            fedavg_rounds=recipe.study.fedavg_rounds, single=recipe.study.kind == "single")
-    result = {"recipe": recipe.to_dict(), **result, "summary": summarize(result["rows"])}
+    result = run_edge_study(recipe, data)
+    result["summary"] = summarize(result["rows"])
     _write_json(result, out / STUDY_JSON)
     return write_edge_report(out, plots)
 
