@@ -177,13 +177,26 @@ def _print_table(summaries: dict[str, dict]) -> None:
         table.add_column(col)
     for mode, s in summaries.items():
         i, f = s["initial"], s["final"]
-        if vision:
-            cells = [f"{f['accuracy']:.4f}"]
-        else:
-            cells = [f"{f['perplexity']:.2f}", "–" if f["bleu"] is None else f"{f['bleu']:.2f}"]
-        table.add_row(mode, str(s["rounds"]), f"{i['eval_loss']:.3f} → {f['eval_loss']:.3f}", *cells,
-                      f"{s['total_bytes_up']:,}", f"{s['total_time_s']:.1f}")
+        nan = set(s.get("nonfinite_final", []))
+
+        def cell(block: dict, key: str, spec: str, final: bool = True, nan: set = nan) -> str:
+            v = block.get(key)
+            return "NaN" if final and key in nan else "–" if v is None else format(v, spec)
+
+        cells = [cell(f, "accuracy", ".4f")] if vision else [cell(f, "perplexity", ".2f"), cell(f, "bleu", ".2f")]
+        table.add_row(mode, str(s["rounds"]), f"{cell(i, 'eval_loss', '.3f', False)} → {cell(f, 'eval_loss', '.3f')}",
+                      *cells, f"{s['total_bytes_up']:,}", f"{s['total_time_s']:.1f}")
     Console().print(table)
+
+
+def _verdict(summaries: dict[str, dict]) -> int:
+    """0 when every mode's result can be read as one; else one line per mode and exit 3."""
+    bad = {m: s["status"] for m, s in summaries.items() if s.get("status", "ok") != "ok"}
+    for mode, status in bad.items():
+        print(f"fedllm: error: {mode}: {status}", file=sys.stderr)
+    return EXIT_UNTRUSTED if bad else 0
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             write_comparison(root, list(MODES), recipe.output.plots)
             print(f"comparison: {root / 'comparison.md'}")
         _print_table(summaries)
-        return 0
+        return _verdict(summaries)
     except RecipeError as exc:
         print(f"fedllm: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -167,6 +167,9 @@ class FederationConfig:
                                                "(skip) or sample again (retry)", "skip")
     max_retries: int = doc("re-samples of a round before it is skipped (on_too_few: retry)", 2)
     reject_norm: float | None = doc("reject (do not aggregate) an update whose L2 norm exceeds this", None)
+    reject_norm_factor: float | None = doc(
+        "reject an update whose L2 norm exceeds this many times the median norm of the round's updates "
+        "(rounds with >= 3 updates the server can see; null disables)", 100.0)
     mu: float = doc("FedProx proximal coefficient", 0.01)
     lora_aggregation: Literal["factorwise", "svd", "frozen_a", "exact"] = doc(
         "factorwise: average dA and dB (the paper's); svd: average B_i A_i and keep its best rank-r "
@@ -182,6 +185,9 @@ class FederationConfig:
         require(0 <= self.mu <= 1e6, "federation.mu", f"expected in [0, 1e6], got {self.mu}")
         if self.reject_norm is not None:
             require(self.reject_norm > 0, "federation.reject_norm", f"expected > 0, got {self.reject_norm}")
+        if self.reject_norm_factor is not None:
+            require(self.reject_norm_factor > 1, "federation.reject_norm_factor",
+                    f"expected > 1 (a multiple of the median norm), got {self.reject_norm_factor}")
         if self.lora_aggregation == "exact":  # it is the best rank-r re-factorization, not exact
             log.warning("federation.lora_aggregation: 'exact' is now called 'svd' (the best rank-r "
                         "factorization of the mean product); using svd")
@@ -602,7 +608,16 @@ def _engine(r: Recipe) -> Problem:
     return None
 
 
-COMPATIBILITY = (_task_data, _lm_only, _vision_only, _aggregator, _privacy, _hierarchy, _engine)
+def _excludes_something(r: Recipe) -> Problem:
+    """A robust aggregator that cannot exclude anything at this round size is a mean in disguise."""
+    rob, m = r.robust, r.clients_per_round
+    if rob.aggregator == "trimmed_mean" and math.floor(rob.trim_ratio * m) == 0:
+        return "robust.trim_ratio", (f"trimmed mean cuts floor({rob.trim_ratio:g} x {m}) = 0 of the {m} updates per "
+                                     f"round from each end: it would exclude nothing; expected >= {1 / m:.3g}")
+    return None
+
+
+COMPATIBILITY = (_task_data, _lm_only, _vision_only, _aggregator, _privacy, _hierarchy, _engine, _excludes_something)
 
 
 # ----------------------------------------------------------------------------- generic loading

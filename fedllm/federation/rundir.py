@@ -102,5 +102,20 @@ def summarize(rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -
     }
     if "epsilon" in last:  # the privacy spent by the whole run, at the recipe's delta
         out["final"]["epsilon"] = last["epsilon"]
+    out.update(run_status(rows))
     out.update(extra or {})
     return out
+
+
+def run_status(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``status`` ("ok" or why the run's result cannot be read as a result) and the final metrics that
+    were NaN/Inf (JSON writes them as null, like "not evaluated"; this list tells them apart)."""
+    last, trained = rows[-1], rows[1:]
+    nonfinite = sorted(k for k in ("eval_loss", "perplexity", "bleu", "accuracy", "train_loss")
+                       if isinstance(last.get(k), float) and not math.isfinite(last[k]))
+    problems = []
+    if trained and all(r.get("applied") is False for r in trained):
+        problems.append("no round was applied (every round had too few valid updates)")
+    if "eval_loss" in nonfinite:
+        problems.append("the final eval loss is not finite")
+    return {"status": "; ".join(problems) or "ok", "nonfinite_final": nonfinite}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,33 @@ def norm_violation(update: ClientUpdate, max_norm: float | None) -> str | None:
     return None
 
 
+def relative_norm_violations(updates: Sequence[ClientUpdate], factor: float | None) -> dict[int, str]:
+    """client -> why its norm exceeds ``factor`` x the round's median norm (``federation.reject_norm_factor``).
+
+    A bound from the round's own updates: a client cannot poison the mean with one huge but finite
+    update (3e38 moved the shared model to 1e38 before) whatever the absolute scale of honest updates.
+    Needs three updates for the median to mean anything; fewer are left to the other checks.
+    """
+    if factor is None or len(updates) < 3:
+        return {}
+    norms = {u.client_id: global_norm(u.delta) for u in updates}
+    median = statistics.median(norms.values())
+    return {k: f"L2 norm {n:.4g} exceeds federation.reject_norm_factor={factor:g} x the round's median {median:.4g}"
+            for k, n in norms.items() if n > factor * median}
+
+
+def check_counts(update: ClientUpdate, expected_examples: int | None) -> str | None:
+    """Why the counts a client reports cannot be used to weigh its update, or None."""
+    if update.local_steps < 1 or update.local_steps > 10_000_000:
+        return f"reported local_steps={update.local_steps}; expected 1 .. 10000000"
+    if update.num_examples < 1:
+        return f"reported num_examples={update.num_examples}; expected >= 1"
+    if expected_examples is not None and update.num_examples != expected_examples:
+        return (f"reported num_examples={update.num_examples}, but the server knows {expected_examples} "
+                "for this client")
+    return None
+
+
 def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
                     max_norm: float | None = None) -> str | None:
     """Why ``update`` must not be aggregated (keys, shapes, dtypes, finiteness, norm), or None."""
@@ -110,6 +138,7 @@ class FederatedServer:
         self.recipe, r = recipe, recipe
         fed, seed = r.federation, r.seed
         self.num_clients, self.per_round = len(client_sizes), r.clients_per_round
+        self.client_sizes = [int(n) for n in client_sizes]  # what the server knows; reports must match
         self.template = clone_state(initial_state)
         self.payload_bytes = payload_bytes or serialized_bytes
         self.model_bytes = self.payload_bytes(self.template)  # every state/delta/control has its layout
@@ -187,12 +216,20 @@ class FederatedServer:
 
     def upload(self, rnd: int, update: ClientUpdate, start: StateDict) -> None:
         """An update arrives: structure-checked first, then sent through the client's uplink."""
-        reason = validate_update(update, self.template)
-        if reason is not None:  # malformed (keys, shapes, dtypes, NaN/Inf): rejected as it arrives
-            self._reject(rnd, update.client_id, reason)
-            return
-        sent = self.uplink.send(rnd, update, self.scaffold, self._secagg)
         k = update.client_id
+        known = self.client_sizes[k] if 0 <= k < self.num_clients else None
+        reason = validate_update(update, self.template) or check_counts(update, known)
+        if reason is not None:  # malformed (keys, shapes, dtypes, NaN/Inf, counts): rejected as it arrives
+            self._reject(rnd, k, reason)
+            return
+        try:
+            sent = self.uplink.send(rnd, update, self.scaffold, self._secagg)
+        except (ArithmeticError, ValueError, RuntimeError) as exc:  # e.g. a codec that cannot encode it
+            self._reject(rnd, k, f"the uplink could not encode it ({type(exc).__name__}: {exc})")
+            return
+        if sent.masked is None and not sent.update.is_finite():  # e.g. fp16 overflowing to inf
+            self._reject(rnd, k, "non-finite after encoding (the codec overflowed)")
+            return
         if sent.control is not None:
             self._controls[k] = sent.control
         if sent.masked is not None:
@@ -208,15 +245,20 @@ class FederatedServer:
 
     def finish_round(self, rnd: int, global_state: StateDict) -> tuple[StateDict, dict[str, Any]]:
         """Norm-check, aggregate and apply what arrived; the global state is unchanged if too few."""
-        reject_norm = self.recipe.federation.reject_norm
+        fed = self.recipe.federation
         valid = []
         for u in self._arrived:
             # structure was checked on arrival; the bound applies to what the server received
-            reason = None if self._secagg is not None else norm_violation(u, reject_norm)
+            reason = None if self._secagg is not None else norm_violation(u, fed.reject_norm)
             if reason is None:
                 valid.append(u)
             else:
                 self._reject(rnd, u.client_id, reason)
+        if self._secagg is None:
+            outliers = relative_norm_violations(valid, fed.reject_norm_factor)
+            for k, reason in outliers.items():
+                self._reject(rnd, k, reason)
+            valid = [u for u in valid if u.client_id not in outliers]
         metrics: dict[str, Any] = {"rejected": dict(sorted(self._rejected.items())),
                                    "aggregated_clients": [u.client_id for u in valid]}
         needed = max(self.recipe.federation.min_clients, self._secagg.threshold if self._secagg else 1,
@@ -233,6 +275,14 @@ class FederatedServer:
         else:
             delta = self._aggregate(global_state, valid, metrics)
             new_state = self.server_opt.step(global_state, delta)
+        bad = [k for k, v in new_state.items() if not bool(torch.isfinite(v).all())]
+        if bad:  # the round is rejected, never the model: the global state stays as it was
+            log.warning("round %d: the aggregated global state is non-finite (%s); round rejected, "
+                        "global state unchanged", rnd, bad[0])
+            metrics.update({"applied": False, "round_rejected": f"non-finite global state ({bad[0]})"})
+            if self.ledger is not None:  # the noised aggregate was computed: charge it anyway
+                self.ledger.step()
+            return global_state, self._round_metrics(metrics)
         if self.scaffold is not None:
             ids = [u.client_id for u in valid if u.client_id in self._controls]
             self.scaffold.server_update(ids, [self._controls[k] for k in ids], self.num_clients)
