@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import types
 import typing
 import unicodedata
@@ -664,6 +665,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is type(None):
         if value is None:
             return None
+    elif tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return _coerce(float(value), tp, where)  # `1e-4`: YAML 1.1 reads it as a string; users write it so
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value) if abs(value) < 1e300 else math.inf  # float(10**400) would overflow
         if not math.isfinite(number):
@@ -674,6 +677,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
         return value
     raise RecipeError(where, f"expected {_type_name(tp)}, got {_show(value)}")
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-4, 2E5, .5e3: no dot needed
 
 
 def build(cls: type, values: dict[str, Any], where: str = "") -> Any:

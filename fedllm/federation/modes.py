@@ -32,7 +32,7 @@ from fedllm.federation.checkpoint import (
     save_checkpoint,
 )
 from fedllm.federation.guard import check_progress
-from fedllm.federation.rundir import RunWriter, run_dir, summarize
+from fedllm.federation.rundir import RunWriter, run_dir, same_split, summarize
 from fedllm.federation.server import FederatedServer
 from fedllm.models.quant import kernel_info
 from fedllm.types import StateDict, add, clone_state
@@ -136,6 +136,9 @@ def _resume_or_start(exp, server: FederatedServer, out: str | None, hooks: Hooks
     if ckpt is None:
         writer, state, hooks = _start(exp, "federated", out, hooks)
         return writer, state, hooks, 1
+    if not same_split(path, exp.data.partition_json()):
+        raise RecipeError("--resume", f"the data split differs from {path / 'partition.json'} (the data file "
+                          "or its partition changed since the run started); run without --resume to start over")
     server.load_state_dict(ckpt.server_state)
     restore_rng(ckpt.rng_states)
     writer = RunWriter(path, exp.recipe, exp.data.partition_json(), resume_rows=ckpt.metrics_rows)

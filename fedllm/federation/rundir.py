@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fedllm.config import Recipe, dump_recipe
+from fedllm.config import Recipe, RecipeError, dump_recipe
 
 REQUIRED_METRICS = ("round", "mode", "train_loss", "eval_loss", "perplexity", "bleu", "round_time_s",
                     "train_time_s", "aggregate_time_s", "eval_time_s", "bytes_up", "bytes_down", "clients")
@@ -45,12 +45,44 @@ def run_dir(recipe: Recipe, mode: str, out: str | None = None) -> Path:
     return Path(out or recipe.output.dir) / recipe.name / mode
 
 
+class RunLock:
+    """An exclusive lock on one run directory for as long as a writer holds it.
+
+    The lock file sits beside the directory (``.<mode>.lock``), since a fresh run replaces the
+    directory itself. A second ``fedllm`` writing the same run gets a one-line error instead of
+    interleaving its rows with the first's. The OS releases it when the process dies.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import fcntl  # noqa: PLC0415  (POSIX only, like the rest of the deployment story)
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = (path.parent / f".{path.name}.lock").open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RecipeError("--out", f"{path} is being written by {holder}; wait for it to finish "
+                              "or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"fedllm pid {os.getpid()}")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.file.close()  # closing the descriptor drops the flock
+
+
 class RunWriter:
-    """Writes one mode's run files as the run goes."""
+    """Writes one mode's run files as the run goes (holding the directory's :class:`RunLock`)."""
 
     def __init__(self, path: Path, recipe: Recipe, partition: dict[str, Any],
                  resume_rows: list[dict[str, Any]] | None = None) -> None:
         self.path = path
+        self.lock = RunLock(path)
         if resume_rows is not None:  # continue a run: keep its files, rows up to the checkpoint
             (path / "summary.json").unlink(missing_ok=True)
             (path / "samples").mkdir(parents=True, exist_ok=True)
@@ -79,6 +111,20 @@ class RunWriter:
 
     def finish(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)
+        self.lock.release()
+
+    def __del__(self) -> None:  # a run that stopped early (an error) lets go of its directory too
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
+
+
+def same_split(path: Path, partition: dict[str, Any]) -> bool:
+    """Whether ``partition`` is the split the run in ``path`` recorded (``partition.json``)."""
+    saved = path / "partition.json"
+    if not saved.exists():
+        return False
+    return json.loads(saved.read_text(encoding="utf-8")) == json.loads(json.dumps(_clean(partition)))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
