@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -41,17 +42,17 @@ def tiny(rounds: int):
 
 def run_one(config: str, recipe, out: str) -> dict:
     """Run one configuration; return its mean per-round time and whole-run wall time."""
-    from fedllm.federation.flower_launch import LaunchOptions, run_deployment
+    from fedllm.federation.flower.launch import LaunchOptions, run_deployment
     from fedllm.federation.rundir import read_metrics, run_dir
 
     t0 = time.perf_counter()
     if config == "inprocess":
-        from fedllm.federation.experiment import make_experiment
+        from fedllm.experiments import make_experiment
         from fedllm.federation.modes import run_federated
 
         run_federated(make_experiment(recipe), out)
     elif config == "simulation":
-        from fedllm.federation.flower import run_simulation
+        from fedllm.federation.flower.simulation import run_simulation
 
         run_simulation(recipe, out)
     else:
@@ -78,6 +79,10 @@ def main() -> None:
     if bad or "inprocess" not in configs:
         p.error(f"--configs: expected 'inprocess' and a subset of {CONFIGS}, got {bad or configs}")
     quiet()
+    from fedllm.federation.flower.run_config import TELEMETRY_OFF
+
+    for k, v in TELEMETRY_OFF.items():  # before flwr is imported, and inherited by Ray and Flower's processes
+        os.environ.setdefault(k, v)
     recipe = tiny(args.rounds)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:

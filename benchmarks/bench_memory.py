@@ -21,7 +21,7 @@ from _common import demo_recipe, quiet
 
 def one(num_clients: int, preset: str) -> dict:
     quiet()
-    from fedllm.federation.experiment import LMExperiment
+    from fedllm.experiments.lm import LMExperiment
     from fedllm.federation.modes import run_federated
 
     recipe = demo_recipe(f"model.preset={preset}", f"partition.num_clients={num_clients}",

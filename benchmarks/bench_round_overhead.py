@@ -18,7 +18,7 @@ from _common import demo_recipe, quiet
 def plain_round(exp, global_state, rnd: int) -> None:
     """What a hand-written loop would do for every client of a round."""
     from fedllm.client.lm import make_loader, warmup_factor
-    from fedllm.federation.experiment import round_seed
+    from fedllm.experiments.base import round_seed
 
     cfg = exp.recipe.train
     deltas = []
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=4, help="client steps per round (demo: 4)")
     args = ap.parse_args()
     quiet()
-    from fedllm.federation.experiment import LMExperiment
+    from fedllm.experiments.lm import LMExperiment
 
     exp = LMExperiment(demo_recipe(f"model.preset={args.preset}", f"train.local_steps={args.local_steps}"))
     state = exp.initial_state

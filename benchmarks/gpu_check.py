@@ -44,7 +44,7 @@ def check(name: str, recipe) -> list[str]:
     """Run ``recipe`` federated on CUDA; return the failed checks (printing the figures)."""
     import torch
 
-    from fedllm.federation.experiment import make_experiment
+    from fedllm.experiments import make_experiment
     from fedllm.federation.modes import run_federated
     from fedllm.models.quant import linear4bit_layers
 

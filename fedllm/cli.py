@@ -127,7 +127,7 @@ def _progress():
 
 
 def _run_modes(recipe, modes: list[str], out: str | None, resume: bool = False) -> dict[str, dict]:
-    from fedllm.federation.experiment import make_experiment
+    from fedllm.experiments import make_experiment
     from fedllm.federation.modes import RUNNERS, Hooks
     from fedllm.federation.progress import StepProgress
     from fedllm.metrics.report import write_report
@@ -152,7 +152,11 @@ def _run_modes(recipe, modes: list[str], out: str | None, resume: bool = False) 
 
 def _run_flower(recipe, out: str | None, resume: bool) -> dict:
     """The federated mode on Flower's simulation runtime (fedllm.federation.flower), then its report."""
-    from fedllm.federation.flower import run_simulation
+    from fedllm.federation.flower.run_config import TELEMETRY_OFF  # light: no flwr yet
+
+    for k, v in TELEMETRY_OFF.items():  # before flwr is imported (it reads them at import), and for Ray
+        os.environ.setdefault(k, v)
+    from fedllm.federation.flower.simulation import run_simulation
     from fedllm.metrics.report import write_report
 
     summary = run_simulation(recipe, out, resume=resume)

@@ -1,7 +1,7 @@
 """A tiny in-test Experiment: linear least squares trained by plain SGD, no LLM, no Lightning.
 
-It implements the Experiment protocol of ``fedllm.federation.experiment.make_experiment`` (the
-attributes and methods :func:`fedllm.federation.modes.run_federated` and the server read), so
+It implements :class:`fedllm.experiments.base.Experiment` (the members
+:func:`fedllm.federation.modes.run_federated` and the server read), so
 engine-level tests can drive real rounds in milliseconds and compare the result against the pure
 algorithm functions.
 
@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 
+from fedllm.algorithms.drift import DriftTerm
 from fedllm.client.evaluate import EvalResult
 from fedllm.config import Recipe, build
+from fedllm.models.quant import kernel_info
 from fedllm.types import ClientUpdate, StateDict, clone_state, serialized_bytes
 
 BASE = {
@@ -90,6 +92,9 @@ class Fit:
 class ToyExperiment:
     """The Experiment protocol over a linear model (see the module docstring)."""
 
+    mask = None  # dense
+    mask_bytes = 0
+
     def __init__(self, recipe: Recipe, sizes: list[int] | None = None, dim: int = 6, out: int = 3,
                  lora: bool = False, rank: int = 2) -> None:
         self.recipe = recipe
@@ -133,7 +138,7 @@ class ToyExperiment:
     # ------------------------------------------------------------------ the protocol
 
     def fit(self, client_id: int, examples: list[int], start: StateDict, rnd: int, steps: int,
-            grad_term=None) -> ClientUpdate:
+            grad_term: DriftTerm | None = None) -> ClientUpdate:
         """``steps`` full-batch SGD steps from ``start``; ``grad_term(params)`` added to the gradient."""
         params = {k: v.detach().clone().requires_grad_(True) for k, v in start.items()}
         frozen = {k for k in params if self.recipe.federation.lora_aggregation == "frozen_a" and ".lora_A" in k}
@@ -167,6 +172,9 @@ class ToyExperiment:
     def save_adapter(self, state: StateDict, path: Path) -> None:
         self.saved = clone_state(state)
         Path(path).mkdir(parents=True, exist_ok=True)
+
+    def runtime_info(self) -> dict:
+        return kernel_info()  # versions and flags; no 4-bit model
 
     # ------------------------------------------------------------------ helpers for tests
 

@@ -51,7 +51,7 @@ def tiny_recipe():
 
 @pytest.fixture(scope="session")
 def tiny_experiment(tiny_recipe):
-    from fedllm.federation.experiment import LMExperiment
+    from fedllm.experiments.lm import LMExperiment
 
     return LMExperiment(tiny_recipe)
 

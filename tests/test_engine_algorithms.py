@@ -365,7 +365,7 @@ def test_lora_aggregation_modes_on_the_tiny_llm(tmp_path):
     import dataclasses
 
     from fedllm.config import load_recipe
-    from fedllm.federation.experiment import LMExperiment
+    from fedllm.experiments.lm import LMExperiment
 
     root = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
     recipes = {mode: load_recipe(root, [*TINY_LORA, f"federation.lora_aggregation={mode}", f"name={mode}"])

@@ -25,7 +25,7 @@ from fedllm.algorithms.privacy import DPAggregator, DPConfig
 from fedllm.algorithms.secure import fixed_point_error_bound
 from fedllm.cli import main
 from fedllm.config import RecipeError
-from fedllm.federation.experiment import ClientFault
+from fedllm.experiments.base import ClientFault
 from fedllm.federation.modes import run_federated
 from fedllm.federation.rundir import read_metrics
 from fedllm.federation.server import SECAGG_SCALE_BITS, FederatedServer

@@ -16,7 +16,7 @@ What is checked (issue 6, items 2 and 3):
 - Wrong keys, shapes or dtypes and norm-bound violations are rejected with their reason in the
   row's ``rejected`` dict, for every server configuration that processes updates on upload.
 
-The error/NaN injection of :class:`~fedllm.federation.experiment.LMExperiment` is mirrored by
+The error/NaN injection of :class:`~fedllm.experiments.lm.LMExperiment` is mirrored by
 :class:`FaultyToy` (same ``faults.fires`` calls) so most checks run on the millisecond toy model;
 one slow test runs the real tiny LLM.
 """
@@ -33,7 +33,7 @@ import yaml
 
 from fedllm.algorithms.aggregate import mean_delta
 from fedllm.config import load_recipe
-from fedllm.federation.experiment import ClientFault
+from fedllm.experiments.base import ClientFault
 from fedllm.federation.modes import run_federated
 from fedllm.federation.rundir import read_metrics
 from fedllm.federation.server import FederatedServer, RoundPlan
@@ -342,7 +342,7 @@ LLM_OVERRIDES = ["partition.num_clients=4", "federation.rounds=1", "federation.m
 
 @pytest.mark.slow
 def test_tiny_llm_faults_equal_a_clean_run_with_the_same_survivors(tmp_path, monkeypatch):
-    from fedllm.federation.experiment import LMExperiment
+    from fedllm.experiments.lm import LMExperiment
 
     # Prepare: the recipe on the tiny LLM; client 0 raises, client 2 returns NaN, every round
     # (a small JSONL instead of the built-in corpus, which takes seconds to build)

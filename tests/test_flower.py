@@ -14,15 +14,15 @@ pytest.importorskip("flwr")
 
 from fedllm.algorithms.drift import Correction, Proximal  # noqa: E402
 from fedllm.config import dump_recipe, load_recipe  # noqa: E402
-from fedllm.federation.flower import (  # noqa: E402
+from fedllm.federation.flower.codec import (  # noqa: E402
     TrainRequest,
     pack_state,
     records_to_update,
     unpack_state,
     update_to_records,
 )
-from fedllm.federation.flower_apps import FlowerRunConfig, NodeSpec, site_recipe  # noqa: E402
-from fedllm.federation.flower_launch import LaunchOptions, child_env, write_app  # noqa: E402
+from fedllm.federation.flower.launch import LaunchOptions, child_env, write_app  # noqa: E402
+from fedllm.federation.flower.run_config import FlowerRunConfig, NodeSpec, site_recipe  # noqa: E402
 from fedllm.types import ClientUpdate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_flower_processes_get_telemetry_off_and_a_private_home(tmp_path):
     assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["FLWR_HOME"] == str(tmp_path)
     cfg = FlowerRunConfig("name: x\n", str(tmp_path), 60.0)
     text = (write_app(tmp_path / "app", cfg) / "pyproject.toml").read_text()
-    assert 'serverapp = "fedllm.federation.flower_apps:server_app"' in text
+    assert 'serverapp = "fedllm.federation.flower.apps:server_app"' in text
     assert FlowerRunConfig.from_user_config(cfg.to_user_config()) == cfg
 
 
@@ -136,7 +136,7 @@ class _LoopbackGrid:
     def pull_messages(self, ids):
         from types import SimpleNamespace
 
-        from fedllm.federation.flower import site_train
+        from fedllm.federation.flower.site import site_train
 
         replies = []
         for i in list(ids):
@@ -171,7 +171,7 @@ def test_the_flower_wire_gives_the_inprocess_engine_exactly(groups, tmp_path, ta
     records (sites on their own experiments); Assert identical rows and final state."""
     import json
 
-    from fedllm.federation.flower import RemoteExperiment, Site
+    from fedllm.federation.flower.coordinator import RemoteExperiment, Site
     from fedllm.federation.modes import run_federated
     from fedllm.federation.rundir import read_metrics, run_dir
     from tests._toy import ToyExperiment, toy_recipe
@@ -222,7 +222,7 @@ def _assert_same_rounds(ref: list[dict], got: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The in-process run both Flower runtimes are compared with: (overrides, corpus, run directory)."""
-    from fedllm.federation.experiment import make_experiment
+    from fedllm.experiments import make_experiment
     from fedllm.federation.modes import run_federated
     from fedllm.federation.rundir import run_dir
 
@@ -241,7 +241,7 @@ def test_real_superlink_and_two_supernodes_with_their_own_data_match_the_inproce
     SuperLink with two SuperNodes; Assert the in-process metrics every round."""
     import json
 
-    from fedllm.federation.flower_launch import run_deployment
+    from fedllm.federation.flower.launch import run_deployment
     from fedllm.federation.rundir import read_metrics, run_dir
 
     overrides, corpus, ref_dir = reference

@@ -233,7 +233,7 @@ def test_vision_clients_are_guarded_too(tmp_path, monkeypatch):
     from fedllm.client.vision import VisionClassifier
     from fedllm.config import Recipe as R
     from fedllm.config import build
-    from fedllm.federation.experiment import make_experiment
+    from fedllm.experiments import make_experiment
 
     def cut(self, batch, batch_idx):
         x, y = batch

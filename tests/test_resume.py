@@ -58,7 +58,7 @@ def _serve() -> None:
     import transformers  # noqa: F401
 
     import fedllm.cli
-    import fedllm.federation.experiment  # noqa: F401
+    import fedllm.experiments.lm  # noqa: F401
 
     for line in sys.stdin:
         req = json.loads(line)

@@ -113,7 +113,7 @@ def test_lm_steps_equal_a_hand_written_torch_loop(name):
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from fedllm.federation.experiment import LMExperiment
+    from fedllm.experiments.lm import LMExperiment
 
     return LMExperiment(load_recipe(ROOT / "recipes" / "tiny.yaml", ["train.optimizer=sgd", "train.momentum=0.9"]))
 
@@ -166,7 +166,7 @@ def test_vision_config_rejects_an_unknown_optimizer():
 @pytest.mark.parametrize("name", ["adamw", "sgd", "auto"])
 def test_a_vision_fit_builds_the_named_optimizer(name):
     # Prepare
-    from fedllm.federation.experiment import make_experiment
+    from fedllm.experiments import make_experiment
 
     exp = make_experiment(build(Recipe, {
         "name": "optimizer_test", "seed": 0, "model": {"preset": "lenet300100"},

@@ -35,7 +35,7 @@ def small(**groups) -> Recipe:
 
 
 def experiment(**groups):
-    from fedllm.federation.experiment import make_experiment
+    from fedllm.experiments import make_experiment
 
     return make_experiment(small(**groups))
 
@@ -58,6 +58,13 @@ def test_splits_are_disjoint_and_leave_out_open_data(dense):
     labels = [set(dense.data.images.train_y[sorted(c)].tolist()) for c in clients]
     assert all(len(ls) <= 6 for ls in labels)  # 2 label-sorted shards of 75 (~60 per label): <= 3 labels each
     assert dense.initial_state.keys() == dict(dense.model.named_parameters()).keys()
+
+
+def test_the_vision_experiment_satisfies_the_protocol(dense):
+    from fedllm.experiments import Experiment, ExperimentData
+
+    assert isinstance(dense, Experiment) and isinstance(dense.data, ExperimentData)
+    assert (dense.mask, dense.mask_bytes) == (None, 0) and dense.runtime_info()["linear4bit_layers"] == 0
     assert dense.mask is None and dense.mask_bytes == 0
 
 
@@ -168,7 +175,7 @@ def test_federated_run_counts_masked_bytes_and_the_mask_once(tmp_path):
 
 def test_recipes_vision_run_in_reduced_form(tmp_path):
     # Prepare: the HP-FL-shaped recipe, shrunk (few clients, rounds and images)
-    from fedllm.federation.experiment import make_experiment
+    from fedllm.experiments import make_experiment
     from fedllm.federation.modes import run_centralized
 
     recipe = load_recipe(ROOT / "recipes" / "vision" / "snip.yaml",

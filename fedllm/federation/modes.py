@@ -1,7 +1,8 @@
 """Three modes, one partition: federated, centralized (pooled client data) and local-only.
 
-All three call the same :meth:`LMExperiment.fit` (same LightningModule, same optimizer settings)
-on the same partition and evaluate on the same held-out split; only the orchestration differs:
+All three call the same ``exp.fit`` (:class:`fedllm.experiments.base.Experiment`: same
+LightningModule, same optimizer settings) on the same partition and evaluate on the same held-out
+split; only the orchestration differs:
 
 - federated: each round, sampled clients train ``local_steps`` from the global state; the server
   aggregates their deltas (GradualDiff-Fed or FedAvg) and applies them.
@@ -22,6 +23,7 @@ from typing import Any
 from fedllm.algorithms.selection import UniformSampler
 from fedllm.config import RecipeError, one_line
 from fedllm.errors import IntegrityError
+from fedllm.experiments.base import Experiment
 from fedllm.federation.checkpoint import (
     ServerState,
     capture_rng,
@@ -34,7 +36,6 @@ from fedllm.federation.checkpoint import (
 from fedllm.federation.guard import check_progress
 from fedllm.federation.rundir import RunWriter, run_dir, same_split, summarize
 from fedllm.federation.server import FederatedServer
-from fedllm.models.quant import kernel_info
 from fedllm.types import StateDict, add, clone_state
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,14 @@ def sample_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> li
     return UniformSampler(fraction, seed).sample(rnd, range(num_clients))
 
 
-def _eval_row(exp, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
+def _eval_row(exp: Experiment, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
     t0 = time.perf_counter()
     res = exp.evaluate(state)
     return ({"eval_loss": res.eval_loss, "perplexity": res.perplexity, "bleu": res.bleu,
              "accuracy": res.accuracy, "eval_time_s": time.perf_counter() - t0}, res.samples)
 
 
-def _round0(mode: str, exp, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
+def _round0(mode: str, exp: Experiment, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
     metrics, samples = _eval_row(exp, state)
     row = {"round": 0, "mode": mode, "train_loss": None, **metrics, "round_time_s": 0.0,
            "train_time_s": 0.0, "aggregate_time_s": 0.0, "bytes_up": 0, "bytes_down": 0, "clients": []}
@@ -72,7 +73,7 @@ class Hooks:
         self.on_client = on_client or (lambda k: None)
 
 
-def _start(exp, mode: str, out: str | None, hooks: Hooks | None):
+def _start(exp: Experiment, mode: str, out: str | None, hooks: Hooks | None):
     """A fresh run directory with its round-0 row, the starting state, and the hooks to use."""
     writer = RunWriter(run_dir(exp.recipe, mode, out), exp.recipe, exp.data.partition_json())
     state = clone_state(exp.initial_state)
@@ -93,7 +94,7 @@ def _draw_key(rnd: int, attempt: int) -> int:
     return rnd if attempt == 0 else rnd + attempt * 10_000_019
 
 
-def _train_clients(exp, server: FederatedServer, plan, state: StateDict, rnd: int,
+def _train_clients(exp: Experiment, server: FederatedServer, plan, state: StateDict, rnd: int,
                    hooks: Hooks) -> tuple[list[float], dict[str, int]]:
     """Run the plan's clients and hand each update to the server's upload path.
 
@@ -126,7 +127,8 @@ def _train_clients(exp, server: FederatedServer, plan, state: StateDict, rnd: in
     return losses, counts
 
 
-def _resume_or_start(exp, server: FederatedServer, out: str | None, hooks: Hooks | None, resume: bool):
+def _resume_or_start(exp: Experiment, server: FederatedServer, out: str | None, hooks: Hooks | None,
+                     resume: bool):
     """(writer, global state, hooks, first round): from the last good checkpoint, or fresh."""
     path = run_dir(exp.recipe, "federated", out)
     ckpt = resume_state(checkpoint_dir(path), exp.recipe) if resume else None
@@ -146,7 +148,7 @@ def _resume_or_start(exp, server: FederatedServer, out: str | None, hooks: Hooks
     return writer, clone_state(ckpt.global_state), hooks or Hooks(), ckpt.round + 1
 
 
-def run_federated(exp, out: str | None = None, hooks: Hooks | None = None,
+def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None = None,
                   resume: bool = False) -> dict[str, Any]:
     """Rounds of: sample, train, upload, validate, aggregate, apply, evaluate, checkpoint.
 
@@ -156,8 +158,7 @@ def run_federated(exp, out: str | None = None, hooks: Hooks | None = None,
     """
     recipe, fed = exp.recipe, exp.recipe.federation
     sizes = [len(exp.data.client_examples(k)) for k in range(recipe.partition.num_clients)]
-    server = FederatedServer(recipe, exp.initial_state, sizes, getattr(exp, "payload_bytes", None),
-                             getattr(exp, "mask", None), getattr(exp, "mask_bytes", 0))
+    server = FederatedServer(recipe, exp.initial_state, sizes, exp.payload_bytes, exp.mask, exp.mask_bytes)
     writer, state, hooks, first = _resume_or_start(exp, server, out, hooks, resume)
     for rnd in range(first, fed.rounds + 1):
         hooks.on_round(rnd, fed.rounds)
@@ -192,7 +193,7 @@ def run_federated(exp, out: str | None = None, hooks: Hooks | None = None,
     return _finish(exp, writer, state)
 
 
-def _maybe_eval(exp, state: StateDict, rnd: int) -> tuple[dict[str, Any], list[dict]]:
+def _maybe_eval(exp: Experiment, state: StateDict, rnd: int) -> tuple[dict[str, Any], list[dict]]:
     """Evaluate every ``eval.every`` rounds and at the last round; otherwise null metrics."""
     every, last = exp.recipe.eval.every, exp.recipe.federation.rounds
     if rnd % every == 0 or rnd == last:
@@ -200,7 +201,7 @@ def _maybe_eval(exp, state: StateDict, rnd: int) -> tuple[dict[str, Any], list[d
     return {"eval_loss": None, "perplexity": None, "bleu": None, "accuracy": None, "eval_time_s": 0.0}, []
 
 
-def run_centralized(exp, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
+def run_centralized(exp: Experiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
     recipe, fed = exp.recipe, exp.recipe.federation
     writer, state, hooks = _start(exp, "centralized", out, hooks)
     pooled = exp.data.train_examples
@@ -225,7 +226,7 @@ def run_centralized(exp, out: str | None = None, hooks: Hooks | None = None) -> 
     return _finish(exp, writer, state)
 
 
-def run_local(exp, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
+def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
     """Each client alone; rows carry the mean over clients and a ``per_client`` breakdown."""
     recipe, fed = exp.recipe, exp.recipe.federation
     writer, _, hooks = _start(exp, "local", out, hooks)
@@ -267,13 +268,12 @@ def _mean(values: list[Any]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _finish(exp, writer: RunWriter, state: StateDict, extra: dict | None = None) -> dict:
+def _finish(exp: Experiment, writer: RunWriter, state: StateDict, extra: dict | None = None) -> dict:
     if exp.recipe.output.save_adapter:
         exp.save_adapter(state, writer.path / "adapter")
     # the numeric path this run's numbers came from (versions, CPU flags, the 4-bit kernel)
-    machine = kernel_info(getattr(exp, "model", None))  # engines without a local model: versions and flags
-    summary = summarize(writer.rows, {"name": exp.recipe.name, "data": exp.data.stats, "machine": machine,
-                                      **(extra or {})})
+    summary = summarize(writer.rows, {"name": exp.recipe.name, "data": exp.data.stats,
+                                      "machine": exp.runtime_info(), **(extra or {})})
     writer.finish(summary)
     return summary
 

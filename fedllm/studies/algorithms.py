@@ -81,7 +81,7 @@ def run_variant(study: Study, label: str, overrides: list[str], runs: Path, quic
     With ``reuse``, a finished run directory of the identical recipe is read instead of re-run.
     """
     from fedllm.config import load_recipe  # noqa: PLC0415  (heavy imports only when running)
-    from fedllm.federation.experiment import make_experiment  # noqa: PLC0415
+    from fedllm.experiments import make_experiment  # noqa: PLC0415
     from fedllm.federation.modes import run_federated  # noqa: PLC0415
     from fedllm.federation.rundir import read_metrics  # noqa: PLC0415
 

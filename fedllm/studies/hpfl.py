@@ -74,8 +74,9 @@ QUICK = {
 
 def run_variant(v: Variant, runs: Path, quick: bool) -> dict[str, Any]:
     """Build the experiment (HP-FL's server-side search included), run it, read its rows back."""
+    from fedllm.algorithms.prune import remaining_rate  # noqa: PLC0415
     from fedllm.config import load_recipe  # noqa: PLC0415  (heavy imports only when running)
-    from fedllm.federation.experiment import make_experiment  # noqa: PLC0415
+    from fedllm.experiments import make_experiment  # noqa: PLC0415
     from fedllm.federation.modes import RUNNERS  # noqa: PLC0415
     from fedllm.federation.rundir import read_metrics  # noqa: PLC0415
     from fedllm.metrics.cost import cost_to_accuracy  # noqa: PLC0415
@@ -91,8 +92,8 @@ def run_variant(v: Variant, runs: Path, quick: bool) -> dict[str, Any]:
     rows = [{k: r.get(k) for k in keep} for r in rows]
     return {"label": v.label, "recipe": v.recipe, "overrides": overrides, "mode": recipe.mode,
             "group": v.group, "targets": list(recipe.eval.targets),
-            "remaining": getattr(exp, "prune_stats", {}).get("remaining", 1.0),
-            "mask_bytes": getattr(exp, "mask_bytes", 0), "prep_s": prep_s,
+            "remaining": remaining_rate(exp.mask) if exp.mask is not None else 1.0,
+            "mask_bytes": exp.mask_bytes, "prep_s": prep_s,
             "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
             "cost": cost_to_accuracy(rows, recipe.eval.targets), "rows": rows}
 

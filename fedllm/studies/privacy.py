@@ -134,7 +134,7 @@ def run_variant(exp, rec: Recorder, part: Part, label: str, overrides: list[str]
 
 def run_part(part: Part, runs: Path, quick: bool) -> dict[str, Any]:
     from fedllm.config import load_recipe  # noqa: PLC0415
-    from fedllm.federation.experiment import make_experiment  # noqa: PLC0415
+    from fedllm.experiments import make_experiment  # noqa: PLC0415
 
     log = logging.getLogger(__name__)
     t0 = time.perf_counter()

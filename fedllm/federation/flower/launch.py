@@ -28,7 +28,7 @@ import psutil
 import tomli_w
 
 from fedllm.config import Recipe, dump_recipe
-from fedllm.federation.flower_apps import TELEMETRY_OFF, FlowerRunConfig
+from fedllm.federation.flower.run_config import TELEMETRY_OFF, FlowerRunConfig
 from fedllm.federation.rundir import run_dir
 
 CONNECTION = "fedllm"  # the SuperLink connection's name in FLWR_HOME/config.toml
@@ -133,7 +133,7 @@ def exe(name: str) -> str:
 def write_app(app_dir: Path, cfg: FlowerRunConfig) -> Path:
     """A Flower App directory whose pyproject names fedllm's apps and carries the run config."""
     app_dir.mkdir(parents=True, exist_ok=True)
-    here = "fedllm.federation.flower_apps"
+    here = "fedllm.federation.flower.apps"
     project = {"project": {"name": "fedllm-run", "version": "1.0.0", "license": "Apache-2.0",
                            "description": "a fedllm recipe on Flower", "dependencies": []},
                "tool": {"flwr": {"app": {"publisher": "fedllm",

@@ -1,35 +1,26 @@
-"""The Flower app objects of the ``flower`` engine: what a Flower App Bundle (FAB) points at.
-
-``flwr run`` ships a FAB whose ``pyproject.toml`` names ``server_app`` and ``client_app`` below
-(:func:`fedllm.federation.flower_launch.write_app` writes it). Flower 1.41's deployment runtime
-starts a fresh ``flwr-clientapp`` process for every message, in both isolation modes, so this
-module stays light at import (flwr, yaml and fedllm.config; no torch, Lightning or transformers):
-a site that runs a warm worker (``python -m fedllm.federation.flower worker --socket PATH``) only
-forwards the message's records to it, and its model and data are loaded once, not per message.
-Without a worker the ClientApp imports :mod:`fedllm.federation.flower` and trains itself.
+"""What a Flower run and a Flower node are configured with, and the recipe a site builds from them.
 
 Everything a run needs travels in Flower's run config (:class:`FlowerRunConfig`); what is
-particular to a site comes from the SuperNode's ``--node-config`` (:class:`NodeSpec`).
+particular to a site comes from the SuperNode's ``--node-config`` (:class:`NodeSpec`). Light at
+import (yaml and :mod:`fedllm.config`; no flwr, no torch): the ClientApp, the CLI and the
+launcher read it before anything heavy is loaded.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from multiprocessing.connection import Client
 from pathlib import Path
 from typing import Any
 
 import yaml
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import PartitionConfig, Recipe, build
 
 ENGINES = ("flower-simulation", "flower-deployment")
 NODE_RECORD = "node"  # the ConfigRecord a ClientApp answers a discovery query with
-# set wherever fedllm starts Flower: no telemetry, no update check, no Ray usage stats
+# set by the entry points that start Flower (fedllm.cli, ``python -m fedllm.federation.flower``) and
+# in the environment of the launcher's child processes: no telemetry, no update check, no Ray usage stats
 TELEMETRY_OFF = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -110,21 +101,6 @@ class NodeSpec:
                              f"partition.num_clients ({num_clients})")
 
 
-def forward_to_worker(address: str, request: tuple) -> Any:
-    """Send one request to a site's warm worker and return its answer (errors come back raised)."""
-    key = Path(address + ".key").read_bytes()
-    with Client(address, family="AF_UNIX", authkey=key) as conn:
-        conn.send(request)
-        status, payload = conn.recv()
-    if status != "ok":
-        raise RuntimeError(f"fedllm worker at {address}: {payload}")
-    return payload
-
-
-def _run_config(context: Context, fixed: FlowerRunConfig | None) -> FlowerRunConfig:
-    return fixed if fixed is not None else FlowerRunConfig.from_user_config(context.run_config)
-
-
 def _recipe_values(text: str) -> dict[str, Any]:
     values = yaml.safe_load(text)
     if not isinstance(values, dict):
@@ -155,57 +131,3 @@ def site_recipe(text: str, node: NodeSpec) -> Recipe:
     data = {**(values.get("data") or {}), "builtin": None, "path": node.data_path, "max_examples": None,
             "eval_size": 1}
     return build(Recipe, {**values, "data": data, "partition": part})
-
-
-def _query(msg: Message, context: Context, fixed: FlowerRunConfig | None) -> RecordDict:
-    """Say which fedllm client this node is and how many examples it holds (loads model and data)."""
-    cfg, node = _run_config(context, fixed), NodeSpec.from_node_config(context.node_config)
-    n = _request(node, ("prepare", cfg, node, None))
-    return RecordDict({NODE_RECORD: ConfigRecord({"partition-id": node.partition_id, "num-examples": int(n),
-                                                  "own-data": node.data_path is not None})})
-
-
-def _request(node: NodeSpec, request: tuple) -> Any:
-    """Run a site request on the node's warm worker, or here when it has none."""
-    if node.worker is not None:
-        return forward_to_worker(node.worker, request)
-    from fedllm.federation.flower import handle_request  # heavy (torch, Lightning): only here
-
-    return handle_request(*request)
-
-
-def _train(msg: Message, context: Context, fixed: FlowerRunConfig | None) -> RecordDict:
-    cfg, node = _run_config(context, fixed), NodeSpec.from_node_config(context.node_config)
-    return _request(node, ("train", cfg, node, msg.content))
-
-
-def make_client_app(fixed: FlowerRunConfig | None = None) -> ClientApp:
-    """A ClientApp: ``query`` names this node's client (and warms its model), ``train`` trains."""
-    app = ClientApp()
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return Message(_query(msg, context, fixed), reply_to=msg)
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return Message(_train(msg, context, fixed), reply_to=msg)
-
-    return app
-
-
-def make_server_app(fixed: FlowerRunConfig | None = None) -> ServerApp:
-    """A ServerApp running :func:`fedllm.federation.flower.serve` (sampling and math are fedllm's)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        from fedllm.federation.flower import serve
-
-        serve(grid, _run_config(context, fixed))
-
-    return app
-
-
-server_app = make_server_app()
-client_app = make_client_app()

@@ -1,7 +1,7 @@
 """A vision experiment: Fashion-MNIST, a small classifier, and (optionally) a pruned subnetwork.
 
-Satisfies the same protocol as :class:`~fedllm.federation.experiment.LMExperiment`, so the
-federated, centralized and local modes, the server and the CLI run it unchanged:
+Satisfies :class:`fedllm.experiments.base.Experiment`, as :class:`~fedllm.experiments.lm.LMExperiment`
+does, so the federated, centralized and local modes, the server and the CLI run it unchanged:
 
 - ``data``: the 60k training images minus ``data.open_data`` unlabeled images held out for the
   server (HP-FL's open data), optionally subsampled to ``data.max_examples``, partitioned by
@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from fedllm.algorithms.attacks import Attack, attackers, flip_labels
+from fedllm.algorithms.drift import DriftTerm
 from fedllm.algorithms.hpfl import HPFLConfig, lottery_ticket
 from fedllm.algorithms.prune import (
     Mask,
@@ -58,8 +59,9 @@ from fedllm.client.vision import (
 from fedllm.config import Recipe, RecipeError
 from fedllm.data.partition import partition
 from fedllm.data.vision import DEFAULT_ROOT, NUM_CLASSES, load_fashion_mnist, split_open_data
-from fedllm.federation.experiment import ClientFault, round_seed
+from fedllm.experiments.base import ClientFault, round_seed
 from fedllm.models.llm import pick_device
+from fedllm.models.quant import kernel_info
 from fedllm.models.vision import build_vision_model
 from fedllm.types import ClientUpdate, StateDict, serialized_bytes
 
@@ -186,7 +188,7 @@ class VisionExperiment:
                                  optimizer=t.optimizer_for("vision"))
 
     def fit(self, client_id: int, examples, start: StateDict, rnd: int, steps: int,
-            grad_term=None) -> ClientUpdate:
+            grad_term: DriftTerm | None = None) -> ClientUpdate:
         """SGD for ``steps`` mini-batches of ``examples`` from ``start``; returns Δ = trained − start.
 
         The batch order is seeded by (seed, round): clients with the same data in the same round
@@ -261,6 +263,10 @@ class VisionExperiment:
         if self.mask is None:
             return serialized_bytes(state)
         return serialized_bytes(masked_values(state, self.mask))
+
+    def runtime_info(self) -> dict:
+        """Versions and CPU flags (the classifier has no 4-bit layers: ``linear4bit_layers`` is 0)."""
+        return kernel_info(self.model)
 
     def save_adapter(self, state: StateDict, path: Path) -> None:
         """``model.safetensors`` (the full parameter state) and, when pruned, ``mask.bin`` (encode_mask)."""

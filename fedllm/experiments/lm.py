@@ -13,33 +13,28 @@ from pathlib import Path
 
 import torch
 
+from fedllm.algorithms.drift import DriftTerm
 from fedllm.client.evaluate import EvalResult, evaluate
 from fedllm.client.fit import fit_module
 from fedllm.client.lm import CausalLMModule, FederatedRoundCallback, make_loader
 from fedllm.config import Recipe
 from fedllm.data.build import TextData, build_text_data
 from fedllm.data.text import Example
+from fedllm.experiments.base import ClientFault, round_seed
 from fedllm.models.llm import add_lora, load_base, pick_device
+from fedllm.models.quant import kernel_info
 from fedllm.models.state import TrainableState
 from fedllm.types import ClientUpdate, StateDict, serialized_bytes
 
 log = logging.getLogger(__name__)
 
 
-def round_seed(seed: int, rnd: int) -> int:
-    """Per-round training seed shared by the clients of that round.
-
-    Clients holding identical data in the same round therefore produce identical updates, which is
-    what makes "K identical clients == one client" hold exactly under GradualDiff.
-    """
-    return (seed * 1_000_003 + rnd * 7_919) % (2**31 - 1)
-
-
-class ClientFault(RuntimeError):
-    """An injected client failure (recipe ``faults.error_clients``)."""
-
-
 class LMExperiment:
+    """4-bit base + LoRA (:mod:`fedllm.models.llm`) trained through :class:`CausalLMModule`; dense (no mask)."""
+
+    mask = None  # LoRA states are exchanged whole
+    mask_bytes = 0
+
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
         base, self.tokenizer = load_base(recipe.model, recipe.seed)
@@ -57,11 +52,11 @@ class LMExperiment:
         self.step_callbacks: list = []  # e.g. progress bars; added by the caller
 
     def fit(self, client_id: int, examples: list[Example], start: StateDict, rnd: int, steps: int,
-            grad_term=None) -> ClientUpdate:
+            grad_term: DriftTerm | None = None) -> ClientUpdate:
         """Train from ``start`` for ``steps`` steps on ``examples``; return the update Δ.
 
-        ``grad_term(params) -> {key: tensor}``, when given, is added to the gradients after each
-        backward pass (FedProx's μ(θ − θ_g), SCAFFOLD's c − cᵢ).
+        ``grad_term`` (a typed drift term: ``grad_term(params) -> {key: tensor}``), when given, is
+        added to the gradients after each backward pass (FedProx's μ(θ − θ_g), SCAFFOLD's c − cᵢ).
         """
         if self.recipe.faults.fires(client_id, rnd, "error"):
             raise ClientFault(f"injected failure of client {client_id} in round {rnd}")
@@ -95,18 +90,6 @@ class LMExperiment:
         self.state.set(state)
         self.model.save_pretrained(str(path))
 
-
-def make_experiment(recipe: Recipe):
-    """The experiment for the recipe's task: :class:`LMExperiment` or the vision baseline.
-
-    Both satisfy the same protocol, used by the modes, the server and the CLI: ``recipe``,
-    ``data`` (``partition_json()``, ``client_examples(k)``, ``train_examples``, ``stats``),
-    ``initial_state``, ``step_callbacks``, ``fit(client_id, examples, start, rnd, steps,
-    grad_term=None) -> ClientUpdate``, ``evaluate(state) -> EvalResult`` and
-    ``save_adapter(state, path)``.
-    """
-    if recipe.model.task == "vision":
-        from fedllm.federation.vision_experiment import VisionExperiment  # noqa: PLC0415
-
-        return VisionExperiment(recipe)
-    return LMExperiment(recipe)
+    def runtime_info(self) -> dict:
+        """Versions, CPU flags and the 4-bit kernel the shared model runs on."""
+        return kernel_info(self.model)

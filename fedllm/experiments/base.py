@@ -1,0 +1,95 @@
+"""The Experiment protocol: what one client's training and one evaluation are, for any task.
+
+An experiment is built once per process (one base model, the partitioned data) and shared by the
+federated, centralized and local modes, the server and both engines. The engine reads exactly
+the members below — nothing optional, nothing probed with ``getattr`` — so a new task (or a
+stand-in for one in a test) implements all of them:
+
+- ``recipe``: the validated :class:`~fedllm.config.Recipe` it was built from;
+- ``data``: the partition (:class:`ExperimentData`);
+- ``initial_state``: the trainable state every client and mode starts from;
+- ``step_callbacks``: Lightning callbacks added to every fit (e.g. the CLI's progress bar);
+- ``fit(client_id, examples, start, rnd, steps, grad_term=None)``: train from ``start`` for
+  ``steps`` optimizer steps and return the :class:`~fedllm.types.ClientUpdate` (Δ = local − start);
+  ``grad_term``, a typed :data:`~fedllm.algorithms.drift.DriftTerm`, is added to the gradients
+  after every backward pass (FedProx's μ(θ − θ_g), SCAFFOLD's c − cᵢ);
+- ``evaluate(state)``: the held-out metrics of a trainable state;
+- ``save_adapter(state, path)``: the final state in the task's own format;
+- ``payload_bytes(state)``: bytes of one state or delta on the wire (what communication counts);
+- ``mask`` / ``mask_bytes``: a pruning mask clients train and exchange under (``None`` / 0 when
+  the model is dense) and the size of its one-time download;
+- ``runtime_info()``: what the run files record about the numeric path
+  (:func:`fedllm.models.quant.kernel_info`: versions, CPU flags, the 4-bit kernel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from fedllm.algorithms.drift import DriftTerm
+from fedllm.client.evaluate import EvalResult
+from fedllm.config import Recipe
+from fedllm.types import ClientUpdate, StateDict
+
+
+def round_seed(seed: int, rnd: int) -> int:
+    """Per-round training seed shared by the clients of that round.
+
+    Clients holding identical data in the same round therefore produce identical updates, which is
+    what makes "K identical clients == one client" hold exactly under GradualDiff.
+    """
+    return (seed * 1_000_003 + rnd * 7_919) % (2**31 - 1)
+
+
+class ClientFault(RuntimeError):
+    """An injected client failure (recipe ``faults.error_clients``)."""
+
+
+@runtime_checkable
+class ExperimentData(Protocol):
+    """The partition the three modes share: client splits, the pooled training set, its stats."""
+
+    @property
+    def train_examples(self) -> Any:
+        """All clients' training examples pooled (centralized mode)."""
+        ...
+
+    @property
+    def stats(self) -> dict:
+        """Sizes for ``summary.json`` (examples, clients, eval split)."""
+        ...
+
+    def client_examples(self, k: int) -> Any:
+        """Client ``k``'s training examples (``len()`` is its example count)."""
+        ...
+
+    def partition_json(self) -> dict:
+        """The partition as written to ``partition.json`` (client -> example ids, the eval ids)."""
+        ...
+
+
+@runtime_checkable
+class Experiment(Protocol):
+    """One task's client training and evaluation (see the module docstring for each member)."""
+
+    recipe: Recipe
+    data: ExperimentData
+    initial_state: StateDict
+    step_callbacks: list
+    mask: Mapping[str, torch.Tensor] | None
+    mask_bytes: int
+
+    def fit(self, client_id: int, examples: Any, start: StateDict, rnd: int, steps: int,
+            grad_term: DriftTerm | None = None) -> ClientUpdate: ...
+
+    def evaluate(self, state: StateDict) -> EvalResult: ...
+
+    def save_adapter(self, state: StateDict, path: Path) -> None: ...
+
+    def payload_bytes(self, state: Mapping[str, torch.Tensor]) -> int: ...
+
+    def runtime_info(self) -> dict: ...

@@ -1,0 +1,55 @@
+"""``python -m fedllm.federation.flower worker|app``: a site's warm worker, or a Flower App for ``flwr run``.
+
+An entry point: the process-wide settings (environment, logging) are made here, in :func:`main`,
+before anything imports flwr or the model — never in the library modules it calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedllm.federation.flower.run_config import TELEMETRY_OFF, FlowerRunConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Site and coordinator helpers (see docs/deploy.md)::
+
+        python -m fedllm.federation.flower worker --socket PATH          # a site's warm worker
+        python -m fedllm.federation.flower app RECIPE [overrides] --app-dir DIR --out RUNS
+    """
+    p = argparse.ArgumentParser(prog="python -m fedllm.federation.flower")
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="serve this site's ClientApp requests with its model loaded once")
+    w.add_argument("--socket", required=True, help="Unix socket path (its key is written to PATH.key, mode 0600)")
+    a = sub.add_parser("app", help="write a Flower App directory that runs RECIPE (for flwr run)")
+    a.add_argument("recipe")
+    a.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.rounds=2")
+    a.add_argument("--app-dir", required=True, help="folder to write (pyproject.toml)")
+    a.add_argument("--out", required=True, help="run directories' root on the coordinator (absolute)")
+    a.add_argument("--timeout-s", type=float, default=600.0, help="longest wait for one client's reply")
+    args = p.parse_args(argv)
+    for k, v in TELEMETRY_OFF.items():  # before flwr is imported: it reads them at import
+        os.environ.setdefault(k, v)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "app":
+        from fedllm.config import dump_recipe, load_recipe  # noqa: PLC0415
+        from fedllm.federation.flower.launch import write_app  # noqa: PLC0415
+
+        cfg = FlowerRunConfig(dump_recipe(load_recipe(args.recipe, args.overrides)), str(Path(args.out).resolve()),
+                              args.timeout_s)
+        print(write_app(Path(args.app_dir), cfg) / "pyproject.toml")
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fedllm.federation.flower.worker import serve_worker  # noqa: PLC0415
+
+    serve_worker(args.socket)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

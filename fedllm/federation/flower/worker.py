@@ -1,0 +1,65 @@
+"""A site's warm worker: one long-lived process that keeps the site's model and data loaded.
+
+Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message in both isolation
+modes; a ClientApp whose node config names a ``worker`` socket forwards each request to this
+process (:func:`forward_to_worker`) instead of loading the model itself. Started as
+``python -m fedllm.federation.flower worker --socket PATH`` (docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def serve_worker(address: str) -> None:
+    """Serve one site's ClientApp requests from this long-lived process until it is terminated.
+
+    Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message in both isolation
+    modes; this worker keeps the site's model and data loaded across them. It listens on a Unix
+    socket (same machine, same user); the authentication key is written beside it
+    (``<address>.key``, mode 0600) and read by :func:`forward_to_worker`.
+    """
+    from fedllm.federation.flower.site import handle_request  # noqa: PLC0415  (heavy: torch, the model)
+
+    key_path = Path(address + ".key")
+    key = secrets.token_bytes(32)
+    key_path.unlink(missing_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    Path(address).unlink(missing_ok=True)
+    with Listener(address, family="AF_UNIX", authkey=key) as listener:
+        while True:
+            try:
+                conn = listener.accept()
+            except OSError as exc:  # includes a peer failing authentication
+                log.warning("fedllm worker: rejected a connection (%s)", exc)
+                continue
+            with conn:
+                kind, cfg, node, content = conn.recv()
+                t0 = time.perf_counter()
+                try:
+                    conn.send(("ok", handle_request(kind, cfg, node, content)))
+                    log.info("fedllm worker: %s request served in %.2f s", kind, time.perf_counter() - t0)
+                except Exception as exc:  # the server counts it as a failed client
+                    log.warning("fedllm worker: %s request failed (%s: %s)", kind, type(exc).__name__, exc)
+                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def forward_to_worker(address: str, request: tuple) -> Any:
+    """Send one request to a site's warm worker and return its answer (errors come back raised)."""
+    key = Path(address + ".key").read_bytes()
+    with Client(address, family="AF_UNIX", authkey=key) as conn:
+        conn.send(request)
+        status, payload = conn.recv()
+    if status != "ok":
+        raise RuntimeError(f"fedllm worker at {address}: {payload}")
+    return payload
