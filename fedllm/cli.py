@@ -201,8 +201,6 @@ def _verdict(summaries: dict[str, dict]) -> int:
     return EXIT_UNTRUSTED if bad else 0
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = _parser()
