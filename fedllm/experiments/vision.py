@@ -15,8 +15,8 @@ does, so the federated, centralized and local modes, the server and the CLI run 
   (connection sensitivity on one mini-batch of ``prune.snip_batch`` pooled training images) or
   ``random`` (same remaining rate). Clients train and exchange only the kept weights:
   :meth:`payload_bytes` counts the surviving values, ``mask_bytes`` the one-time mask download.
-- training: SGD with ``train.lr``, ``momentum``, ``weight_decay`` (its default 0.001 applies; the
-  vision recipes set 0), batch ``train.batch_size``; ``train.max_grad_norm`` clips the gradient
+- training: ``train.optimizer`` (``auto`` = SGD for vision; or AdamW) with ``train.lr``,
+  ``momentum``, ``weight_decay`` (its default 0.001 applies; the vision recipes set 0), batch ``train.batch_size``; ``train.max_grad_norm`` clips the gradient
   norm as for LMs (its default 0.3 too: the vision recipes set 0); ``warmup_ratio`` is LM-only.
 - ``attack.kind: label_flip``: the attacking clients (the server's own seeded choice) train on
   y ↦ 9 − y. ``privacy.dpsgd``: each client trains with Opacus DP-SGD; its cumulative ε over the
@@ -54,6 +54,7 @@ from fedllm.client.vision import (
     VisionTrainConfig,
     evaluate_classifier,
     fit_classifier,
+    make_optimizer,
     vision_loader,
 )
 from fedllm.config import Recipe, RecipeError
@@ -126,10 +127,7 @@ class VisionExperiment:
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
-        p = recipe.privacy
-        if p.dpsgd and recipe.federation.algorithm in ("fedprox", "scaffold"):
-            raise RecipeError("privacy.dpsgd", "Opacus DP-SGD rebuilds the gradients from clipped per-sample "
-                              "ones, so FedProx/SCAFFOLD gradient terms would be lost; use fedavg or gradualdiff")
+        # (DP-SGD with FedProx/SCAFFOLD is refused by the recipe's own rules: fedllm.config)
         self.data = VisionSplits(recipe)
         torch.manual_seed(recipe.seed)
         self.model = build_vision_model(recipe.model.preset)
@@ -233,8 +231,7 @@ class VisionExperiment:
 
         p = self.recipe.privacy
         self.model.train()
-        opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
+        opt = make_optimizer(self.model.parameters(), cfg)  # train.optimizer, as without DP
         gsm, dp_opt, dp_loader, ledger = make_private_dpsgd(self.model, opt, loader, p.dpsgd_noise,
                                                             p.dpsgd_clip, p.delta)
         try:

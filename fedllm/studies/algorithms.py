@@ -8,7 +8,7 @@ Three studies, each a recipe under ``recipes/studies/`` run through the real eng
 - ``robust``: label-Dirichlet(α = 1.0) Fashion-MNIST, 20 % of the clients send their update
   sign-flipped and scaled ×10: mean (FedAvg), coordinate-wise median, trimmed mean and Krum, each
   against its own clean run (target: robust aggregators within 3 points of clean; FedAvg degrades).
-- ``lora``: the tiny llama with LoRA, aggregation ``factorwise`` / ``exact`` / ``frozen_a``:
+- ``lora``: the tiny llama with LoRA, aggregation ``factorwise`` / ``svd`` / ``frozen_a``:
   perplexity and the per-round aggregation error ‖mean(BᵢAᵢ) − B_g A_g‖_F / ‖mean(BᵢAᵢ)‖_F.
 
 One command writes ``algorithms_study.md`` (tables), ``.json`` (every round of every run) and
@@ -66,7 +66,7 @@ STUDIES = (
     }, ["federation.rounds=3", "data.max_examples=1200", "data.eval_size=500"],
         "Dirichlet(1.0) Fashion-MNIST, 20 % sign-flip x10 attackers"),
     Study("lora", "tiny_lora_agg.yaml", {
-        mode: [f"federation.lora_aggregation={mode}"] for mode in ("factorwise", "exact", "frozen_a")
+        mode: [f"federation.lora_aggregation={mode}"] for mode in ("factorwise", "svd", "frozen_a")
     }, ["federation.rounds=2", "train.local_steps=2"], "Tiny llama, LoRA r=4, 3 clients"),
 )
 
@@ -154,7 +154,7 @@ def _record_fits(exp) -> dict[int, list]:
 
 
 def _same_update_errors(rows: list[dict[str, Any]], seen: dict[int, list], weighted: bool) -> None:
-    """Add, per round, the error factorwise and exact would have had on this run's own updates.
+    """Add, per round, the error factorwise and svd would have had on this run's own updates.
 
     Runs diverge after round 1, so comparing the modes' reported errors across runs mixes the
     rule with the trajectory; these columns compare the rules on identical client updates.
@@ -167,7 +167,7 @@ def _same_update_errors(rows: list[dict[str, Any]], seen: dict[int, list], weigh
             continue
         start = pairs[0][0]
         ups = [u for _, u in pairs]
-        for mode in ("factorwise", "exact"):
+        for mode in ("factorwise", "svd"):
             row[f"same_updates_{mode}"] = lora_aggregate(start, ups, mode, weighted)[1]
 
 
@@ -226,14 +226,14 @@ def robust_table(runs: dict[str, Any]) -> str:
 
 def lora_table(runs: dict[str, Any]) -> str:
     lines = ["| LoRA aggregation | round-0 perplexity | final perplexity | reported error per round | max error "
-             "| same updates: factorwise / exact (max over rounds) |",
+             "| same updates: factorwise / svd (max over rounds) |",
              "|---|---:|---:|---|---:|---|"]
     for label, run in runs.items():
         errs = [r.get("lora_aggregation_error") for r in run["rows"][1:]]
         shown = ", ".join("n/a" if e is None else f"{e:.2e}" for e in errs)
         worst = max((e for e in errs if e is not None), default=math.nan)
         same = [max((r.get(f"same_updates_{m}") or 0.0 for r in run["rows"][1:]), default=math.nan)
-                for m in ("factorwise", "exact")]
+                for m in ("factorwise", "svd")]
         lines.append(f"| {label} | {run['rows'][0]['perplexity']:.2f} | {run['rows'][-1]['perplexity']:.2f} | "
                      f"{shown} | {worst:.2e} | {same[0]:.2e} / {same[1]:.2e} |")
     return "\n".join(lines)
