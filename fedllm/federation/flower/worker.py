@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import secrets
 import time
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
@@ -40,18 +42,31 @@ def serve_worker(address: str) -> None:
         while True:
             try:
                 conn = listener.accept()
-            except OSError as exc:  # includes a peer failing authentication
-                log.warning("fedllm worker: rejected a connection (%s)", exc)
+            except (OSError, EOFError, AuthenticationError) as exc:  # a failed handshake, a peer gone
+                log.warning("fedllm worker: rejected a connection (%s: %s)", type(exc).__name__, exc)
                 continue
             with conn:
-                kind, cfg, node, content = conn.recv()
-                t0 = time.perf_counter()
-                try:
-                    conn.send(("ok", handle_request(kind, cfg, node, content)))
-                    log.info("fedllm worker: %s request served in %.2f s", kind, time.perf_counter() - t0)
-                except Exception as exc:  # the server counts it as a failed client
-                    log.warning("fedllm worker: %s request failed (%s: %s)", kind, type(exc).__name__, exc)
-                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                _serve_one(conn, handle_request)
+
+
+def _serve_one(conn, handle_request) -> None:
+    """Answer one authenticated request; a peer that hangs up or sends garbage costs only itself."""
+    try:
+        kind, cfg, node, content = conn.recv()
+    except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as exc:
+        log.warning("fedllm worker: dropped a malformed request (%s: %s)", type(exc).__name__, exc)
+        return
+    t0 = time.perf_counter()
+    try:
+        reply = ("ok", handle_request(kind, cfg, node, content))
+        log.info("fedllm worker: %s request served in %.2f s", kind, time.perf_counter() - t0)
+    except Exception as exc:  # the server counts it as a failed client
+        log.warning("fedllm worker: %s request failed (%s: %s)", kind, type(exc).__name__, exc)
+        reply = ("error", f"{type(exc).__name__}: {exc}")
+    try:
+        conn.send(reply)
+    except (OSError, EOFError) as exc:  # the ClientApp went away before the answer
+        log.warning("fedllm worker: could not send the answer (%s: %s)", type(exc).__name__, exc)
 
 
 def forward_to_worker(address: str, request: tuple) -> Any:
