@@ -278,3 +278,14 @@ def test_cli_engine_flower_runs_the_simulation_runtime_with_the_same_metrics(ref
     got_dir = run_dir(load_recipe(TINY, overrides), "federated", str(tmp_path))
     _assert_same_rounds(read_metrics(ref_dir), read_metrics(got_dir))
     assert (got_dir / "report.md").exists() and (got_dir / "summary.json").exists()
+
+
+def test_an_oversized_reply_is_refused_before_it_is_decoded():
+    from fedllm.federation.flower.codec import check_reply_size
+
+    upd = ClientUpdate(client_id=1, delta=_state(), num_examples=7, local_steps=5, train_loss=2.5)
+    content = update_to_records(upd)
+    check_reply_size(content, limit=10_000)  # a normal reply passes
+    big = update_to_records(dataclasses.replace(upd, delta={"a": torch.zeros(100_000)}))
+    with pytest.raises(ValueError, match=r"holds 400,\d{3} bytes of arrays, more than the 10,000"):
+        check_reply_size(big, limit=10_000)

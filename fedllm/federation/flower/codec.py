@@ -105,6 +105,15 @@ def update_to_records(upd: ClientUpdate) -> RecordDict:
                        "codec": ConfigRecord({BF16_KEYS: bf16})})
 
 
+def check_reply_size(content: RecordDict, limit: int) -> None:
+    """Raise ``ValueError`` if the reply's arrays hold more than ``limit`` bytes (checked before decoding)."""
+    size = sum(len(array.data) for record in content.values() if isinstance(record, ArrayRecord)
+               for array in record.values())
+    if size > limit:
+        raise ValueError(f"the reply holds {size:,} bytes of arrays, more than the {limit:,} an update of this "
+                         "model can take; not decoded")
+
+
 def records_to_update(content: RecordDict) -> ClientUpdate:
     for key in ("delta", "update"):
         if key not in content:

@@ -23,10 +23,10 @@ from fedllm.algorithms.drift import DriftTerm
 from fedllm.client.evaluate import EvalResult
 from fedllm.config import Recipe
 from fedllm.experiments import Experiment, ExperimentData, make_experiment
-from fedllm.federation.flower.codec import TrainRequest, records_to_update
+from fedllm.federation.flower.codec import TrainRequest, check_reply_size, records_to_update
 from fedllm.federation.flower.run_config import NODE_RECORD, FlowerRunConfig, recipe_from_yaml
 from fedllm.federation.modes import run_federated
-from fedllm.types import ClientUpdate, StateDict
+from fedllm.types import ClientUpdate, StateDict, serialized_bytes
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class RemoteExperiment:
     def __init__(self, exp: Experiment, grid: Grid, sites: dict[int, Site], timeout_s: float) -> None:
         self._exp, self.grid, self.sites, self.timeout_s = exp, grid, sites, timeout_s
         self.data = _SiteSizes(exp.data, sites)
+        # an update is one delta of the trainable state: twice its size (plus slack) is already a lie
+        self.reply_limit = 2 * serialized_bytes(exp.initial_state) + (1 << 20)
 
     @property
     def recipe(self) -> Recipe:
@@ -170,6 +172,7 @@ class RemoteExperiment:
         reply = replies[0]
         if reply.has_error():
             raise RuntimeError(f"client {client_id} (node {site.node_id}): {reply.error.reason}")
+        check_reply_size(reply.content, self.reply_limit)
         upd = records_to_update(reply.content)
         if upd.client_id != client_id:
             raise ValueError(f"round {rnd}: the node of client {client_id} answered as client {upd.client_id}")
