@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def _progress():
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
-def _run_modes(recipe, modes: list[str], out: str | None, resume: bool = False) -> dict[str, dict]:
+def _run_modes(recipe, modes: list[str], out: str | None, resume: bool = False,
+               invocation: str | None = None) -> dict[str, dict]:
     from fedllm.experiments import make_experiment
     from fedllm.federation.modes import RUNNERS, Hooks
     from fedllm.federation.progress import StepProgress
@@ -145,9 +147,18 @@ def _run_modes(recipe, modes: list[str], out: str | None, resume: bool = False) 
                           on_client=lambda k, m=mode: steps.label(f"{m}: client {k} steps"))
             kwargs = {"resume": True} if resume and mode == "federated" else {}
             summaries[mode] = RUNNERS[mode](exp, out, hooks, **kwargs)
+            if invocation is not None:  # which `fedllm compare` this mode's files come from
+                _stamp(_mode_dir(recipe, mode, out), summaries[mode], invocation)
             progress.update(rounds, completed=recipe.federation.rounds)
             write_report(_mode_dir(recipe, mode, out), recipe.output.plots)
     return summaries
+
+
+def _stamp(run: Path, summary: dict, invocation: str) -> None:
+    from fedllm.federation.rundir import write_json_atomic
+
+    summary["invocation"] = invocation
+    write_json_atomic(run / "summary.json", summary)
 
 
 def _run_flower(recipe, out: str | None, resume: bool) -> dict:
@@ -246,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             from fedllm.federation.modes import MODES
             from fedllm.metrics.report import write_comparison
 
-            summaries = _run_modes(recipe, list(MODES), args.out)
             root = Path(args.out or recipe.output.dir) / recipe.name
+            for old in ("comparison.md", "comparison.json", "comparison.png"):  # never beside half-new modes
+                (root / old).unlink(missing_ok=True)
+            summaries = _run_modes(recipe, list(MODES), args.out, invocation=uuid.uuid4().hex[:12])
             write_comparison(root, list(MODES), recipe.output.plots)
             print(f"comparison: {root / 'comparison.md'}")
         _print_table(summaries)

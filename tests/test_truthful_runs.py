@@ -48,3 +48,25 @@ def test_floats_as_users_write_them():
     assert toy_recipe(federation={"reject_norm": "2E3"}).federation.reject_norm == 2000.0
     with pytest.raises(RecipeError, match="train.lr: expected float"):
         toy_recipe(train={"lr": "fast"})
+
+
+def test_a_comparison_says_when_its_modes_come_from_different_invocations(tiny_compare, tmp_path):
+    import json
+    import shutil
+
+    from fedllm.metrics.report import write_comparison
+
+    # Prepare: a copy of one `fedllm compare` (its three modes share one invocation id)
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny_compare, root)
+    ids = {m: json.loads((root / m / "summary.json").read_text())["invocation"]
+           for m in ("federated", "centralized", "local")}
+    assert len(set(ids.values())) == 1 and "Stale" not in (root / "comparison.md").read_text()
+    # Execute: the local mode is rerun alone later (its summary carries no compare invocation)
+    summary = json.loads((root / "local" / "summary.json").read_text())
+    del summary["invocation"]
+    (root / "local" / "summary.json").write_text(json.dumps(summary))
+    table = write_comparison(root, ["federated", "centralized", "local"], plots=False)
+    # Assert
+    assert table["local"]["invocation"] is None and table["federated"]["invocation"] == ids["federated"]
+    assert "**Stale comparison:**" in (root / "comparison.md").read_text()

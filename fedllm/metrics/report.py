@@ -241,6 +241,7 @@ def write_report(path: Path, plots: bool = True) -> Path:
 def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[str, Any]:
     """``comparison.{md,json,png}`` under ``<output.dir>/<name>/`` from each mode's files."""
     series = {m: read_metrics(root / m) for m in modes if (root / m / "metrics.jsonl").exists()}
+    runs = {m: _invocation(root / m) for m in series}
     table = {}
     for mode, rows in series.items():
         first, last = rows[0], rows[-1]
@@ -249,7 +250,7 @@ def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[s
                        "final_bleu": last["bleu"], "final_accuracy": last.get("accuracy"),
                        "bytes_up": sum(r["bytes_up"] for r in rows),
                        "bytes_down": sum(r["bytes_down"] for r in rows),
-                       "time_s": sum(r["round_time_s"] for r in rows)}
+                       "time_s": sum(r["round_time_s"] for r in rows), "invocation": runs[mode]}
     write_json_atomic(root / "comparison.json", table)
     cols = ["rounds", "initial_eval_loss", "final_eval_loss", "final_perplexity", "final_bleu", "final_accuracy",
             "bytes_up", "bytes_down", "time_s"]
@@ -258,11 +259,26 @@ def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[s
              "| mode | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     lines += [f"| {m} | " + " | ".join(_fmt(v[c]) for c in cols) + " |" for m, v in table.items()]
     lines += ["", "Local-only rows are means over clients (each evaluated on the same held-out split)."]
+    if None in runs.values() or len(set(runs.values())) > 1:
+        lines += ["", "**Stale comparison:** these modes do not all come from one `fedllm compare` (invocations "
+                  + ", ".join(f"{m}: {i or 'unfinished or a single run'}" for m, i in runs.items())
+                  + "); rerun `fedllm compare` before reading one against another."]
     if plots and series:
         _plot(series, root / "comparison.png", f"{root.name}: {' vs '.join(series)} on the same held-out split")
         lines += ["", "![comparison](comparison.png)"]
     (root / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return table
+
+
+def _invocation(run: Path) -> str | None:
+    """The ``fedllm compare`` invocation a finished mode came from (None: unfinished or a lone run)."""
+    summary = run / "summary.json"
+    if not summary.exists():
+        return None
+    try:
+        return json.loads(summary.read_text(encoding="utf-8")).get("invocation")
+    except json.JSONDecodeError:
+        return None
 
 
 def _rows_or_error(path: Path) -> list[dict]:
