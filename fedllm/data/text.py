@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,11 +61,18 @@ def _read_text(path: Path) -> str:
         raise RecipeError(f"{path} line {line}", f"not UTF-8 text (byte {exc.start})") from None
 
 
+MAX_ROW_CHARS = 1_000_000  # one prompt/response pair, not a document: longer lines are refused unparsed
+
+
 def _read_jsonl(path: Path) -> Rows:
     rows, places = [], []
     for line_no, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
+        if len(line) > MAX_ROW_CHARS:
+            raise RecipeError(f"{path} line {line_no}", f"{len(line):,} characters; expected a row of at most "
+                              f"{MAX_ROW_CHARS:,} (one prompt/response pair; longer text is truncated to "
+                              "data.max_length tokens anyway)")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -105,6 +113,10 @@ def _read_parquet(path: Path) -> Rows:
 
 def _read_file(path: Path) -> Rows:
     try:
+        mode = path.stat().st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # a FIFO would block the read forever
+            raise RecipeError(str(path), "not a regular file or directory (a FIFO, socket or device); "
+                              "expected a data file or a datasets directory")
         if path.is_dir():
             import datasets
 

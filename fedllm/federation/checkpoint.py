@@ -15,6 +15,11 @@ Writing goes to a temp file in the same directory, is flushed and fsynced, renam
 name with ``os.replace`` (atomic on POSIX and Windows) and the directory is fsynced, so a crash
 leaves either the old set of checkpoints or the new one. Reading verifies the checksum: a torn or
 corrupted newest file is skipped with a warning and the previous checkpoint is used.
+
+The checksum is an integrity check, not authentication: anyone who can write the run directory can
+write a checkpoint with a valid checksum. Keep run directories where only you can write. On resume
+the global state must also fit the model (same keys, shapes and dtypes, :func:`layout_problem`),
+so a tampered or foreign checkpoint is refused instead of broadcast into the adapter.
 """
 
 from __future__ import annotations
@@ -259,10 +264,24 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(yaml.safe_dump(values, sort_keys=True).encode()).hexdigest()
 
 
-def resume_state(directory: str | Path, recipe: Recipe) -> ServerState | None:
+def layout_problem(state: dict, template: dict) -> str | None:
+    """Why ``state`` does not fit a model whose trainable state is ``template`` (keys, shapes, dtypes)."""
+    if state.keys() != template.keys():
+        missing, extra = sorted(set(template) - set(state))[:2], sorted(set(state) - set(template))[:2]
+        return f"its keys differ from the model's (missing {missing}, unexpected {extra})"
+    for k, ref in template.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor) or v.shape != ref.shape or v.dtype != ref.dtype:
+            got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+            return f"{k} is {got}, the model's is {tuple(ref.shape)} {ref.dtype}"
+    return None
+
+
+def resume_state(directory: str | Path, recipe: Recipe, template: dict | None = None) -> ServerState | None:
     """The checkpoint to resume ``recipe`` from, or ``None`` to start fresh.
 
-    Refuses (RecipeError) a checkpoint written by a different recipe or past the last round.
+    Refuses (RecipeError) a checkpoint written by a different recipe, past the last round, or whose
+    global state does not fit ``template`` (the model's trainable state).
     """
     state = load_latest(directory)
     if state is None:
@@ -272,6 +291,8 @@ def resume_state(directory: str | Path, recipe: Recipe) -> ServerState | None:
     if state.fingerprint and state.fingerprint != recipe_fingerprint(recipe):
         raise RecipeError(str(directory), "the checkpoint was written by a different recipe; "
                           "run without --resume to start over, or restore the original recipe")
+    if template is not None and (why := layout_problem(state.global_state, template)) is not None:
+        raise RecipeError(str(directory), f"the newest checkpoint does not fit the model: {why}")
     if state.round > recipe.federation.rounds:
         raise RecipeError("federation.rounds", f"the checkpoint is at round {state.round}; "
                           f"expected federation.rounds >= {state.round}, got {recipe.federation.rounds}")

@@ -131,7 +131,7 @@ def _resume_or_start(exp: Experiment, server: FederatedServer, out: str | None, 
                      resume: bool):
     """(writer, global state, hooks, first round): from the last good checkpoint, or fresh."""
     path = run_dir(exp.recipe, "federated", out)
-    ckpt = resume_state(checkpoint_dir(path), exp.recipe) if resume else None
+    ckpt = resume_state(checkpoint_dir(path), exp.recipe, exp.initial_state) if resume else None
     if resume and ckpt is None and (path / "summary.json").exists():
         raise RecipeError("--resume", f"{path} holds a finished run without checkpoints "
                           "(checkpoint.enabled: false?); run without --resume to start over")
