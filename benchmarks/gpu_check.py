@@ -44,6 +44,7 @@ def check(name: str, recipe) -> list[str]:
     """Run ``recipe`` federated on CUDA; return the failed checks (printing the figures)."""
     import torch
 
+    from fedllm.client.strategy import recording_moves
     from fedllm.experiments import make_experiment
     from fedllm.federation.modes import run_federated
     from fedllm.models.quant import linear4bit_layers
@@ -55,26 +56,13 @@ def check(name: str, recipe) -> list[str]:
     off = [n for n, p in exp.model.named_parameters() if p.device.type != "cuda"]
     if off:
         failures.append(f"{name}: {len(off)} parameters not on CUDA after loading, e.g. {off[0]}")
-    shared = {id(p) for p in exp.model.parameters()}
-    moved: list[str] = []
-    original = torch.nn.Module._apply
-
-    def recording(self, fn, *args, **kwargs):
-        if any(id(p) in shared for p in self.parameters()):
-            moved.append(type(self).__name__)
-        return original(self, fn, *args, **kwargs)
-
     timer = _steps_timer()
     exp.step_callbacks.append(timer)
     torch.cuda.reset_peak_memory_stats()
-    torch.nn.Module._apply = recording
-    try:
-        with tempfile.TemporaryDirectory() as out:
-            t1 = time.perf_counter()
-            summary = run_federated(exp, out=out)
-            run_s = time.perf_counter() - t1
-    finally:
-        torch.nn.Module._apply = original
+    with recording_moves(exp.model) as moved, tempfile.TemporaryDirectory() as out:
+        t1 = time.perf_counter()
+        summary = run_federated(exp, out=out)
+        run_s = time.perf_counter() - t1
     if moved:
         failures.append(f"{name}: the shared model was moved or cast during the run by {sorted(set(moved))}")
     off = [n for n, p in exp.model.named_parameters() if p.device.type != "cuda"]

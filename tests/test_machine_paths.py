@@ -113,23 +113,16 @@ def test_lightning_itself_would_move_the_module_to_cpu_at_teardown():
     assert "lightning_module.cpu()" in inspect.getsource(Strategy.teardown)
 
 
-def test_a_round_never_moves_or_casts_the_shared_model(tiny_experiment, tmp_path, monkeypatch):
+def test_a_round_never_moves_or_casts_the_shared_model(tiny_experiment, tmp_path):
     # Prepare: record every Module._apply (behind .to, .cpu, .cuda, .float, ...) on a module that
     # holds a parameter of the shared model, e.g. the LightningModule wrapping it
+    from fedllm.client.strategy import recording_moves
+
     exp = tiny_experiment
-    shared = {id(p) for p in exp.model.parameters()}
-    moved: list[str] = []
-    original = torch.nn.Module._apply
-
-    def recording(self, fn, *args, **kwargs):
-        if any(id(p) in shared for p in self.parameters()):
-            moved.append(type(self).__name__)
-        return original(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "_apply", recording)
     recipe = _with(exp.recipe, federation={"rounds": 1}, eval={"bleu_samples": 0})
     # Execute
-    run_federated(_Rebound(exp, recipe), out=str(tmp_path))
+    with recording_moves(exp.model) as moved:
+        run_federated(_Rebound(exp, recipe), out=str(tmp_path))
     # Assert
     assert moved == [], f"the shared model was moved or cast during a round by: {sorted(set(moved))}"
 

@@ -13,6 +13,9 @@ fit ends. Batches still move to the device as usual (``batch_to_device``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
@@ -42,6 +45,27 @@ class SharedModelStrategy(SingleDeviceStrategy):
         self.precision_plugin.teardown()
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+
+
+@contextlib.contextmanager
+def recording_moves(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Record every ``Module._apply`` (behind ``.to``, ``.cpu``, ``.cuda``, ``.float``, ...) on any
+    module holding a parameter of ``model`` (the model itself or e.g. a LightningModule wrapping
+    it) while the block runs; yields the list of those modules' class names."""
+    shared = {id(p) for p in model.parameters()}
+    moved: list[str] = []
+    original = torch.nn.Module._apply
+
+    def recording(self, fn, *args, **kwargs):
+        if any(id(p) in shared for p in self.parameters()):
+            moved.append(type(self).__name__)
+        return original(self, fn, *args, **kwargs)
+
+    torch.nn.Module._apply = recording
+    try:
+        yield moved
+    finally:
+        torch.nn.Module._apply = original
 
 
 def trainer_device(accelerator: str) -> torch.device:
