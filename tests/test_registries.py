@@ -31,7 +31,7 @@ def test_every_registered_aggregator_builds_from_a_recipe_and_states_what_it_nee
     from tests._toy import toy_recipe
 
     for name in names(RobustConfig, "aggregator"):
-        recipe = toy_recipe(robust={"aggregator": name, "byzantine": 0}, partition={"num_clients": 4})
+        recipe = toy_recipe(robust={"aggregator": name, "byzantine": 0, "trim_ratio": 0.25}, partition={"num_clients": 4})
         assert callable(build.aggregator(recipe))
         assert build.aggregator_needs(recipe) >= 1
     assert krum_min_updates(2) == 7 and krum_min_updates(1, multi=9) == 9
