@@ -110,6 +110,8 @@ def test_pure_rules():
     assert set(relative_norm_violations(big, 100.0)) == {9}
     assert relative_norm_violations(big[:2] + big[-1:], None) == {}
     assert relative_norm_violations(big[-2:], 100.0) == {}  # two updates: no median to speak of
+    zeros = [ClientUpdate(i, {"w": torch.tensor([0.0])}, 1, 1, 0.0) for i in range(3)]
+    assert relative_norm_violations([*zeros, ups[0]], 100.0) == {}  # a zero median gives no scale
     assert check_counts(ups[0], 1) is None and "knows 2" in check_counts(ups[0], 2)
 
 
