@@ -1,4 +1,4 @@
-"""``python -m fedllm.federation.flower worker|app``: a site's warm worker, or a Flower App for ``flwr run``.
+"""``python -m fedllm.federation.flower superlink|supernode|worker|app``: fedllm's deployment processes.
 
 An entry point: the process-wide settings (environment, logging) are made here, in :func:`main`,
 before anything imports flwr or the model — never in the library modules it calls.
@@ -18,8 +18,13 @@ from fedllm.federation.flower.run_config import TELEMETRY_OFF, FlowerRunConfig
 def main(argv: list[str] | None = None) -> int:
     """Site and coordinator helpers (see docs/deploy.md)::
 
+        python -m fedllm.federation.flower superlink --public HOST:PORT [flower-superlink args]
+        python -m fedllm.federation.flower supernode [flower-supernode args]
         python -m fedllm.federation.flower worker --socket PATH          # a site's warm worker
         python -m fedllm.federation.flower app RECIPE [overrides] --app-dir DIR --out RUNS
+
+    ``superlink`` and ``supernode`` take Flower's own arguments after fedllm's and run only
+    fedllm's apps (:mod:`fedllm.federation.flower.gate` says what each port exposes).
     """
     p = argparse.ArgumentParser(prog="python -m fedllm.federation.flower")
     sub = p.add_subparsers(dest="command", required=True)
@@ -31,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--app-dir", required=True, help="folder to write (pyproject.toml)")
     a.add_argument("--out", required=True, help="run directories' root on the coordinator (absolute)")
     a.add_argument("--timeout-s", type=float, default=600.0, help="longest wait for one client's reply")
-    args = p.parse_args(argv)
+    sl = sub.add_parser("superlink", help="the coordinator's SuperLink: Fleet API public, Control API on loopback")
+    sl.add_argument("--public", required=True, help="HOST:PORT where sites reach the Fleet API (e.g. 0.0.0.0:9092)")
+    sn = sub.add_parser("supernode", help="a site's SuperNode that runs only fedllm's apps")
+    for q in (sl, sn):
+        q.add_argument("--allow-insecure", action="store_true", help="accept --insecure (loopback tests only)")
+    args, flower_args = p.parse_known_args(argv)
+    if flower_args and args.command not in ("superlink", "supernode"):
+        p.error(f"unrecognized arguments: {' '.join(flower_args)}")
     for k, v in TELEMETRY_OFF.items():  # before flwr is imported: it reads them at import
         os.environ.setdefault(k, v)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -42,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = FlowerRunConfig(dump_recipe(load_recipe(args.recipe, args.overrides)), str(Path(args.out).resolve()),
                               args.timeout_s)
         print(write_app(Path(args.app_dir), cfg) / "pyproject.toml")
+        return 0
+    if args.command == "superlink":
+        from fedllm.federation.flower.gate import serve_superlink  # noqa: PLC0415
+
+        serve_superlink(flower_args, args.public, insecure_ok=args.allow_insecure)
+        return 0
+    if args.command == "supernode":
+        from fedllm.federation.flower.gate import serve_supernode  # noqa: PLC0415
+
+        serve_supernode(flower_args, insecure_ok=args.allow_insecure)
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

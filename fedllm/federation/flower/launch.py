@@ -1,10 +1,13 @@
 """A whole Flower deployment on this machine (127.0.0.1 only): tests, benchmarks, trying it out.
 
-:func:`run_deployment` starts what docs/deploy.md starts by hand on several machines — a
-SuperLink, one SuperNode per client (each with its own ``--node-config``), optionally one warm
-fedllm worker per site — then submits the recipe with ``flwr run --stream`` and returns the run's
-``summary.json``. Every child gets its own session and a private ``FLWR_HOME``; all of them (and
-their own children, e.g. ``flwr-clientapp``) are ended when the run finishes or fails.
+:func:`run_deployment` starts what docs/deploy.md starts by hand on several machines — fedllm's
+SuperLink (``python -m fedllm.federation.flower superlink``: the Fleet API on its public port,
+Control and Runtime on a second, loopback-only port), one fedllm SuperNode per client (each with
+its own ``--node-config``; it runs only fedllm's apps), optionally one warm fedllm worker per
+site — then submits the recipe with ``flwr run --stream`` on the Control port and returns the
+run's ``summary.json``. TLS and SuperNode authentication are on by default (throw-away CA,
+certificates and keys). Every child gets its own session and a private ``FLWR_HOME``; all of them
+(and their own children, e.g. ``flwr-clientapp``) are ended when the run finishes or fails.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ class LaunchOptions:
     timeout_s: float = 600.0  # wall-clock limit for the whole run (and for one client's reply)
     poll_interval_s: float = 0.05  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)
     log_dir: str | None = None  # keep the processes' logs here (default: a temporary folder)
-    tls: bool = False  # TLS on the SuperLink (a throw-away CA and server certificate for 127.0.0.1)
-    node_auth: bool = False  # SuperNode authentication: one ECDSA key per site, registered with flwr
+    tls: bool = True  # TLS on the SuperLink (a throw-away CA and server certificate for 127.0.0.1)
+    node_auth: bool = True  # SuperNode authentication: one ECDSA key per site, registered with flwr
 
     def __post_init__(self) -> None:
         if self.isolation not in ("subprocess", "process"):
@@ -53,6 +56,10 @@ class LaunchOptions:
             raise ValueError(f"LaunchOptions.timeout_s: expected a positive number of seconds, got {self.timeout_s}")
         if not 0.01 <= self.poll_interval_s <= 60:
             raise ValueError(f"LaunchOptions.poll_interval_s: expected in [0.01, 60], got {self.poll_interval_s}")
+        if self.tls != self.node_auth:
+            raise ValueError("LaunchOptions: tls and node_auth go together (Flower's node authentication needs "
+                             f"TLS; fedllm's SuperLink requires node authentication with TLS), got tls={self.tls}, "
+                             f"node_auth={self.node_auth}")
 
 
 class Children:
@@ -211,7 +218,8 @@ def start_sites(kids: Children, tmp: Path, port: int, num: int, opts: LaunchOpti
             if register.returncode != 0:
                 raise RuntimeError(f"flwr supernode register failed:\n{register.stdout}\n{register.stderr}")
             security += ["--auth-supernode-private-key", str(key)]
-        kids.start(f"supernode{k}", [exe("flower-supernode"), *security, "--superlink", f"127.0.0.1:{port}",
+        insecure = ["--allow-insecure"] if certs is None else []
+        kids.start(f"supernode{k}", [sys.executable, "-m", "fedllm.federation.flower", "supernode", *insecure, *security, "--superlink", f"127.0.0.1:{port}",
                                      "--host", "127.0.0.1", "--port", str(node_port), "--isolation", opts.isolation,
                                      "--node-config", node_cfg])
         if opts.isolation == "process":
@@ -219,11 +227,30 @@ def start_sites(kids: Children, tmp: Path, port: int, num: int, opts: LaunchOpti
                                          "--runtime-api-address", f"127.0.0.1:{node_port}"])
 
 
+def start_superlink(kids: Children, home: Path, certs: Path | None, deadline: float) -> int:
+    """fedllm's SuperLink on two free loopback ports; ``home``'s flwr connection goes to the Control port.
+
+    Returns the public (Fleet-only) port, the one the sites connect to.
+    """
+    public, control = free_port(), free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    security = "insecure = true" if certs is None else f'root-certificates = "{certs / "ca.crt"}"'
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                                      f'address = "127.0.0.1:{control}"\n{security}\n', encoding="utf-8")
+    flower = [*_link_args(certs), *([] if certs is None else ["--enable-supernode-auth"]),
+              "--host", "127.0.0.1", "--port", str(control), "--disable-runtime-dependency-installation"]
+    kids.start("superlink", [sys.executable, "-m", "fedllm.federation.flower", "superlink",
+                             "--public", f"127.0.0.1:{public}", *([] if certs else ["--allow-insecure"]), *flower])
+    kids.wait_until(lambda: port_open(control) and port_open(public), f"the SuperLink on ports {public}/{control}",
+                    deadline, ["superlink"])
+    return public
+
+
 def run_deployment(recipe: Recipe, out: str | None = None, options: LaunchOptions | None = None,
                    data_paths: list[str] | None = None) -> dict[str, Any]:
     """Run ``recipe``'s federated rounds on a loopback Flower deployment; return ``summary.json``.
 
-    A SuperLink (``--insecure``, no runtime dependency installation) and one SuperNode per client;
+    fedllm's SuperLink (no runtime dependency installation) and one fedllm SuperNode per client;
     ``data_paths`` (one file per client) makes each site read its own file instead of its slice of
     the recipe's corpus. The run directory is ``<out>/<name>/federated/``.
     """
@@ -236,18 +263,10 @@ def run_deployment(recipe: Recipe, out: str | None = None, options: LaunchOption
     started, deadline = time.time(), time.monotonic() + opts.timeout_s
     with tempfile.TemporaryDirectory(prefix="fedllm-flower-") as tmp_name:
         tmp = Path(tmp_name)
-        app, home, port = write_app(tmp / "app", cfg), tmp / "flwr-home", free_port()
-        home.mkdir()
+        app, home = write_app(tmp / "app", cfg), tmp / "flwr-home"
         certs = make_certificates(tmp / "certs") if opts.tls else None
-        security = "insecure = true" if certs is None else f'root-certificates = "{certs / "ca.crt"}"'
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                          f'address = "127.0.0.1:{port}"\n{security}\n', encoding="utf-8")
-        log_dir = Path(opts.log_dir) if opts.log_dir else tmp / "logs"
-        with Children(log_dir, child_env(home, opts), tmp) as kids:
-            auth = ["--enable-supernode-auth"] if opts.node_auth else []
-            kids.start("superlink", [exe("flower-superlink"), *_link_args(certs), *auth, "--host", "127.0.0.1",
-                                     "--port", str(port), "--disable-runtime-dependency-installation"])
-            kids.wait_until(lambda: port_open(port), f"the SuperLink on port {port}", deadline, ["superlink"])
+        with Children(Path(opts.log_dir) if opts.log_dir else tmp / "logs", child_env(home, opts), tmp) as kids:
+            port = start_superlink(kids, home, certs, deadline)
             start_sites(kids, tmp, port, num, opts, deadline, data_paths, certs)
             run = kids.start("flwr-run", [exe("flwr"), "run", str(app), CONNECTION, "--stream"])
             kids.wait_until(lambda: run.poll() is not None, "flwr run to finish", deadline, ["superlink"])
