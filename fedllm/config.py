@@ -601,17 +601,30 @@ def _hierarchy(r: Recipe) -> Problem:
     return None
 
 
-def _engine(r: Recipe) -> Problem:
-    if r.federation.engine == "flower":
-        unsupported = [name for name, on in (
-            ("privacy.secure_aggregation", r.privacy.secure_aggregation),
-            ("privacy.dp: client", r.privacy.dp == "client"),  # its noise would be added at the coordinator
-            ("hierarchy.regions", bool(r.hierarchy.regions)),
-            ("selection.method", r.selection.method != "uniform"),
-        ) if on]
-        if unsupported:
-            return "federation.engine", f"the Flower engine does not run {unsupported[0]} yet; use engine: inprocess"
+def flower_problem(r: Recipe) -> Problem:
+    """What the Flower engine (simulation or deployment) cannot run, whatever ``federation.engine`` says.
+
+    On Flower the sites apply their own client DP noise and codec (``Uplink.site_part``), so what
+    the coordinator would otherwise do to each client's raw update cannot happen there.
+    """
+    on_site = r.privacy.dp == "client" or r.compression.codec != "none"
+    unsupported = [(name, why) for name, on, why in (
+        ("privacy.secure_aggregation", r.privacy.secure_aggregation, "masking is not run on the sites yet"),
+        ("hierarchy.regions", bool(r.hierarchy.regions), "regional servers are not modelled on Flower yet"),
+        ("selection.method", r.selection.method != "uniform", "only uniform client sampling is wired to Flower"),
+        ("attack.kind", r.attack.kind not in ("none", "label_flip"),
+         "a simulated attack would change updates at the coordinator, after the sites noised and encoded them"),
+        ("federation.algorithm", r.federation.algorithm == "scaffold" and on_site,
+         "SCAFFOLD's control is computed from the raw update, which a site that noises or encodes never sends"),
+    ) if on]
+    if unsupported:
+        name, why = unsupported[0]
+        return name, f"the Flower engine cannot run this ({why}); use engine: inprocess"
     return None
+
+
+def _engine(r: Recipe) -> Problem:
+    return flower_problem(r) if r.federation.engine == "flower" else None
 
 
 def _excludes_something(r: Recipe) -> Problem:

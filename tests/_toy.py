@@ -94,6 +94,7 @@ class ToyExperiment:
 
     mask = None  # dense
     mask_bytes = 0
+    uplink_on_site = False
 
     def __init__(self, recipe: Recipe, sizes: list[int] | None = None, dim: int = 6, out: int = 3,
                  lora: bool = False, rank: int = 2) -> None:

@@ -119,8 +119,13 @@ class _LoopbackGrid:
     """A Grid whose nodes are in-test sites: messages cross the real wire format (records), and
     each site trains with :func:`site_train` on its own experiment (a separate ToyExperiment)."""
 
-    def __init__(self, site_exp) -> None:
+    def __init__(self, site_exp, state_dir: Path | None = None) -> None:
+        from fedllm.federation.flower.site import SiteUplink, needs_site_uplink
+
         self.site_exp, self.pending, self.next_id = site_exp, {}, 0
+        n = site_exp.recipe.partition.num_clients
+        self.uplinks = ({k: SiteUplink(site_exp.recipe, site_exp, k, state_dir, "wire") for k in range(n)}
+                        if needs_site_uplink(site_exp.recipe) else {})
 
     def get_node_ids(self):
         return [100 + k for k in range(self.site_exp.recipe.partition.num_clients)]
@@ -142,7 +147,8 @@ class _LoopbackGrid:
         for i in list(ids):
             msg = self.pending.pop(i)
             k = msg.metadata.dst_node_id - 100
-            content = site_train(self.site_exp, k, self.site_exp.data.client_examples(k), msg.content)
+            content = site_train(self.site_exp, k, self.site_exp.data.client_examples(k), msg.content,
+                                 self.uplinks.get(k))
             replies.append(SimpleNamespace(content=content, has_error=lambda: False,
                                            metadata=SimpleNamespace(reply_to_message_id=i, src_node_id=100 + k)))
         return replies
@@ -165,7 +171,8 @@ def task_identity(monkeypatch):
     {"privacy": {"dp": "server", "clip": 0.5, "noise_multiplier": 0.3}, "compression": {"codec": "q8"},
      "federation": {"weighted": False}},
     {"federation": {"fraction": 0.5}, "faults": {"error_clients": [1], "rounds": [2]}},
-], ids=["fedprox", "scaffold", "fednova-epochs", "fedadam-trimmed", "dp-q8", "sampling-failure"])
+    {"compression": {"codec": "topk", "topk_fraction": 0.3, "error_feedback": True}, "federation": {"fraction": 0.5}},
+], ids=["fedprox", "scaffold", "fednova-epochs", "fedadam-trimmed", "dp-q8", "sampling-failure", "topk-feedback"])
 def test_the_flower_wire_gives_the_inprocess_engine_exactly(groups, tmp_path, task_identity):
     """Prepare one toy recipe; Execute run_federated in-process and through RemoteExperiment over the
     records (sites on their own experiments); Assert identical rows and final state."""
@@ -180,7 +187,8 @@ def test_the_flower_wire_gives_the_inprocess_engine_exactly(groups, tmp_path, ta
     recipe = toy_recipe(name="wire", partition={"method": "iid", "num_clients": 4}, **groups)
     local, server_side = ToyExperiment(recipe), ToyExperiment(recipe)
     sites = {k: Site(100 + k, len(server_side.data.client_examples(k)), False) for k in range(4)}
-    remote = RemoteExperiment(server_side, _LoopbackGrid(ToyExperiment(recipe)), sites, timeout_s=5)
+    remote = RemoteExperiment(server_side, _LoopbackGrid(ToyExperiment(recipe), tmp_path / "site-state"), sites,
+                              timeout_s=5)
 
     run_federated(local, str(tmp_path / "a"))
     run_federated(remote, str(tmp_path / "b"))

@@ -205,6 +205,10 @@ class StochasticQuantizer:
         hi = torch.repeat_interleave(ranges[:, 1], torch.tensor(sizes, dtype=torch.long))
         return _split(lo + codes.to(torch.float64) * (hi - lo) / self.levels, layout)
 
+    def reseed(self, seed: int) -> None:
+        """Draw the next encodings from ``seed`` (the uplink keys it by round and client)."""
+        self._gen.manual_seed(seed)
+
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._gen.get_state()}
 

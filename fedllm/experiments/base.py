@@ -18,6 +18,9 @@ stand-in for one in a test) implements all of them:
 - ``payload_bytes(state)``: bytes of one state or delta on the wire (what communication counts);
 - ``mask`` / ``mask_bytes``: a pruning mask clients train and exchange under (``None`` / 0 when
   the model is dense) and the size of its one-time download;
+- ``uplink_on_site``: whether the clients apply their own uplink steps (client DP noise, the
+  codec) before the update reaches the server, as the Flower engine's sites do; ``False`` when
+  the server's :class:`~fedllm.federation.uplink.Uplink` plays every client's part in-process;
 - ``runtime_info()``: what the run files record about the numeric path
   (:func:`fedllm.models.quant.kernel_info`: versions, CPU flags, the 4-bit kernel).
 """
@@ -82,6 +85,7 @@ class Experiment(Protocol):
     step_callbacks: list
     mask: Mapping[str, torch.Tensor] | None
     mask_bytes: int
+    uplink_on_site: bool  # the clients noise and encode their own updates (the Flower engine's sites)
 
     def fit(self, client_id: int, examples: Any, start: StateDict, rnd: int, steps: int,
             grad_term: DriftTerm | None = None) -> ClientUpdate: ...

@@ -34,6 +34,7 @@ class LMExperiment:
 
     mask = None  # LoRA states are exchanged whole
     mask_bytes = 0
+    uplink_on_site = False  # in-process: the server's Uplink plays every client's part
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

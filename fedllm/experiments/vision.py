@@ -125,6 +125,8 @@ class VisionSplits:
 class VisionExperiment:
     """Fashion-MNIST + LeNet-300-100 / CNN / ResNet, trained through :class:`VisionClassifier`."""
 
+    uplink_on_site = False  # in-process: the server's Uplink plays every client's part
+
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
         # (DP-SGD with FedProx/SCAFFOLD is refused by the recipe's own rules: fedllm.config)

@@ -158,7 +158,8 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
     """
     recipe, fed = exp.recipe, exp.recipe.federation
     sizes = [len(exp.data.client_examples(k)) for k in range(recipe.partition.num_clients)]
-    server = FederatedServer(recipe, exp.initial_state, sizes, exp.payload_bytes, exp.mask, exp.mask_bytes)
+    server = FederatedServer(recipe, exp.initial_state, sizes, exp.payload_bytes, exp.mask, exp.mask_bytes,
+                             uplink_on_site=exp.uplink_on_site)
     writer, state, hooks, first = _resume_or_start(exp, server, out, hooks, resume)
     for rnd in range(first, fed.rounds + 1):
         hooks.on_round(rnd, fed.rounds)

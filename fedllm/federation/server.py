@@ -137,8 +137,10 @@ class FederatedServer:
 
     def __init__(self, recipe: Recipe, initial_state: StateDict, client_sizes: Sequence[int],
                  payload_bytes: Callable[[Mapping[str, torch.Tensor]], int] | None = None,
-                 mask: Mapping[str, torch.Tensor] | None = None, mask_bytes: int = 0) -> None:
+                 mask: Mapping[str, torch.Tensor] | None = None, mask_bytes: int = 0,
+                 uplink_on_site: bool = False) -> None:
         self.recipe, r = recipe, recipe
+        self.uplink_on_site = uplink_on_site  # sites noise and encode their updates themselves (Flower)
         fed, seed = r.federation, r.seed
         self.num_clients, self.per_round = len(client_sizes), r.clients_per_round
         self.client_sizes = [int(n) for n in client_sizes]  # what the server knows; reports must match
@@ -226,7 +228,7 @@ class FederatedServer:
             self._reject(rnd, k, reason)
             return
         try:
-            sent = self.uplink.send(rnd, update, self.scaffold, self._secagg)
+            sent = self.uplink.send(rnd, update, self.scaffold, self._secagg, on_site=self.uplink_on_site)
         except (ArithmeticError, ValueError, RuntimeError) as exc:  # e.g. a codec that cannot encode it
             self._reject(rnd, k, f"the uplink could not encode it ({type(exc).__name__}: {exc})")
             return

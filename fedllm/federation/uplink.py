@@ -10,8 +10,10 @@ In order (each step only when the recipe asks for it):
 5. secure-aggregation masking (the server then holds only masked tensors and their sum).
 
 :class:`Uplink` holds the per-client state these steps need (error-feedback residuals, the codec's
-RNG) and checkpoints it. In-process every step runs here; engines that run clients elsewhere run
-the same object there.
+RNG) and checkpoints it. In-process every step runs here. On the Flower engine steps 3 and 4 run
+on the site (:meth:`Uplink.site_part`: the noise drawn from the site's own randomness, the codec's
+payload what really travels), and the server's :meth:`Uplink.send` is called with ``on_site=True``
+after :meth:`Uplink.decode` — the coordinator never sees the un-noised or uncompressed update.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from fedllm.algorithms.attacks import attack_update
+from fedllm.algorithms.compress import Codec, Encoded
 from fedllm.algorithms.drift import ScaffoldState, scaffold_client_control
 from fedllm.algorithms.privacy import DPAggregator
 from fedllm.algorithms.prune import masked_values, unmask_values
@@ -43,6 +46,17 @@ class Sent:
     masked: StateDict | None = None   # the secure-aggregation masked input
 
 
+def decode_payload(codec: Codec, enc: Encoded, mask: Mapping[str, torch.Tensor] | None,
+                   like: Mapping[str, torch.Tensor]) -> StateDict:
+    """A codec payload as the server reads it: decoded, unmasked, in ``like``'s dtypes."""
+    if enc.codec != codec.name:
+        raise ValueError(f"the update was encoded with {enc.codec!r}; the recipe's compression.codec is {codec.name!r}")
+    decoded = codec.decode(enc)
+    if mask is not None:
+        decoded = unmask_values(decoded, mask, like)
+    return {k: v.to(like[k].dtype) for k, v in decoded.items()}
+
+
 class Uplink:
     """Attack simulation, SCAFFOLD control, client DP, compression and masking for one recipe."""
 
@@ -56,8 +70,12 @@ class Uplink:
         self.codec, self.feedback = build.codec(recipe)
 
     def send(self, rnd: int, update: ClientUpdate, scaffold: ScaffoldState | None = None,
-             secagg: SecAggRound | None = None) -> Sent:
-        """Transform ``update`` (already structure-checked) as the client would before sending it."""
+             secagg: SecAggRound | None = None, on_site: bool = False) -> Sent:
+        """Transform ``update`` (already structure-checked) as the client would before sending it.
+
+        ``on_site``: the site already noised and encoded it (:meth:`site_part`); ``update.delta``
+        is what the server decoded and ``update.bytes_up`` the payload's size.
+        """
         r, k = self.recipe, update.client_id
         if k in self.attackers and self.attack.kind != "label_flip":  # label flips happen in training
             update = attack_update(update, self.attack, rnd)
@@ -66,34 +84,60 @@ class Uplink:
             control = scaffold_client_control(scaffold.client_control(k), scaffold.c, update.delta,
                                               update.local_steps, r.train.lr)
             control_bytes = self.payload_bytes(control)
-        delta = update.delta
-        if self.dp is not None and r.privacy.dp == "client":
-            gen = torch.Generator().manual_seed(r.seed * 1_000_003 + rnd * 7_919 + k)
-            noised = self.dp.client_noise(delta, gen)
-            frozen = r.federation.lora_aggregation == "frozen_a"  # A never moves, so no noise on it
-            delta = {key: delta[key] if frozen and ".lora_A" in key else v for key, v in noised.items()}
-        if secagg is not None and self.dp is not None and r.privacy.dp == "server":
-            delta = self.dp.clip_before_masking(delta)
-        delta, nbytes = self._encode(k, delta)
+        if on_site:
+            delta, nbytes = update.delta, update.bytes_up
+        else:
+            delta = self.noise(rnd, k, update.delta)
+            if secagg is not None and self.dp is not None and r.privacy.dp == "server":
+                delta = self.dp.clip_before_masking(delta)
+            enc = self.compress(rnd, k, delta)
+            delta, nbytes = (delta, self.payload_bytes(delta)) if enc is None else (self.decode(enc, delta), enc.nbytes)
         update = dataclasses.replace(update, delta=delta, bytes_up=nbytes)
         if secagg is None:
             return Sent(update, nbytes + control_bytes, control)
         masked = secagg.masked_input(k, update.delta)
         return Sent(dataclasses.replace(update, delta={}), serialized_bytes(masked) + control_bytes, control, masked)
 
-    def _encode(self, client_id: int, delta: StateDict) -> tuple[StateDict, int]:
-        """(what the server decodes, bytes on the wire) under the recipe's codec and mask."""
+    def site_part(self, rnd: int, update: ClientUpdate, generator: torch.Generator) -> tuple[ClientUpdate, Encoded | None]:
+        """What a site does to its update before it leaves: client DP noise, then the codec.
+
+        Returns the update (its delta the noised one, or ``{}`` when an encoded payload carries
+        it) and the payload. ``generator`` is the site's own: the server cannot know the noise.
+        """
+        delta = self.noise(rnd, update.client_id, update.delta, generator)
+        enc = self.compress(rnd, update.client_id, delta)
+        if enc is None:
+            return dataclasses.replace(update, delta=delta, bytes_up=self.payload_bytes(delta)), None
+        return dataclasses.replace(update, delta={}, bytes_up=enc.nbytes), enc
+
+    def noise(self, rnd: int, client_id: int, delta: StateDict, generator: torch.Generator | None = None) -> StateDict:
+        """Client-level DP (``privacy.dp: client``): clip and add this client's share of the noise."""
+        r = self.recipe
+        if self.dp is None or r.privacy.dp != "client":
+            return delta
+        gen = generator or torch.Generator().manual_seed(r.seed * 1_000_003 + rnd * 7_919 + client_id)
+        noised = self.dp.client_noise(delta, gen)
+        frozen = r.federation.lora_aggregation == "frozen_a"  # A never moves, so no noise on it
+        return {key: delta[key] if frozen and ".lora_A" in key else v for key, v in noised.items()}
+
+    def compress(self, rnd: int, client_id: int, delta: StateDict) -> Encoded | None:
+        """The recipe's codec applied to ``delta`` (its mask's surviving values); ``None`` for none.
+
+        A stochastic codec draws from a stream keyed by (seed, round, client), so a client's
+        encoding does not depend on which clients were encoded before it, or where it runs.
+        """
         if self.recipe.compression.codec == "none":
-            return delta, self.payload_bytes(delta)
+            return None
+        if hasattr(self.codec, "reseed"):
+            self.codec.reseed(self.recipe.seed * 1_000_033 + rnd * 104_729 + client_id)
         values = masked_values(delta, self.mask) if self.mask is not None else delta
         if self.feedback is not None:
-            enc = self.feedback.compress(client_id, values, self.codec)
-        else:
-            enc = self.codec.encode(values)
-        decoded = self.codec.decode(enc)
-        if self.mask is not None:
-            decoded = unmask_values(decoded, self.mask, delta)
-        return {k: v.to(delta[k].dtype) for k, v in decoded.items()}, enc.nbytes
+            return self.feedback.compress(client_id, values, self.codec)
+        return self.codec.encode(values)
+
+    def decode(self, enc: Encoded, like: Mapping[str, torch.Tensor]) -> StateDict:
+        """What the server reads from a payload, in ``like``'s layout and dtypes."""
+        return decode_payload(self.codec, enc, self.mask, like)
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -23,7 +23,8 @@ One job per module (imports flow down this list; nothing here imports a module a
 - :mod:`.apps`: the ClientApp and ServerApp objects a Flower App Bundle names (light at import);
 - :mod:`.simulation`: the recipe on Flower's simulation runtime, in this process;
 - :mod:`.launch`: a whole loopback deployment (SuperLink, SuperNodes, workers) for tests;
-- ``__main__``: ``python -m fedllm.federation.flower worker|app`` (see docs/deploy.md).
+- :mod:`.gate`: what each port exposes, and the pin to fedllm's apps (SuperLink, SuperNode);
+- ``__main__``: ``python -m fedllm.federation.flower superlink|supernode|worker|app`` (see docs/deploy.md).
 
 Wire format (adapter-only payloads; Flower 1.41 chunks large arrays itself):
 
@@ -31,12 +32,14 @@ Wire format (adapter-only payloads; Flower 1.41 chunks large arrays itself):
   term travels by its type: a proximal term as its μ (and an ``anchor`` ArrayRecord when it is not
   the start state), a correction as a ``correction`` ArrayRecord;
 - client -> server: ``{"delta": ArrayRecord, "update": MetricRecord, "metrics": MetricRecord,
-  "codec": ConfigRecord}``.
+  "codec": ConfigRecord}``; under a codec the site's payload travels instead (``"encoded"``).
 
-Where the transforms run: ``FederatedServer.upload`` (attack simulation, client-side DP noise,
-compression, secure-aggregation masking) runs in the ServerApp process on the update as it
-arrives, exactly as in-process; on a real deployment those are therefore simulated at the server,
-not applied on the site (see docs/deploy.md).
+Where the transforms run: the site applies its own client DP noise and codec
+(:class:`~fedllm.federation.flower.site.SiteUplink`, its residuals on the site's disk) and the
+coordinator's :class:`~fedllm.federation.server.FederatedServer` gets the update as the server
+decodes it (``uplink_on_site``); what cannot run on a site is refused by
+:func:`fedllm.config.flower_problem`. :mod:`.gate` starts the SuperLink and SuperNodes so that
+only the Fleet API is public and only fedllm's apps run.
 
 Importing this package (or :mod:`.run_config`, :mod:`.apps`) loads neither torch nor the model:
 Flower starts a fresh ClientApp process for every message.

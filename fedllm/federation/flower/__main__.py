@@ -48,11 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "app":
-        from fedllm.config import dump_recipe, load_recipe  # noqa: PLC0415
+        from fedllm.config import RecipeError, dump_recipe, flower_problem, load_recipe  # noqa: PLC0415
         from fedllm.federation.flower.launch import write_app  # noqa: PLC0415
 
-        cfg = FlowerRunConfig(dump_recipe(load_recipe(args.recipe, args.overrides)), str(Path(args.out).resolve()),
-                              args.timeout_s)
+        try:
+            recipe = load_recipe(args.recipe, args.overrides)
+            problem = flower_problem(recipe)
+            if problem is not None:
+                raise RecipeError(*problem)
+        except RecipeError as exc:
+            print(f"fedllm: error: {exc}", file=sys.stderr)
+            return 2
+        cfg = FlowerRunConfig(dump_recipe(recipe), str(Path(args.out).resolve()), args.timeout_s)
         print(write_app(Path(args.app_dir), cfg) / "pyproject.toml")
         return 0
     if args.command == "superlink":

@@ -4,19 +4,22 @@
   a drift term travels by its type (a proximal term as its μ, with an ``anchor`` ArrayRecord
   when it is not the start state; a correction as a ``correction`` ArrayRecord);
 - :class:`~fedllm.types.ClientUpdate` (client -> server): ``{"delta": ArrayRecord, "update":
-  MetricRecord, "metrics": MetricRecord, "codec": ConfigRecord}``.
+  MetricRecord, "metrics": MetricRecord, "codec": ConfigRecord}``; under ``compression.codec`` the
+  site's payload travels instead, as bytes in ``{"encoded": ConfigRecord}`` (``delta`` empty).
 
 numpy has no bfloat16: such tensors travel as their int16 bits, their keys listed in the record.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedllm.algorithms.compress import Encoded
 from fedllm.algorithms.drift import Correction, DriftTerm, Proximal
 from fedllm.types import ClientUpdate, StateDict
 
@@ -95,20 +98,45 @@ class TrainRequest:
                    steps=int(c["local-steps"]), drift=drift)
 
 
-def update_to_records(upd: ClientUpdate) -> RecordDict:
+def update_to_records(upd: ClientUpdate, encoded: Encoded | None = None) -> RecordDict:
+    """A site's reply; ``encoded`` (the codec's payload) carries the delta when given."""
     arrays, bf16 = pack_state(upd.delta)
     scalars = {"client-id": upd.client_id, "num-examples": upd.num_examples, "local-steps": upd.local_steps,
                "train-loss": float(upd.train_loss), "bytes-up": upd.bytes_up,
                "grad-steps": -1 if upd.grad_steps is None else upd.grad_steps}
-    return RecordDict({"delta": arrays, "update": MetricRecord(scalars),
-                       "metrics": MetricRecord({k: float(v) for k, v in upd.metrics.items()}),
-                       "codec": ConfigRecord({BF16_KEYS: bf16})})
+    content = RecordDict({"delta": arrays, "update": MetricRecord(scalars),
+                          "metrics": MetricRecord({k: float(v) for k, v in upd.metrics.items()}),
+                          "codec": ConfigRecord({BF16_KEYS: bf16})})
+    if encoded is not None:
+        content["encoded"] = ConfigRecord({"codec": encoded.codec, "payload": encoded.payload,
+                                           "shapes": json.dumps({k: list(v) for k, v in encoded.shapes.items()}),
+                                           "dtypes": json.dumps(encoded.dtypes)})
+    return content
+
+
+def records_to_encoded(content: RecordDict) -> Encoded | None:
+    """The codec payload of a site's reply, or ``None`` when it sent its delta as arrays."""
+    if "encoded" not in content:
+        return None
+    c = content["encoded"]
+    try:
+        shapes = {str(k): tuple(int(n) for n in v) for k, v in json.loads(str(c["shapes"])).items()}
+        dtypes = {str(k): str(v) for k, v in json.loads(str(c["dtypes"])).items()}
+        payload = c["payload"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"the reply's encoded record is malformed ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, bytes):
+        raise ValueError(f"the reply's encoded payload: expected bytes, got {type(payload).__name__}")
+    return Encoded(str(c["codec"]), payload, shapes, dtypes)
 
 
 def check_reply_size(content: RecordDict, limit: int) -> None:
     """Raise ``ValueError`` if the reply's arrays hold more than ``limit`` bytes (checked before decoding)."""
     size = sum(len(array.data) for record in content.values() if isinstance(record, ArrayRecord)
                for array in record.values())
+    if "encoded" in content and isinstance(content["encoded"], ConfigRecord):
+        payload = content["encoded"].get("payload", b"")
+        size += len(payload) if isinstance(payload, bytes) else 0
     if size > limit:
         raise ValueError(f"the reply holds {size:,} bytes of arrays, more than the {limit:,} an update of this "
                          "model can take; not decoded")

@@ -8,6 +8,7 @@ whose ``fit`` is a message to the client's site.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -19,13 +20,21 @@ import torch
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedllm.algorithms.compress import Encoded
 from fedllm.algorithms.drift import DriftTerm
 from fedllm.client.evaluate import EvalResult
-from fedllm.config import Recipe
+from fedllm.config import Recipe, RecipeError, flower_problem
 from fedllm.experiments import Experiment, ExperimentData, make_experiment
-from fedllm.federation.flower.codec import TrainRequest, check_reply_size, records_to_update
+from fedllm.federation import build
+from fedllm.federation.flower.codec import (
+    TrainRequest,
+    check_reply_size,
+    records_to_encoded,
+    records_to_update,
+)
 from fedllm.federation.flower.run_config import NODE_RECORD, FlowerRunConfig, recipe_from_yaml
 from fedllm.federation.modes import run_federated
+from fedllm.federation.uplink import decode_payload
 from fedllm.types import ClientUpdate, StateDict, serialized_bytes
 
 log = logging.getLogger(__name__)
@@ -116,11 +125,16 @@ class _SiteSizes:
 class RemoteExperiment:
     """The server's experiment (model for evaluation, held-out split) whose ``fit`` runs on a site.
 
-    Every member but :meth:`fit` and ``data.client_examples`` is the local experiment's.
+    Every member but :meth:`fit` and ``data.client_examples`` is the local experiment's. The sites
+    apply their own uplink steps (client DP noise, the codec: :meth:`Uplink.site_part`), so
+    ``uplink_on_site`` is true and :meth:`fit` returns the update as the server decodes it.
     """
+
+    uplink_on_site = True
 
     def __init__(self, exp: Experiment, grid: Grid, sites: dict[int, Site], timeout_s: float) -> None:
         self._exp, self.grid, self.sites, self.timeout_s = exp, grid, sites, timeout_s
+        self._codec = build.codec(exp.recipe)[0]
         self.data = _SiteSizes(exp.data, sites)
         # an update is one delta of the trainable state: twice its size (plus slack) is already a lie
         self.reply_limit = 2 * serialized_bytes(exp.initial_state) + (1 << 20)
@@ -173,15 +187,23 @@ class RemoteExperiment:
         if reply.has_error():
             raise RuntimeError(f"client {client_id} (node {site.node_id}): {reply.error.reason}")
         check_reply_size(reply.content, self.reply_limit)
-        upd = records_to_update(reply.content)
+        upd, enc = records_to_update(reply.content), records_to_encoded(reply.content)
         if upd.client_id != client_id:
             raise ValueError(f"round {rnd}: the node of client {client_id} answered as client {upd.client_id}")
-        return upd
+        return upd if enc is None else self._decoded(upd, enc)
+
+    def _decoded(self, upd: ClientUpdate, enc: Encoded) -> ClientUpdate:
+        """The update a site sent as the codec's payload, as the server reads it."""
+        delta = decode_payload(self._codec, enc, self.mask, self.initial_state)
+        return dataclasses.replace(upd, delta=delta, bytes_up=enc.nbytes)
 
 
 def serve(grid: Grid, cfg: FlowerRunConfig) -> dict[str, Any]:
     """The ServerApp's body: discover the sites, then fedllm's own federated loop over them."""
     recipe = recipe_from_yaml(cfg.recipe_yaml)
+    problem = flower_problem(recipe)
+    if problem is not None:
+        raise RecipeError(*problem)
     exp = make_experiment(recipe)
     sites = discover_sites(grid, recipe.partition.num_clients, cfg.timeout_s)
     log.info("flower: clients -> nodes %s", {k: s.node_id for k, s in sorted(sites.items())})

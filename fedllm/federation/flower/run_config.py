@@ -70,12 +70,16 @@ class NodeSpec:
     ``data-path``: optional; the site's own data file (all its rows are this client's training
     examples) instead of a slice of the recipe's data.
     ``worker``: optional; the Unix socket of this site's warm worker.
+    ``state-dir``: optional; where the site keeps its uplink state (error-feedback residuals, the
+    codec's RNG) between rounds and across restarts (default ``$FEDLLM_SITE_STATE`` or
+    ``~/.cache/fedllm/site-state``).
     """
 
     partition_id: int
     num_partitions: int | None = None
     data_path: str | None = None
     worker: str | None = None
+    state_dir: str | None = None
 
     @classmethod
     def from_node_config(cls, values: Any) -> NodeSpec:
@@ -86,10 +90,11 @@ class NodeSpec:
         if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
             raise ValueError(f"node config partition-id: expected an integer >= 0, got {pid!r}")
         num = values.get("num-partitions")
-        data, worker = values.get("data-path"), values.get("worker")
+        data, worker, state = values.get("data-path"), values.get("worker"), values.get("state-dir")
         return cls(partition_id=pid, num_partitions=None if num is None else int(num),
                    data_path=None if data in (None, "") else str(data),
-                   worker=None if worker in (None, "") else str(worker))
+                   worker=None if worker in (None, "") else str(worker),
+                   state_dir=None if state in (None, "") else str(state))
 
     def check(self, num_clients: int) -> None:
         """Raise ValueError when this node cannot be a client of a recipe with ``num_clients``."""
@@ -113,6 +118,20 @@ def recipe_from_yaml(text: str) -> Recipe:
     return build(Recipe, _recipe_values(text))
 
 
+def _site_data(values: dict[str, Any], node: NodeSpec) -> dict[str, Any]:
+    return {**(values.get("data") or {}), "builtin": None, "path": node.data_path, "max_examples": None,
+            "eval_size": 1}
+
+
+def uplink_recipe(text: str, node: NodeSpec) -> Recipe:
+    """The recipe a site's uplink steps read: the run's own (its client count, privacy, codec, seed).
+
+    Only the data group is the site's (the server's file need not exist here).
+    """
+    values = _recipe_values(text)
+    return build(Recipe, values if node.data_path is None else {**values, "data": _site_data(values, node)})
+
+
 def site_recipe(text: str, node: NodeSpec) -> Recipe:
     """The recipe a site builds its model and data from.
 
@@ -128,6 +147,4 @@ def site_recipe(text: str, node: NodeSpec) -> Recipe:
     part = dict(values.get("partition") or {})
     node.check(int(part.get("num_clients", PartitionConfig.num_clients)))
     part.update(method="iid", column=None, num_clients=1, min_examples=1)
-    data = {**(values.get("data") or {}), "builtin": None, "path": node.data_path, "max_examples": None,
-            "eval_size": 1}
-    return build(Recipe, {**values, "data": data, "partition": part})
+    return build(Recipe, {**values, "data": _site_data(values, node), "partition": part})
