@@ -176,6 +176,9 @@ class FederationConfig:
     reject_norm_factor: float | None = doc(
         "reject an update whose L2 norm exceeds this many times the median norm of the round's updates "
         "(rounds with >= 3 updates the server can see; null disables)", 100.0)
+    max_change_ratio: float | None = doc(
+        "reject a round (keep the global state) whose new global state differs from the old one by more "
+        "than this many times the old state's L2 norm (skipped while that norm is 0; null disables)", 10.0)
     mu: float = doc("FedProx proximal coefficient", 0.01)
     lora_aggregation: Literal["factorwise", "svd", "frozen_a", "exact"] = doc(
         "factorwise: average dA and dB (the paper's); svd: average B_i A_i and keep its best rank-r "
@@ -194,6 +197,9 @@ class FederationConfig:
         if self.reject_norm_factor is not None:
             require(self.reject_norm_factor > 1, "federation.reject_norm_factor",
                     f"expected > 1 (a multiple of the median norm), got {self.reject_norm_factor}")
+        if self.max_change_ratio is not None:
+            require(math.isfinite(self.max_change_ratio) and self.max_change_ratio > 0, "federation.max_change_ratio",
+                    f"expected a positive number (a multiple of the global state's norm), got {self.max_change_ratio}")
         if self.lora_aggregation == "exact":  # it is the best rank-r re-factorization, not exact
             log.warning("federation.lora_aggregation: 'exact' is now called 'svd' (the best rank-r "
                         "factorization of the mean product); using svd")

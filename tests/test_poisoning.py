@@ -103,6 +103,35 @@ def test_a_non_finite_aggregate_rejects_the_round_and_keeps_the_model():
     assert torch.equal(new["w"], torch.full((3,), 3e38))
 
 
+def test_two_clients_one_liar_the_change_bound_rejects_the_round(tmp_path):
+    """Two clients leave the median rule without a median; the bound on the global change holds."""
+    # Prepare: a LoRA toy (its A factors give the global state a norm), client 0 sends 3e38
+    recipe = toy_recipe(partition={"method": "iid", "num_clients": 2}, federation={"rounds": 2})
+    exp = Liar(recipe, lambda u: dataclasses.replace(u, delta={k: torch.full_like(v, 3e38)
+                                                                for k, v in u.delta.items()}), lora=True)
+    start = {k: v.clone() for k, v in exp.initial_state.items()}
+    # Execute
+    summary, rows = _run(exp, tmp_path)
+    # Assert: every round rejected as a whole, the model is the initial one, the run says so
+    for r in rows[1:]:
+        assert not r["applied"] and "max_change_ratio" in r["round_rejected"], r
+    assert all(torch.equal(exp.saved[k], start[k]) for k in start)
+    assert summary["status"] != "ok"
+
+
+def test_the_change_bound_is_a_ratio_of_the_old_norm_and_can_be_switched_off():
+    from fedllm.federation.server import global_change_problem
+
+    old = {"w": torch.tensor([3.0, 4.0])}  # norm 5
+    assert global_change_problem(old, {"w": torch.tensor([3.0, 54.0])}, 10.0) is None  # change 50 = 10 x 5
+    assert "max_change_ratio (10) x its norm 5" in global_change_problem(old, {"w": torch.tensor([3.0, 54.1])}, 10.0)
+    assert global_change_problem(old, {"w": torch.tensor([3.0, 1e30])}, None) is None
+    assert "non-finite" in global_change_problem(old, {"w": torch.tensor([3.0, math.inf])}, None)
+    assert global_change_problem({"w": torch.zeros(2)}, {"w": torch.tensor([1e9, 0.0])}, 10.0) is None  # no scale
+    with pytest.raises(RecipeError, match="federation.max_change_ratio"):
+        toy_recipe(federation={"max_change_ratio": 0})
+
+
 def test_pure_rules():
     ups = [ClientUpdate(i, {"w": torch.tensor([1.0 + i])}, 1, 1, 0.0) for i in range(4)]
     assert relative_norm_violations(ups, 100.0) == {}

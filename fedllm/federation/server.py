@@ -132,6 +132,21 @@ def _regions(num_clients: int, regions: int, by: str) -> list[list[int]]:
     return [list(range(r, num_clients, regions)) for r in range(regions)]
 
 
+def global_change_problem(old: StateDict, new: StateDict, max_ratio: float | None) -> str | None:
+    """Why ``new`` must not replace ``old`` (non-finite, or a change over ``max_ratio`` x ``|old|``)."""
+    bad = [k for k, v in new.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        return f"non-finite global state ({bad[0]})"
+    if max_ratio is None:
+        return None
+    size = math.sqrt(sum(float(v.double().square().sum()) for v in old.values()))
+    change = math.sqrt(sum(float((new[k].double() - old[k].double()).square().sum()) for k in new))
+    if size > 0 and change > max_ratio * size:
+        return (f"the global state would change by {change:.3g}, over federation.max_change_ratio "
+                f"({max_ratio:g}) x its norm {size:.3g}")
+    return None
+
+
 class FederatedServer:
     """The federated server for one recipe (see the module docstring for the round protocol)."""
 
@@ -280,11 +295,10 @@ class FederatedServer:
         else:
             delta = self._aggregate(global_state, valid, metrics)
             new_state = self.server_opt.step(global_state, delta)
-        bad = [k for k, v in new_state.items() if not bool(torch.isfinite(v).all())]
-        if bad:  # the round is rejected, never the model: the global state stays as it was
-            log.warning("round %d: the aggregated global state is non-finite (%s); round rejected, "
-                        "global state unchanged", rnd, bad[0])
-            metrics.update({"applied": False, "round_rejected": f"non-finite global state ({bad[0]})"})
+        why = global_change_problem(global_state, new_state, fed.max_change_ratio)
+        if why is not None:  # the round is rejected, never the model: the global state stays as it was
+            log.warning("round %d: %s; round rejected, global state unchanged", rnd, why)
+            metrics.update({"applied": False, "round_rejected": why})
             if self.ledger is not None:  # the noised aggregate was computed: charge it anyway
                 self.ledger.step()
             return global_state, self._round_metrics(metrics)
@@ -353,11 +367,17 @@ class FederatedServer:
                             "region unchanged", rnd, region, len(ups), self.aggregator_needs())
                 continue
             start = self.regional.get(region, global_state)
+            regional_metrics: dict[str, Any] = {}
+            candidate = add(start, self._aggregate(start, ups, regional_metrics))
+            why = global_change_problem(start, candidate, self.recipe.federation.max_change_ratio)
+            if why is not None:  # the region's round is rejected; its model stays as it was
+                log.warning("round %d: region %d: %s; region unchanged", rnd, region, why)
+                metrics.setdefault("regions_rejected", {})[region] = why
+                continue
             if self.has_lora:
                 self._sync_clients += [(float(u.num_examples), add(start, u.delta)) for u in ups]
             self._region_examples[region] = self._region_examples.get(region, 0) + sum(u.num_examples for u in ups)
-            regional_metrics: dict[str, Any] = {}
-            self.regional[region] = add(start, self._aggregate(start, ups, regional_metrics))
+            self.regional[region] = candidate
             if "lora_aggregation_error" in regional_metrics:
                 errors.append(regional_metrics["lora_aggregation_error"])
         if errors:

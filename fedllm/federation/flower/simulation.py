@@ -6,10 +6,12 @@ The caller's entry point turns Flower's telemetry off before flwr is imported
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,30 @@ from fedllm.federation.flower.apps import make_client_app, make_server_app
 from fedllm.federation.flower.run_config import FlowerRunConfig
 from fedllm.federation.rundir import run_dir
 from fedllm.models.llm import pick_device
+
+# Ray's dashboard process asks the cloud metadata addresses (169.254.169.254,
+# metadata.google.internal) which provider it runs on even with usage stats off (ray 2.55:
+# usage_stats_head.run calls get_cluster_config_to_report before it checks). Its requests go
+# through HTTP(S)_PROXY: pointed at a closed loopback port, they fail at once and never leave the
+# machine; loopback itself is exempt (NO_PROXY), so Ray's own local HTTP is untouched.
+DEAD_PROXY = "http://127.0.0.1:9"
+NO_PROXY = "127.0.0.1,localhost,::1"
+
+
+@contextlib.contextmanager
+def _no_cloud_probe() -> Iterator[None]:
+    """Ray's processes (started inside) inherit a proxy that keeps their HTTP on this machine."""
+    names = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: DEAD_PROXY for k in names[:4]}, NO_PROXY=NO_PROXY, no_proxy=NO_PROXY)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_simulation(recipe: Recipe, out: str | None = None, num_cpus: int | None = None,
@@ -41,10 +67,13 @@ def run_simulation(recipe: Recipe, out: str | None = None, num_cpus: int | None 
     # the actors share it, each holding its own copy of the base, loaded once per actor.
     gpus = 1.0 / cpus if pick_device(recipe.model) == "cuda" else 0.0
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
+               # Ray on loopback only, no dashboard; usage stats are off (TELEMETRY_OFF), so Ray
+               # never asks a cloud metadata address which provider it runs on
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
-                             "log_to_driver": False}}
-    flwr_run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
-                        num_supernodes=recipe.partition.num_clients, backend_config=backend)
+                             "log_to_driver": False, "_node_ip_address": "127.0.0.1"}}
+    with _no_cloud_probe():
+        flwr_run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+                            num_supernodes=recipe.partition.num_clients, backend_config=backend)
     if not summary.exists() or summary.stat().st_mtime < started:
         raise RuntimeError(f"the Flower simulation wrote no {summary}; see the Flower log above")
     return json.loads(summary.read_text(encoding="utf-8"))
