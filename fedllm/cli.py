@@ -1,12 +1,23 @@
 """The ``fedllm`` command: run, compare, validate and report recipes; export, generate and chat with a run.
 
 Process-wide settings (logging, warning filters, library verbosity) are set here and only here.
-A bad recipe or data file ends with one line on stderr and exit code 2 — never a traceback.
+Every failure ends with one line on stderr (``fedllm: error: ...``), never a traceback. Exit codes:
+
+- 0: done; the result can be read as one.
+- 2: bad input, named with its field or file (and line): a recipe, a data file, a model file, a
+  run directory given to ``report``/``export``; for ``report`` also a file it could not write
+  (e.g. no space left on device).
+- 3: the run stopped itself or ended with a result that cannot be trusted (nothing trained, no
+  round applied, a non-finite final eval loss).
+- 4: ``run``/``compare`` (or another command writing files) could not write its files, e.g. no
+  space left on device. A run stopped this way has no new ``summary.json`` unless only its report
+  failed (``summary.json`` is the last run file written; a directory without it is unfinished).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -19,6 +30,8 @@ from fedllm.errors import IntegrityError
 
 EXIT_BAD_INPUT = 2
 EXIT_UNTRUSTED = 3  # the run stopped itself: what it would report cannot be trusted (e.g. nothing trained)
+EXIT_WRITE = 4  # the run could not write its files (e.g. the disk is full): it has no new summary.json
+READING = ("validate", "report")  # commands whose OS errors are about their input: exit 2
 
 
 def _quiet_libraries() -> None:
@@ -51,12 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "train one mode (recipe `mode`, or --mode)"),
                         ("compare", "run federated, centralized and local on the same partition"),
-                        ("validate", "check a recipe without running it")):
+                        ("validate", "check a recipe and its data without training")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("recipe", help="recipe YAML")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.rounds=2 lora.r=8")
         if name == "validate":
             sp.add_argument("--explain", action="store_true", help="list every field: value and meaning")
+            sp.add_argument("--recipe-only", action="store_true",
+                            help="check the recipe alone, without reading its data (by default the data is "
+                            "loaded, checked row by row and partitioned as a run would)")
         else:
             sp.add_argument("--out", help="root folder for run directories (default: recipe output.dir)")
         if name == "run":
@@ -212,10 +228,38 @@ def _verdict(summaries: dict[str, dict]) -> int:
     return EXIT_UNTRUSTED if bad else 0
 
 
+def _validate(recipe, args) -> int:
+    """``fedllm validate``: the recipe, then (unless ``--recipe-only``) its data as a run loads it."""
+    if args.explain:
+        from fedllm.config import explain
+
+        print("\n".join(explain(recipe)))
+    line = (f"ok: {args.recipe} (name={recipe.name}, mode={recipe.mode}, "
+            f"{recipe.partition.num_clients} clients, {recipe.federation.rounds} rounds)")
+    if not args.recipe_only:
+        from fedllm.experiments import load_data
+
+        data = load_data(recipe)
+        sizes = [len(data.client_examples(k)) for k in range(recipe.partition.num_clients)]
+        each = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+        line += f"; data: {sum(sizes)} training examples, {each} per client"
+    print(line)
+    return 0
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an OS error: the file, and what went wrong in the OS's words."""
+    what = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc)).lower()
+    where = exc.filename if exc.filename is not None else "fedllm"
+    return one_line(f"{where}: {what}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    command = None
     try:
         parser = _parser()
         args, extra = parser.parse_known_args(argv)
+        command = args.command
         # overrides may also follow options (`fedllm run R --out X a=b`): argparse leaves them over
         if extra and (any(e.startswith("-") for e in extra) or not hasattr(args, "overrides")):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -236,13 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             return _use_command(args)
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
-            if args.explain:
-                from fedllm.config import explain
-
-                print("\n".join(explain(recipe)))
-            print(f"ok: {args.recipe} (name={recipe.name}, mode={recipe.mode}, "
-                  f"{recipe.partition.num_clients} clients, {recipe.federation.rounds} rounds)")
-            return 0
+            return _validate(recipe, args)
         if args.command == "run":
             mode = args.mode or recipe.mode
             if args.resume and mode != "federated":
@@ -269,8 +307,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedllm: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FileNotFoundError as exc:
-        print(f"fedllm: error: {exc}", file=sys.stderr)
+        print(f"fedllm: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # e.g. the disk filled up while writing the run's files
+        if command in READING:
+            print(f"fedllm: error: {_os_error(exc)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        stopped = "; the run stopped before writing all of its files (a run directory without summary.json " \
+            "is unfinished: free space and rerun, or --resume from its last checkpoint)" \
+            if command in ("run", "compare") else ""
+        print(f"fedllm: error: {_os_error(exc)}{stopped}", file=sys.stderr)
+        return EXIT_WRITE
     except IntegrityError as exc:
         print(f"fedllm: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_UNTRUSTED

@@ -52,6 +52,18 @@ def open_run(run_dir: str | Path) -> tuple[Recipe, Path]:
     if not (adapter / "adapter_config.json").is_file():
         raise RecipeError(str(adapter), "no adapter_config.json; expected the LoRA adapter the run "
                           "saves at its end (output.save_adapter: true)")
+    from fedllm.models.files import safetensors_problem
+
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        raise RecipeError(str(adapter / "adapter_config.json"), "not a JSON object; expected the adapter "
+                          "config peft saved with the run")
+    for f in sorted(adapter.glob("*.safetensors")):  # a cut copy is named here, not deep in peft
+        if (why := safetensors_problem(f)) is not None:
+            raise RecipeError(str(f), f"{why}; expected the adapter weights the run saved")
     return recipe, adapter
 
 
@@ -149,7 +161,7 @@ def _write_merged(out: Path, recipe: Recipe, adapter: Path, merge_base: str) -> 
 
     model, rounded = merged_model(recipe, adapter, merge_base)
     model.save_pretrained(out)
-    load_tokenizer(model_dir(recipe.model, recipe.seed)).save_pretrained(out)
+    load_tokenizer(model_dir(recipe.model, recipe.seed), user=recipe.model.path is not None).save_pretrained(out)
     if rounded:
         weights = f"the run's NF4-rounded base ({rounded} layers) dequantized to fp32, adapter merged"
     else:
@@ -161,7 +173,12 @@ def _final_eval_loss(run: Path) -> float | None:
     summary = run / "summary.json"
     if not summary.is_file():
         return None
-    return (json.loads(summary.read_text(encoding="utf-8")).get("final") or {}).get("eval_loss")
+    try:
+        final = json.loads(summary.read_text(encoding="utf-8")).get("final") or {}
+        loss = final.get("eval_loss")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+        raise RecipeError(str(summary), "not the summary fedllm writes (a JSON object with final.eval_loss)") from None
+    return loss if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None
 
 
 def export(run_dir: str | Path, out: str | Path, merge: bool = False, merge_base: str = "run") -> Path:

@@ -17,8 +17,18 @@
 - Over-long and empty rows: a prompt that fills ``data.max_length`` is an error naming its line
   (``bad_rows: error``) or a counted skip; truncated responses are counted.
 
-Runs are derandomized (same examples every run) so CI stays stable. Generated cases: 450 + 300 +
-300 recipes/overrides, 350 + 300 + 120 group recipes, 150 + 120 + 30 data files = 2,120.
+- Issue 15's inputs: its recipe fields together against the round size (norm factor, no-op
+  guard, trimmed-mean and Krum rules); YAML-1.1 float spellings (``1e-4``) read as the numbers
+  they spell; ``fedllm validate`` reading the data of mutated data/partition groups; fuzzed
+  metrics.jsonl / summary.json / config.yaml for ``fedllm report`` (truncated, junk lines, wrong
+  types, NaN/Infinity tokens: a report or one line, exit 0 or 2); damaged and tampered (valid
+  checksum) checkpoints for ``--resume`` (resumed, or one RecipeError/IntegrityError line).
+
+The recipe-structure tests pass ``--recipe-only`` (validate's recipe checks, as before it read the
+data); the data read by validate is fuzzed by its own test. Runs are derandomized (same examples
+every run) so CI stays stable. Generated cases: 450 + 300 + 300 recipes/overrides, 350 + 300 + 120
+group recipes, 150 + 120 + 30 data files, and for issue 15: 150 + 120 recipes, 100 validated data
+recipes, 150 + 10 run directories, 80 checkpoints = 2,730 (the issue 15 part adds ~35 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -138,6 +148,9 @@ override_text = st.one_of(
 # ----------------------------------------------------------------------------- recipe checks
 
 
+RECIPE_ONLY = "--recipe-only"  # the recipe checks alone: data reading is fuzzed by its own tests below
+
+
 def _validate(args: list[str]) -> tuple[int, str]:
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
@@ -168,7 +181,7 @@ def test_mutated_recipes_exit_0_or_2(recipe_file, ops):
         _mutate(values, op)
     recipe_file.write_text(yaml.dump(values, Dumper=DUMPER, allow_unicode=True), encoding="utf-8")
     # Execute
-    code, err = _validate([str(recipe_file)])
+    code, err = _validate([str(recipe_file), RECIPE_ONLY])
     # Assert
     _assert_exit_contract(code, err)
 
@@ -177,14 +190,14 @@ def test_mutated_recipes_exit_0_or_2(recipe_file, ops):
 @given(blob=junk_yaml)
 def test_junk_yaml_exits_0_or_2(recipe_file, blob):
     recipe_file.write_bytes(blob)
-    code, err = _validate([str(recipe_file)])
+    code, err = _validate([str(recipe_file), RECIPE_ONLY])
     _assert_exit_contract(code, err)
 
 
 @settings(FUZZ, max_examples=300)
 @given(overrides=st.lists(override_text, min_size=1, max_size=3))
 def test_bad_overrides_exit_0_or_2(overrides):
-    code, err = _validate([str(TINY), *overrides])
+    code, err = _validate([str(TINY), *overrides, RECIPE_ONLY])
     _assert_exit_contract(code, err)
 
 
@@ -496,7 +509,7 @@ def test_mutated_groups_exit_0_or_2(recipe_file, ops):
     for op in ops:
         _mutate(values, op)
     recipe_file.write_text(yaml.dump(values, Dumper=DUMPER, allow_unicode=True), encoding="utf-8")
-    code, err = _validate([str(recipe_file)])
+    code, err = _validate([str(recipe_file), RECIPE_ONLY])
     _assert_exit_contract(code, err)
     event(f"exit {code}")
 
@@ -556,7 +569,7 @@ def test_failed_validation_leaves_no_run_directory(tmp_path_factory, ops):
     for op in ops:
         _mutate(values, op)
     recipe_path.write_text(yaml.dump(values, Dumper=DUMPER, allow_unicode=True), encoding="utf-8")
-    code, _ = _validate([str(recipe_path)])
+    code, _ = _validate([str(recipe_path), RECIPE_ONLY])
     if code == 0:  # a valid recipe would train: not this test's business
         event("valid: not run")
         return
@@ -587,3 +600,350 @@ def test_bad_data_file_at_run_time_leaves_the_previous_run_untouched(tmp_path, d
     assert code == 2 and f"{path} line 2: field 'response'" in e.getvalue()
     assert sorted(p.name for p in old.iterdir()) == ["summary.json"]
     assert (old / "summary.json").read_text(encoding="utf-8") == '{"rounds": 2}'
+
+
+# ----------------------------------------------------------------------------- issue 15's new inputs
+# The typed group mutations above walk every dataclass field, so the fields issue 15 added are in
+# them; the tests below name them, hit them together, and fuzz the other new inputs: data read by
+# `fedllm validate`, YAML-1.1 float spellings, metrics.jsonl/summary.json for `fedllm report`, and
+# checkpoints for `--resume`.
+
+ISSUE_15_FIELDS = ("federation.reject_norm_factor", "federation.max_change_ratio", "train.noop_guard",
+                   "robust.trim_ratio", "robust.byzantine", "robust.aggregator", "robust.multi")
+
+
+def test_the_fields_of_issue_15_are_in_the_typed_mutations():
+    assert set(ISSUE_15_FIELDS) <= set(GROUP_PATHS)
+    for path in ISSUE_15_FIELDS:
+        assert _typed(_hint(path)) is not None
+
+
+ROUND_SIZE_PATHS = ("federation.fraction", "federation.min_clients", "partition.num_clients")
+issue_15_mutation = st.sampled_from(ISSUE_15_FIELDS + ROUND_SIZE_PATHS).flatmap(
+    lambda p: st.tuples(st.just("set"), st.just(p), _typed(_hint(p))))
+
+
+@settings(FUZZ, max_examples=150)
+@given(ops=st.lists(issue_15_mutation, min_size=1, max_size=5))
+def test_issue_15_fields_together_are_refused_in_one_line_or_run(ops):
+    # Prepare: the norm factor, no-op guard, trimmed-mean and Krum rules against the round size
+    values = copy.deepcopy(FULL)
+    values["partition"]["method"] = "iid"
+    for op in ops:
+        _mutate(values, op)
+    # Execute / Assert: a RecipeError of one line, or a server that runs two rounds
+    try:
+        recipe = build(Recipe, values)
+    except RecipeError as exc:
+        assert "\n" not in str(exc)
+        event("rejected")
+        return
+    event("accepted: ran two rounds")
+    try:
+        _one_round(recipe)
+    except RecipeError as exc:
+        assert "\n" not in str(exc)
+
+
+FLOAT_PATHS = [p for p in GROUP_PATHS if float in (typing.get_args(_hint(p)) or (_hint(p),))]
+FLOAT_SPELLINGS = ["1e-4", "1E-4", "-1e-4", "1e+3", "1.5e-3", "2E1", "1e400", "-1e400", "1e-400", "1e", "e4",
+                   "1_0e2", ".5e1", "+1e-2", "1e-4 ", "1e--4", "0x1p-3"]
+
+
+@settings(FUZZ, max_examples=120)
+@given(path=st.sampled_from(FLOAT_PATHS), spelling=st.sampled_from(FLOAT_SPELLINGS))
+def test_yaml_float_spellings_are_numbers_or_one_line_errors(path, spelling):
+    code, err = _validate([str(TINY), f"{path}={spelling}", RECIPE_ONLY])
+    _assert_exit_contract(code, err)
+    if code == 0 and spelling.strip() not in ("1_0e2",):
+        value = load_recipe(TINY, [f"{path}={spelling}"])
+        for part in path.split("."):
+            value = getattr(value, part)
+        assert value == float(spelling), (path, spelling, value)  # read as the number it spells
+    event(f"exit {code}")
+
+
+# ----------------------------------------------------------------------------- validate reads the data
+
+
+@pytest.fixture(scope="module")
+def small_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("validate") / "small.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"question {i}?", "response": f"answer {i}.",
+                                        "topic": "abc"[i % 3]}) + "\n" for i in range(12)), encoding="utf-8")
+    return path
+
+
+DATA_GROUP_PATHS = [p for p in PATHS if p.split(".")[0] in ("data", "partition") and "." in p]
+data_mutation = st.one_of(
+    st.sampled_from(DATA_GROUP_PATHS).flatmap(lambda p: st.tuples(st.just("set"), st.just(p), _typed(_hint(p)))),
+    st.sampled_from(DATA_GROUP_PATHS).flatmap(lambda p: st.tuples(st.just("set"), st.just(p), _typed(_hint(p)))),
+    st.tuples(st.just("set"), st.sampled_from(DATA_GROUP_PATHS), junk),
+    st.tuples(st.just("delete"), st.sampled_from(DATA_GROUP_PATHS)),
+)
+
+
+@settings(FUZZ, max_examples=100)
+@given(ops=st.lists(data_mutation, min_size=1, max_size=2))
+def test_mutated_data_groups_validate_with_the_data_in_one_line(recipe_file, small_jsonl, ops):
+    # Prepare: a valid recipe over a small JSONL file (12 rows, 3 topics), then its data/partition mutated
+    values = copy.deepcopy(FULL)
+    values["data"].update(builtin=None, path=str(small_jsonl), max_examples=None, eval_size=2)
+    values["partition"].update(method="natural", column="topic", num_clients=3)
+    for op in ops:
+        _mutate(values, op)
+    recipe_file.write_text(yaml.dump(values, Dumper=DUMPER, allow_unicode=True), encoding="utf-8")
+    # Execute: validate reads, tokenizes and partitions the data
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["validate", str(recipe_file)])
+    # Assert: one line naming the file when a row is at fault; an ok line counts the data
+    _assert_exit_contract(code, err.getvalue())
+    if code == 0:
+        assert "training examples" in out.getvalue(), out.getvalue()
+    elif LINE_FAULT.search(err.getvalue()):
+        assert str(small_jsonl) in err.getvalue(), err.getvalue()
+    event(f"exit {code}")
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl for `report`
+
+
+def _metrics_row(r: int) -> dict:
+    return {"round": r, "mode": "federated", "train_loss": None if r == 0 else 2.0 - 0.1 * r,
+            "eval_loss": 2.5 - 0.1 * r, "perplexity": 12.0 - r, "bleu": 0.0, "accuracy": None,
+            "round_time_s": float(r > 0), "train_time_s": 0.5, "aggregate_time_s": 0.1, "eval_time_s": 0.1,
+            "bytes_up": 100 * r, "bytes_down": 100 * r, "clients": [0, 1], "rejected_updates": 0,
+            "failed_clients": 0, "epsilon": 0.1 * r, "per_client": {"0": {"eval_loss": 2.0}, "1": {"eval_loss": 2.1}}}
+
+
+ROW_KEYS = sorted(_metrics_row(1)) + ["lora_aggregation_error", "skipped_nonfinite"]
+row_value = st.one_of(junk, st.sampled_from([float("nan"), float("inf"), float("-inf"), -1, 2**63, 10**30, True,
+                                             "1.5", 1.5, 0, None, [], {"0": {"eval_loss": "x"}}, {"0": 1}]))
+value_op = st.one_of(
+    st.tuples(st.just("set"), st.integers(0, 4), st.sampled_from(ROW_KEYS), row_value),
+    st.tuples(st.just("token"), st.integers(0, 4), st.sampled_from(["eval_loss", "perplexity", "bleu", "epsilon",
+                                                                    "round_time_s", "bytes_up", "round"]),
+              st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-0", "01", "1.0", "true"])),
+)
+row_op = st.one_of(
+    value_op,
+    st.tuples(st.just("delete"), st.integers(0, 4), st.sampled_from(ROW_KEYS)),
+    st.tuples(st.just("line"), st.integers(0, 5), st.one_of(
+        st.sampled_from(["{", "[]", "null", "NaN", '{"round": NaN}', "\x00", "{}", '"row"', "1e999"]),
+        st.text(max_size=20))),
+)
+
+
+def _metrics_text(ops: list[tuple], cut: int | None) -> str:
+    rows = [_metrics_row(r) for r in range(4)]
+    extra: dict[int, str] = {}
+    tokens: list[tuple[int, str, str]] = []
+    for op in ops:
+        kind, i = op[0], op[1]
+        if kind == "line":
+            extra[i] = op[2]
+        elif i < len(rows) and kind == "set":
+            rows[i][op[2]] = op[3]
+        elif i < len(rows) and kind == "delete":
+            rows[i].pop(op[2], None)
+        elif i < len(rows):
+            tokens.append((i, op[2], op[3]))
+    lines = []
+    for i, row in enumerate(rows):
+        if i in extra:
+            lines.append(extra[i])
+        text = json.dumps(row)
+        for j, key, token in tokens:  # spliced as raw JSON text (NaN, Infinity, 1e999, ...)
+            if j == i and key in row:
+                text = json.dumps({**row, key: "@@"}).replace('"@@"', token)
+        lines.append(text)
+    lines += [extra[i] for i in extra if i >= len(rows)]
+    text = "\n".join(lines) + "\n"
+    return text if cut is None else text[:cut]
+
+
+summary_text = st.one_of(
+    st.none(), st.none(), st.none(),
+    st.just(json.dumps({"name": "demo", "total_bytes_up": 1, "total_bytes_down": 2, "mean_round_time_s": 1.0,
+                        "skipped_updates": 0})),
+    st.fixed_dictionaries({"total_bytes_up": row_value, "total_bytes_down": st.just(0),
+                           "mean_round_time_s": st.just(1.0), "skipped_updates": st.just(0),
+                           "name": st.one_of(st.just("demo"), junk)}).map(json.dumps),
+    st.binary(max_size=30).map(lambda b: b.decode("latin-1")),
+)
+config_text = st.one_of(st.none(), st.none(), st.none(), st.just("eval: {targets: [0.5, 0.9]}\n"),
+                        junk.map(lambda v: yaml.dump({"eval": {"targets": v}}, Dumper=DUMPER)),
+                        st.sampled_from(["eval: [", "- 1\n", "eval: {targets: [.nan]}\n", "\x00"]))
+
+
+def _report(run: Path) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["report", str(run)])
+    return code, err.getvalue()
+
+
+def _assert_report_contract(run: Path, code: int, err: str) -> None:
+    """exit 0 with a report.md, or exit 2 with one error line (log warnings may precede it)."""
+    assert code in (0, 2), (code, err)
+    errors = [line for line in err.splitlines() if line.startswith("fedllm: error:")]
+    assert "Traceback" not in err
+    if code == 0:
+        assert errors == [] and (run / "report.md").is_file(), err
+    else:
+        assert len(errors) == 1 and err.endswith(errors[0] + "\n") and "\r" not in errors[0], repr(err)
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("report") / "demo" / "federated"
+
+
+def _write_run(run: Path, metrics: str, summary: str | None, config: str | None) -> None:
+    if run.exists():
+        __import__("shutil").rmtree(run)
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(metrics, encoding="utf-8", errors="surrogatepass")
+    if summary is not None:
+        (run / "summary.json").write_text(summary, encoding="utf-8", errors="surrogatepass")
+    if config is not None:
+        (run / "config.yaml").write_text(config, encoding="utf-8", errors="surrogatepass")
+
+
+@settings(FUZZ, max_examples=150)
+@given(ops=st.lists(row_op, max_size=3), cut=st.one_of(st.none(), st.none(), st.integers(0, 3000)),
+       summary=summary_text, config=config_text)
+def test_fuzzed_run_files_give_a_report_or_one_line(report_dir, ops, cut, summary, config):
+    # Prepare: truncated files, junk lines, wrong types, NaN/Infinity tokens, odd summaries/configs
+    _write_run(report_dir, _metrics_text(ops, cut), summary, config)
+    # Execute: the figure is built (limits, labels, NaN filtering) but not rendered to PNG (a second each)
+    from matplotlib.figure import Figure
+
+    with __import__("unittest.mock").mock.patch.object(Figure, "savefig", lambda self, *a, **k: None):
+        code, err = _report(report_dir)
+    # Assert
+    _assert_report_contract(report_dir, code, err)
+    event(f"exit {code}")
+
+
+@settings(FUZZ, max_examples=10)
+@given(ops=st.lists(value_op, min_size=1, max_size=3))
+def test_fuzzed_metric_values_render_to_png_or_one_line(report_dir, ops):
+    _write_run(report_dir, _metrics_text(ops, None), None, None)
+    code, err = _report(report_dir)
+    _assert_report_contract(report_dir, code, err)
+    if code == 0:
+        assert (report_dir / "metrics.png").stat().st_size > 0
+    event(f"exit {code}")
+
+
+# ----------------------------------------------------------------------------- checkpoints for `--resume`
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> tuple[Recipe, Path]:
+    """A toy run with checkpoints of rounds 2 and 3 of 4, stopped (no summary.json)."""
+    from fedllm.federation.modes import run_federated
+    from tests._toy import ToyExperiment, toy_recipe
+
+    root = tmp_path_factory.mktemp("resume")
+    recipe = toy_recipe(checkpoint={"enabled": True, "keep": 2}, federation={"rounds": 3})
+    run_federated(ToyExperiment(recipe), out=str(root))
+    (root / "toy" / "federated" / "summary.json").unlink()
+    return toy_recipe(checkpoint={"enabled": True, "keep": 2}, federation={"rounds": 4}), root
+
+
+def _payload(path: Path) -> dict | None:
+    """The torch payload of a checkpoint file (None once an earlier op has made it unreadable)."""
+    import torch
+
+    from fedllm.federation import checkpoint as ck
+
+    try:
+        payload = torch.load(io.BytesIO(path.read_bytes()[len(ck.MAGIC) + 32:]), weights_only=True)
+    except Exception:  # noqa: BLE001  (any damage an earlier op did)
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _sealed(payload: dict) -> bytes:
+    """A checkpoint file with a valid checksum around any payload (a tampered or foreign file)."""
+    import hashlib
+
+    import torch
+
+    from fedllm.federation import checkpoint as ck
+
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return ck.MAGIC + hashlib.sha256(buf.getvalue()).digest() + buf.getvalue()
+
+
+def _tensor_junk() -> st.SearchStrategy:
+    import torch
+
+    return st.sampled_from([torch.zeros(2), torch.full((3, 6), float("nan"), dtype=torch.float64),
+                            torch.ones(3, 6, dtype=torch.float32), torch.tensor(1e300, dtype=torch.float64),
+                            torch.zeros(0)])
+
+
+CKPT_FIELDS = ["round", "global_state", "server_state", "client_states", "sampler_state", "rng_states",
+               "ledger_state", "metrics_rows", "fingerprint", "format"]
+ckpt_op = st.one_of(
+    st.tuples(st.just("cut"), st.integers(0, 100_000)),
+    st.tuples(st.just("flip"), st.integers(0, 100_000), st.integers(1, 255)),
+    st.tuples(st.just("bytes"), st.binary(max_size=64)),
+    st.tuples(st.just("field"), st.sampled_from(CKPT_FIELDS), st.one_of(junk, _tensor_junk())),
+    st.tuples(st.just("tensor"), st.sampled_from(["lin.weight", "lin.bias", "other"]), _tensor_junk()),
+    st.tuples(st.just("row"), st.integers(0, 3), st.sampled_from(ROW_KEYS), row_value),
+)
+
+
+def _spoil(path: Path, op: tuple) -> None:
+    kind = op[0]
+    blob = path.read_bytes()
+    if kind == "cut":
+        path.write_bytes(blob[: op[1] % (len(blob) + 1)])
+    elif kind == "flip" and blob:
+        b = bytearray(blob)
+        b[op[1] % len(b)] ^= op[2]
+        path.write_bytes(bytes(b))
+    elif kind == "bytes":
+        path.write_bytes(op[1])
+    elif kind != "flip" and (payload := _payload(path)) is not None:
+        if kind == "field":
+            payload[op[1]] = op[2]
+        elif kind == "tensor" and isinstance(payload.get("global_state"), dict):
+            payload["global_state"][op[1]] = op[2]
+        elif kind == "row" and isinstance(payload.get("metrics_rows"), list) and op[1] < len(payload["metrics_rows"]):
+            payload["metrics_rows"][op[1]] = {**payload["metrics_rows"][op[1]], op[2]: op[3]}
+        path.write_bytes(_sealed(payload))
+
+
+@settings(FUZZ, max_examples=80)
+@given(ops=st.lists(st.tuples(st.sampled_from([-1, -2]), ckpt_op), min_size=1, max_size=3))
+def test_fuzzed_checkpoints_resume_or_give_one_line(stopped_run, tmp_path_factory, ops):
+    # Prepare: a copy of the stopped run, its checkpoints damaged or tampered with (valid checksums)
+    import shutil
+
+    from fedllm.errors import IntegrityError
+    from fedllm.federation.checkpoint import checkpoint_dir, list_checkpoints
+    from fedllm.federation.modes import run_federated
+    from tests._toy import ToyExperiment
+
+    recipe, pristine = stopped_run
+    root = tmp_path_factory.mktemp("resumed")
+    shutil.copytree(pristine / "toy", root / "toy")
+    ckpts = [p for _, p in list_checkpoints(checkpoint_dir(root / "toy" / "federated"))]
+    for which, op in ops:
+        _spoil(ckpts[which], op)
+    # Execute / Assert: resumed to the end, or one line (a refused checkpoint, an untrusted run)
+    try:
+        summary = run_federated(ToyExperiment(recipe), out=str(root), resume=True)
+    except (RecipeError, IntegrityError) as exc:
+        assert "\n" not in str(exc), str(exc)
+        event(f"refused: {type(exc).__name__}")
+        return
+    assert summary["rounds"] == 4
+    event("resumed")

@@ -10,9 +10,13 @@ The ``topic`` column (the entry type) gives realistic non-IID clients under a na
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 PAIRS_VERSION = 1  # bump when the pair construction below changes (invalidates the caches)
 
@@ -39,7 +43,8 @@ def coralmap_records() -> list[dict[str, Any]]:
     """Instruction pairs ``{id, prompt, response, topic, kind}`` from the installed library.
 
     Parsing the library's ~850 YAML entries takes 10-60 s, so the derived pairs are cached per
-    installed version under the user's cache (``$FEDLLM_CACHE``), never in the repository.
+    installed version under the user's cache (``$FEDLLM_CACHE``), never in the repository. A
+    damaged cache file is rebuilt (with a warning).
     """
     try:
         from importlib.metadata import version
@@ -53,13 +58,32 @@ def coralmap_records() -> list[dict[str, Any]]:
 
     cache = cache_root() / f"coralmap-{version('coralmap')}-pairs-v{PAIRS_VERSION}.json"
     if cache.is_file():
-        return json.loads(cache.read_text(encoding="utf-8"))
+        cached = _read_cache(cache)
+        if cached is not None:
+            return cached
+        log.warning("fedllm's cache %s is damaged (not a JSON list of instruction pairs); rebuilding it", cache)
     records = _build_records(coralmap)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, cache)
+    try:
+        tmp.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, cache)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return records
+
+
+def _read_cache(path: Path) -> list[dict[str, Any]] | None:
+    """The cached pairs, or None when the file is damaged (cut short, garbled, edited)."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    keys = ("id", "prompt", "response", "topic", "kind")
+    ok = isinstance(records, list) and records and all(
+        isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys) for r in records)
+    return records if ok else None
 
 
 def _build_records(coralmap) -> list[dict[str, Any]]:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import functools
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from fedllm.config import RecipeError
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -44,21 +47,33 @@ class VisionData:
     test_y: torch.Tensor
 
 
+REINSTALL = "reinstall it (apt-get install --reinstall dataset-fashion-mnist) or fix data.root"
+
+
 def read_idx(path: Path, magic: int) -> np.ndarray:
-    """Parse one gzipped IDX file, checking its magic number and that its size matches the header."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    """Parse one gzipped IDX file, checking its magic number and that its size matches the header.
+
+    A file that is not gzip, is cut short or disagrees with its header is a one-line RecipeError
+    naming it (these files are the user's: fedllm cannot rebuild them).
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut stream an EOFError
+        raise RecipeError(str(path), f"not a complete gzip file ({type(exc).__name__}: {exc}); "
+                          f"{REINSTALL}") from None
     if len(raw) < 8:
-        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+        raise RecipeError(str(path), f"too short for an IDX header ({len(raw)} bytes); {REINSTALL}")
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
-        raise ValueError(f"{path}: IDX magic number {found:#010x}, expected {magic:#010x}")
+        raise RecipeError(str(path), f"IDX magic number {found:#010x}, expected {magic:#010x}; {REINSTALL}")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(raw) - offset != expected:
-        raise ValueError(f"{path}: header says {dims} ({expected} bytes), file has {len(raw) - offset}")
+        raise RecipeError(str(path), f"header says {dims} ({expected} bytes), file has {len(raw) - offset}; "
+                          f"{REINSTALL}")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -79,12 +94,13 @@ def _load(root: Path) -> VisionData:
         arrays[key] = read_idx(_file(root, key), magic)
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        where = f"{root / FILES[split + '_x']}, {FILES[split + '_y']}"
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"{split}: {x.shape[0]} images but {y.shape[0]} labels")
+            raise RecipeError(where, f"{x.shape[0]} images but {y.shape[0]} labels; {REINSTALL}")
         if x.shape[1:] != (28, 28):
-            raise ValueError(f"{split}: image shape {x.shape[1:]}, expected (28, 28)")
+            raise RecipeError(where, f"image shape {x.shape[1:]}, expected (28, 28); {REINSTALL}")
         if y.size and int(y.max()) >= NUM_CLASSES:
-            raise ValueError(f"{split}: label {int(y.max())} outside 0..{NUM_CLASSES - 1}")
+            raise RecipeError(where, f"label {int(y.max())} outside 0..{NUM_CLASSES - 1}; {REINSTALL}")
 
     def images(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)

@@ -9,10 +9,13 @@ This layer sits between :mod:`fedllm.client` (the LightningModules) and :mod:`fe
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 from fedllm.config import Recipe
 from fedllm.experiments.base import ClientFault, Experiment, ExperimentData, round_seed
 
-__all__ = ["ClientFault", "Experiment", "ExperimentData", "make_experiment", "round_seed"]
+__all__ = ["ClientFault", "Experiment", "ExperimentData", "load_data", "make_experiment", "round_seed"]
 
 
 def make_experiment(recipe: Recipe) -> Experiment:
@@ -28,3 +31,34 @@ def make_experiment(recipe: Recipe) -> Experiment:
     from fedllm.experiments.lm import LMExperiment  # noqa: PLC0415
 
     return LMExperiment(recipe)
+
+
+def load_data(recipe: Recipe) -> ExperimentData:
+    """The experiment's data exactly as :func:`make_experiment` builds it, without the model weights.
+
+    ``fedllm validate`` runs it: every row check, the held-out split and the partition of a run,
+    so a bad row, a missing field or an empty split is reported before anything trains. A language
+    model's rows are tokenized with the tokenizer the run loads (``model.path``'s, or SmolLM2's for
+    the presets), and ``model.path``'s weight files are checked for completeness (header and size).
+    """
+    if recipe.model.task == "vision":
+        from fedllm.experiments.vision import VisionSplits  # noqa: PLC0415
+
+        return VisionSplits(recipe)
+    from fedllm.data.build import build_text_data  # noqa: PLC0415
+    from fedllm.models.llm import check_weights, tokenizer_dir  # noqa: PLC0415
+
+    user, path = recipe.model.path is not None, tokenizer_dir(recipe.model, recipe.seed)
+    if user:
+        check_weights(path)
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(path.iterdir()) if f.is_file())
+    return build_text_data(recipe, _tokenizer(str(path), user, stamp))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, user: bool, stamp: tuple):
+    """A tokenizer per directory and state of its files (``stamp``): a process that validates many
+    recipes (a notebook, the tests) loads it once while its files stay as they were."""
+    from fedllm.models.llm import load_tokenizer  # noqa: PLC0415
+
+    return load_tokenizer(Path(path), user)

@@ -13,8 +13,9 @@ File format of ``ckpt_<round>.pt``::
 
 Writing goes to a temp file in the same directory, is flushed and fsynced, renamed over the final
 name with ``os.replace`` (atomic on POSIX and Windows) and the directory is fsynced, so a crash
-leaves either the old set of checkpoints or the new one. Reading verifies the checksum: a torn or
-corrupted newest file is skipped with a warning and the previous checkpoint is used.
+leaves either the old set of checkpoints or the new one. Reading verifies the checksum and the
+types of the fields: a torn or corrupted newest file is skipped with a warning and the previous
+checkpoint is used; when none verifies, ``--resume`` is a one-line error naming the newest.
 
 The checksum is an integrity check, not authentication: anyone who can write the run directory can
 write a checkpoint with a valid checksum. Keep run directories where only you can write. On resume
@@ -39,6 +40,7 @@ import torch
 import yaml
 
 from fedllm.config import Recipe, RecipeError
+from fedllm.federation.rundir import naming, row_problem
 from fedllm.types import StateDict
 
 log = logging.getLogger(__name__)
@@ -157,9 +159,41 @@ def decode(blob: bytes, where: str = "checkpoint") -> ServerState:
         raise CheckpointError(f"{where}: unsupported checkpoint format (expected version {FORMAT_VERSION})")
     known = {f.name for f in fields(ServerState)}
     try:
-        return ServerState(**{k: v for k, v in payload.items() if k in known})
+        state = ServerState(**{k: v for k, v in payload.items() if k in known})
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
+    if (why := _type_problem(state)) is not None:
+        raise CheckpointError(f"{where}: {why}")
+    return state
+
+
+def _type_problem(state: ServerState) -> str | None:
+    """Why a decoded state's fields are not of the types :func:`encode` writes (None when they are)."""
+    if not isinstance(state.global_state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.global_state.items()):
+        return "global_state: expected a mapping of tensor names to tensors"
+    for name in ("server_state", "client_states", "sampler_state", "rng_states", "ledger_state"):
+        if not isinstance(getattr(state, name), dict):
+            return f"{name}: expected a mapping, got {type(getattr(state, name)).__name__}"
+    if not isinstance(state.fingerprint, str):
+        return f"fingerprint: expected a string, got {type(state.fingerprint).__name__}"
+    if not isinstance(state.metrics_rows, list) or not all(isinstance(r, dict) for r in state.metrics_rows):
+        return "metrics_rows: expected a list of metrics rows"
+    return None
+
+
+def rows_problem(state: ServerState) -> str | None:
+    """Why a checkpoint's metrics rows are not a run's rows 0..round (None when they are)."""
+    rows = state.metrics_rows
+    if len(rows) != state.round + 1:
+        return f"metrics_rows: {len(rows)} rows, expected the {state.round + 1} of rounds 0..{state.round}"
+    for i, row in enumerate(rows):
+        why = row_problem(row)
+        if why is None and row["round"] != i:
+            why = f"holds round {row['round']}"
+        if why is not None:
+            return f"metrics_rows[{i}]: {why}"
+    return None
 
 
 # ----------------------------------------------------------------------------- files
@@ -192,7 +226,7 @@ def _fsync_dir(directory: Path) -> None:
 def _write_atomic(path: Path, blob: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        with naming(path), open(tmp, "wb") as fh:
             fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())
@@ -243,13 +277,16 @@ def read_checkpoint(path: str | Path) -> ServerState:
     return state
 
 
-def load_latest(directory: str | Path) -> ServerState | None:
-    """The newest checkpoint that verifies; older ones are tried when newer ones are corrupt."""
+def load_latest(directory: str | Path, problems: list[str] | None = None) -> ServerState | None:
+    """The newest checkpoint that verifies; older ones are tried when newer ones are corrupt
+    (each skipped one is logged, and its problem appended to ``problems`` when given)."""
     for rnd, path in reversed(list_checkpoints(directory)):
         try:
             return read_checkpoint(path)
         except CheckpointError as exc:
             log.warning("skipping checkpoint of round %d: %s", rnd, exc)
+            if problems is not None:
+                problems.append(str(exc))
     return None
 
 
@@ -281,12 +318,15 @@ def resume_state(directory: str | Path, recipe: Recipe, template: dict | None = 
     """The checkpoint to resume ``recipe`` from, or ``None`` to start fresh.
 
     Refuses (RecipeError) a checkpoint written by a different recipe, past the last round, or whose
-    global state does not fit ``template`` (the model's trainable state).
+    global state does not fit ``template`` (the model's trainable state); and a directory whose
+    checkpoints all fail to verify, naming the newest (resuming must not silently start over).
     """
-    state = load_latest(directory)
+    problems: list[str] = []
+    state = load_latest(directory, problems)
     if state is None:
-        if list_checkpoints(directory):
-            log.warning("no checkpoint in %s verifies; starting from round 0", directory)
+        if problems:  # never start over silently: that would delete the run the user asked to continue
+            raise RecipeError(problems[0], f"no checkpoint in {directory} verifies ({len(problems)} tried; "
+                              "the newest is named here); run without --resume to start over")
         return None
     if state.fingerprint and state.fingerprint != recipe_fingerprint(recipe):
         raise RecipeError(str(directory), "the checkpoint was written by a different recipe; "

@@ -31,6 +31,7 @@ from fedllm.federation.checkpoint import (
     recipe_fingerprint,
     restore_rng,
     resume_state,
+    rows_problem,
     save_checkpoint,
 )
 from fedllm.federation.guard import check_progress
@@ -141,8 +142,16 @@ def _resume_or_start(exp: Experiment, server: FederatedServer, out: str | None, 
     if not same_split(path, exp.data.partition_json()):
         raise RecipeError("--resume", f"the data split differs from {path / 'partition.json'} (the data file "
                           "or its partition changed since the run started); run without --resume to start over")
-    server.load_state_dict(ckpt.server_state)
-    restore_rng(ckpt.rng_states)
+    if (why := rows_problem(ckpt)) is not None:  # the rows the resumed run's files continue from
+        raise RecipeError(str(checkpoint_dir(path)), f"the checkpoint of round {ckpt.round} is not this run's: "
+                          f"its {why}; run without --resume to start over")
+    try:
+        server.load_state_dict(ckpt.server_state)
+        restore_rng(ckpt.rng_states)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        raise RecipeError(str(checkpoint_dir(path)), f"the checkpoint of round {ckpt.round} does not fit this "
+                          f"run's server ({type(exc).__name__}: {one_line(str(exc))[:200]}); run without "
+                          "--resume to start over") from None
     writer = RunWriter(path, exp.recipe, exp.data.partition_json(), resume_rows=ckpt.metrics_rows)
     log.info("resuming %s after round %d", path, ckpt.round)
     return writer, clone_state(ckpt.global_state), hooks or Hooks(), ckpt.round + 1

