@@ -592,6 +592,13 @@ def _privacy(r: Recipe) -> Problem:
             return "privacy.adaptive_clip", "adaptive clipping needs the server to see update norms (dp: server)"
         if r.hierarchy.regions:
             return "privacy.dp", "client-level DP with hierarchical aggregation is not supported"
+        if r.selection.method == "power_of_choice":
+            return ("selection.method", "power_of_choice picks clients by their local losses, which depend on their "
+                    "data outside the DP mechanism (no accountant bounds that); use uniform, round_robin or importance")
+        if (p.accountant == "prv" and r.selection.method == "uniform"
+                and r.clients_per_round < r.partition.num_clients):
+            return ("privacy.accountant", "the PRV accountant models Poisson sampling, but the uniform sampler draws "
+                    "a fixed-size sample without replacement (accounted with RDP); use accountant: rdp")
         if f.lora_aggregation == "svd":
             return "federation.lora_aggregation", "svd re-factorization is not covered by the DP clipping; use factorwise or frozen_a"
     return None

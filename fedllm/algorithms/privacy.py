@@ -208,25 +208,44 @@ class DPAggregator:
         self.generator.set_state(state["generator"])
 
 
-class PrivacyLedger:
-    """(ε, δ) spent so far, computed by an opacus accountant (RDP or PRV).
+SAMPLINGS = ("poisson", "without_replacement", "full")
 
-    One :meth:`step` per round records a Poisson-subsampled Gaussian mechanism with noise
-    multiplier σ and sampling rate q (for client-level DP, q = clients per round / clients).
+
+class PrivacyLedger:
+    """(ε, δ) spent so far, for the way clients were really chosen.
+
+    One :meth:`step` per round records a subsampled Gaussian mechanism with noise multiplier σ:
+
+    - ``poisson``: each client joins independently with probability q; opacus' accountant (RDP or
+      PRV), add/remove-one neighbours;
+    - ``without_replacement``: a fixed-size sample of m = q·n of the n clients (fedllm's uniform
+      sampler); the RDP bound for sampling without replacement (Wang, Balle & Kasiviswanathan, 2019,
+      "Subsampled Rényi Differential Privacy and Analytical Moments Accountant"), computed by
+      Google's ``dp_accounting`` under the replace-one relation that sampling assumes;
+    - ``full``: no amplification claimed (q = 1 every round): deterministic or data-size-weighted
+      selection, or every client every round.
     """
 
     def __init__(self, noise_multiplier: float, sample_rate: float, delta: float,
-                 accountant: str = "rdp") -> None:
+                 accountant: str = "rdp", sampling: str = "poisson", population: int | None = None) -> None:
         from opacus.accountants import create_accountant
 
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if sampling == "without_replacement" and (population is None or population < 1):
+            raise ValueError("sampling without replacement needs the population size (number of clients)")
+        if sampling == "without_replacement" and accountant != "rdp":
+            raise ValueError("the PRV accountant models Poisson sampling only; sampling without replacement "
+                             "is accounted with RDP")
         _check_rate_delta(sample_rate, delta)
         if not noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-        self.noise_multiplier, self.sample_rate, self.delta = noise_multiplier, sample_rate, delta
-        self.mechanism = accountant
-        self.accountant = create_accountant(mechanism=accountant)  # an opacus IAccountant
+        self.noise_multiplier, self.delta = noise_multiplier, delta
+        self.sample_rate = 1.0 if sampling == "full" else sample_rate
+        self.mechanism, self.sampling, self.population = accountant, sampling, population
+        self.accountant = create_accountant(mechanism=accountant)  # an opacus IAccountant (keeps the history)
 
     def step(self, noise_multiplier: float | None = None, sample_rate: float | None = None) -> None:
         """Record one round (defaults: the ledger's σ and q)."""
@@ -244,20 +263,44 @@ class PrivacyLedger:
             return 0.0
         if any(sigma == 0 for sigma, _, _ in self.accountant.history):
             return math.inf
-        return float(self.accountant.get_epsilon(delta=self.delta if delta is None else delta))
+        delta = self.delta if delta is None else delta
+        if self.sampling == "without_replacement":
+            return without_replacement_epsilon(self.accountant.history, self.population, delta)
+        return float(self.accountant.get_epsilon(delta=delta))
 
     def state_dict(self) -> dict[str, Any]:
         return {"noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                "delta": self.delta, "accountant": self.mechanism,
-                "history": [list(h) for h in self.accountant.history]}
+                "delta": self.delta, "accountant": self.mechanism, "sampling": self.sampling,
+                "population": self.population, "history": [list(h) for h in self.accountant.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["accountant"] != self.mechanism:
             raise ValueError(f"ledger state is for accountant {state['accountant']!r}, "
                              f"this ledger uses {self.mechanism!r}")
+        if state.get("sampling", "poisson") != self.sampling:
+            raise ValueError(f"ledger state is for {state.get('sampling', 'poisson')!r} sampling, "
+                             f"this ledger accounts {self.sampling!r}")
         self.noise_multiplier = float(state["noise_multiplier"])
         self.sample_rate, self.delta = float(state["sample_rate"]), float(state["delta"])
         self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+
+
+def without_replacement_epsilon(history: Sequence[tuple[float, float, int]], population: int, delta: float) -> float:
+    """ε of rounds (σ, q, count) that each drew round(q·n) of ``population`` n clients without replacement."""
+    import logging
+
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # per-order convergence notes, not errors
+    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for sigma, q, count in history:
+        m = max(1, round(q * population))
+        event = dp_accounting.GaussianDpEvent(sigma)
+        if m < population:
+            event = dp_accounting.SampledWithoutReplacementDpEvent(population, m, event)
+        acc.compose(event, int(count))
+    return float(acc.get_epsilon(delta))
 
 
 def _check_rate_delta(sample_rate: float, delta: float) -> None:
@@ -268,8 +311,12 @@ def _check_rate_delta(sample_rate: float, delta: float) -> None:
 
 
 def sigma_for_target(target_epsilon: float, sample_rate: float, rounds: int, delta: float,
-                     accountant: str = "rdp") -> float:
-    """Smallest σ (opacus' binary search, tolerance 0.01 in ε) with ε(σ, q, rounds, δ) ≤ target."""
+                     accountant: str = "rdp", sampling: str = "poisson", population: int | None = None) -> float:
+    """Smallest σ (tolerance 0.01 in ε) with ε(σ, q, rounds, δ) ≤ target, for the sampling scheme.
+
+    Poisson and full participation use opacus' own search; sampling without replacement bisects σ
+    over :func:`without_replacement_epsilon`.
+    """
     from opacus.accountants.utils import get_noise_multiplier
 
     if not target_epsilon > 0:
@@ -279,16 +326,38 @@ def sigma_for_target(target_epsilon: float, sample_rate: float, rounds: int, del
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     _check_rate_delta(sample_rate, delta)
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=rounds, accountant=accountant))
+    if sampling != "without_replacement":
+        rate = 1.0 if sampling == "full" else sample_rate
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=rate, steps=rounds, accountant=accountant))
+    if population is None:
+        raise ValueError("sampling without replacement needs the population size (number of clients)")
+
+    def eps(sigma: float) -> float:
+        return without_replacement_epsilon([(sigma, sample_rate, rounds)], population, delta)
+
+    lo, hi = 0.0, 10.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon}")
+    for _ in range(60):  # eps(hi) <= target < eps(lo)
+        mid = (lo + hi) / 2
+        if eps(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+        if target_epsilon - eps(hi) < 0.01:
+            break
+    return hi
 
 
 def resolve_noise_multiplier(cfg: DPConfig, sample_rate: float, rounds: int,
-                             accountant: str = "rdp") -> float:
+                             accountant: str = "rdp", sampling: str = "poisson", population: int | None = None) -> float:
     """σ to use: ``cfg.noise_multiplier``, or the σ that reaches ``cfg.target_epsilon`` when set."""
     if cfg.target_epsilon is None:
         return cfg.noise_multiplier
-    return sigma_for_target(cfg.target_epsilon, sample_rate, rounds, cfg.delta, accountant)
+    return sigma_for_target(cfg.target_epsilon, sample_rate, rounds, cfg.delta, accountant, sampling, population)
 
 
 # ------------------------------------------------------------------- sample-level DP-SGD (opacus)

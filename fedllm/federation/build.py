@@ -10,6 +10,7 @@ optimizers, samplers, codecs), whose keys are the names a recipe accepts
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,26 +65,68 @@ def server_optimizer(recipe: Recipe) -> ServerUpdate:
 
 @dataclass(frozen=True)
 class Privacy:
-    """The DP mechanism of a run: the wrapped aggregator, its ledger and the resolved σ."""
+    """The DP mechanism of a run: the wrapped aggregator, its ledger and the resolved σ.
+
+    ``ledger`` accounts the guarantee that holds (:func:`privacy_claim`); ``central`` is the
+    aggregate-only ε beside it when that differs (client DP without secure aggregation).
+    """
 
     aggregator: DPAggregator
     ledger: PrivacyLedger
     sigma: float
+    central: PrivacyLedger | None = None
+
+
+def sampling_scheme(recipe: Recipe) -> str:
+    """How the accountant models client selection (see :class:`fedllm.algorithms.privacy.PrivacyLedger`)."""
+    m, n = recipe.clients_per_round, recipe.partition.num_clients
+    if recipe.selection.method == "uniform":
+        return "full" if m >= n else "without_replacement"
+    return "full"  # round_robin (deterministic), importance (size-weighted): no amplification claimed
+
+
+def privacy_claim(recipe: Recipe) -> dict[str, Any]:
+    """Who the run's ε holds against, and for which mechanism (written to ``summary.json``)."""
+    p = recipe.privacy
+    scheme = sampling_scheme(recipe)
+    if p.dp == "server":
+        against = "anyone who sees the global models; the server itself is trusted (it adds the noise)"
+    elif p.secure_aggregation:
+        against = "the server too: secure aggregation hides each upload, the noise of all uploads protects the sum"
+    else:
+        against = "the server too: each upload carries only its own share of the noise (sigma/sqrt(m))"
+    return {"epsilon_holds_against": against, "dp": p.dp, "sampling": scheme,
+            "neighbouring": "replace one client" if scheme == "without_replacement" else "add or remove one client",
+            "delta": p.delta, "accountant": "rdp (dp_accounting)" if scheme == "without_replacement" else p.accountant}
 
 
 def privacy(recipe: Recipe, inner: Aggregator, num_clients: int) -> Privacy | None:
-    """Client-level DP around ``inner`` (σ resolved from ``target_epsilon`` if set), or None."""
+    """Client-level DP around ``inner`` (σ resolved from ``target_epsilon`` if set), or None.
+
+    Under ``dp: client`` without secure aggregation the server sees every upload with its own
+    noise N(0, σ²C²/m): the ledger accounts that upload's noise multiplier σ/√m (and
+    ``target_epsilon`` is met by it); the aggregate-only ε is kept beside it (``central``).
+    """
     p = recipe.privacy
     if not p.enabled:
         return None
     per_round = recipe.clients_per_round
-    q = per_round / num_clients
+    q, scheme = per_round / num_clients, sampling_scheme(recipe)
+    local = p.dp == "client" and not p.secure_aggregation
+    scale = math.sqrt(per_round) if local else 1.0  # aggregate sigma / the sigma the ledger accounts
     cfg = DPConfig(noise_multiplier=p.noise_multiplier, clip_norm=p.clip, mode=p.dp, adaptive=p.adaptive_clip,
                    target_quantile=p.target_quantile, delta=p.delta, target_epsilon=p.target_epsilon)
-    sigma = resolve_noise_multiplier(cfg, q, recipe.federation.rounds, p.accountant)
+    if p.target_epsilon is not None:
+        sigma = scale * resolve_noise_multiplier(cfg, q, recipe.federation.rounds, p.accountant, scheme, num_clients)
+    else:
+        sigma = p.noise_multiplier
     cfg = dataclasses.replace(cfg, noise_multiplier=sigma, target_epsilon=None)
-    return Privacy(DPAggregator(inner, cfg, per_round, recipe.seed), PrivacyLedger(sigma, q, p.delta, p.accountant),
-                   sigma)
+
+    def ledger(noise: float) -> PrivacyLedger:
+        return PrivacyLedger(noise, q, p.delta, p.accountant, scheme, num_clients)
+
+    return Privacy(DPAggregator(inner, cfg, per_round, recipe.seed), ledger(sigma / scale), sigma,
+                   ledger(sigma) if local else None)
 
 
 def codec(recipe: Recipe) -> tuple[Codec, ErrorFeedback | None]:

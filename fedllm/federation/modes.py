@@ -24,6 +24,7 @@ from fedllm.algorithms.selection import UniformSampler
 from fedllm.config import RecipeError, one_line
 from fedllm.errors import IntegrityError
 from fedllm.experiments.base import Experiment
+from fedllm.federation import build
 from fedllm.federation.checkpoint import (
     ServerState,
     capture_rng,
@@ -282,6 +283,8 @@ def _finish(exp: Experiment, writer: RunWriter, state: StateDict, extra: dict | 
     if exp.recipe.output.save_adapter:
         exp.save_adapter(state, writer.path / "adapter")
     # the numeric path this run's numbers came from (versions, CPU flags, the 4-bit kernel)
+    if exp.recipe.privacy.enabled:  # who the epsilon holds against, for which mechanism
+        extra = {"privacy": build.privacy_claim(exp.recipe), **(extra or {})}
     summary = summarize(writer.rows, {"name": exp.recipe.name, "data": exp.data.stats,
                                       "machine": exp.runtime_info(), **(extra or {})})
     writer.finish(summary)

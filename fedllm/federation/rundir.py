@@ -232,6 +232,8 @@ def summarize(rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -
     }
     if "epsilon" in last:  # the privacy spent by the whole run, at the recipe's delta
         out["final"]["epsilon"] = last["epsilon"]
+    if "epsilon_central" in last:  # what holds against someone who sees only the aggregates
+        out["final"]["epsilon_central"] = last["epsilon_central"]
     out.update(run_status(rows))
     out.update(extra or {})
     return out

@@ -172,7 +172,8 @@ class FederatedServer:
         self.min_updates = build.aggregator_needs(r)
         dp = build.privacy(r, self.aggregator, self.num_clients)
         self.dp: DPAggregator | None = dp.aggregator if dp else None
-        self.ledger: PrivacyLedger | None = dp.ledger if dp else None
+        self.ledger: PrivacyLedger | None = dp.ledger if dp else None  # the guarantee that holds
+        self.central: PrivacyLedger | None = dp.central if dp else None  # aggregate-only ε, when it differs
         self.sigma = dp.sigma if dp else 0.0
         self.scaffold = ScaffoldState(initial_state) if fed.algorithm == "scaffold" else None
         self.uplink = Uplink(r, self.num_clients, self.payload_bytes, self.mask, self.dp)
@@ -289,6 +290,10 @@ class FederatedServer:
             log.warning("round %d: %d valid updates, fewer than the %d needed (federation.min_clients, "
                         "the aggregator, secure aggregation's threshold); global state unchanged",
                         rnd, len(valid), needed)
+            if self.recipe.privacy.dp == "client" and self._secagg is None and self._arrived:
+                # the clients' noised uploads were seen all the same (a retried attempt too); masked
+                # uploads whose sum cannot be unmasked reveal nothing
+                self._charge()
             return global_state, self._round_metrics(metrics)
         if self.regions:
             new_state = self._hierarchical(rnd, global_state, valid, metrics)
@@ -299,17 +304,21 @@ class FederatedServer:
         if why is not None:  # the round is rejected, never the model: the global state stays as it was
             log.warning("round %d: %s; round rejected, global state unchanged", rnd, why)
             metrics.update({"applied": False, "round_rejected": why})
-            if self.ledger is not None:  # the noised aggregate was computed: charge it anyway
-                self.ledger.step()
+            self._charge()  # the noised aggregate (or the noised uploads) were computed: charge them anyway
             return global_state, self._round_metrics(metrics)
         if self.scaffold is not None:
             ids = [u.client_id for u in valid if u.client_id in self._controls]
             self.scaffold.server_update(ids, [self._controls[k] for k in ids], self.num_clients)
-        if self.ledger is not None:
-            self.ledger.step()
+        self._charge()
         if self.recipe.selection.method == "power_of_choice":
             self.sampler.record_losses({u.client_id: u.train_loss for u in valid if math.isfinite(u.train_loss)})
         return new_state, self._round_metrics(metrics)
+
+    def _charge(self) -> None:
+        """One more release of the DP mechanism in the ledgers (nothing without DP)."""
+        for ledger in (self.ledger, self.central):
+            if ledger is not None:
+                ledger.step()
 
     def aggregator_needs(self) -> int:
         """Fewest updates the aggregator can combine (Krum: n > 2f + 2; multi-Krum: also >= m)."""
@@ -420,6 +429,8 @@ class FederatedServer:
         if self.ledger is not None:
             metrics["epsilon"] = self.ledger.epsilon()
             metrics["noise_multiplier"] = self.sigma
+        if self.central is not None:
+            metrics["epsilon_central"] = self.central.epsilon()
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -431,7 +442,7 @@ class FederatedServer:
                                "regional": {i: clone_state(s) for i, s in self.regional.items()},
                                "region_examples": dict(self._region_examples),
                                "sync_clients": [[w, clone_state(c)] for w, c in self._sync_clients]}
-        for name in ("dp", "ledger", "scaffold"):
+        for name in ("dp", "ledger", "central", "scaffold"):
             part = getattr(self, name)
             if part is not None:
                 out[name] = part.state_dict()
@@ -446,7 +457,7 @@ class FederatedServer:
         self.regional = {int(i): clone_state(s) for i, s in state["regional"].items()}
         self._region_examples = {int(i): int(n) for i, n in state["region_examples"].items()}
         self._sync_clients = [(float(w), clone_state(c)) for w, c in state["sync_clients"]]
-        for name in ("dp", "ledger", "scaffold"):
+        for name in ("dp", "ledger", "central", "scaffold"):
             part = getattr(self, name)
             if name in state and part is not None:
                 part.load_state_dict(state[name])
