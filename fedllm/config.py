@@ -431,9 +431,12 @@ class FaultsConfig:
     straggler_fraction: float = doc("fraction of sampled clients that are slow (seeded)", 0.0)
     straggler_speed: float = doc("a straggler completes this fraction of its local steps by the deadline", 0.5)
     stragglers: Literal["partial", "drop"] = doc("a straggler's partial work is aggregated (partial) or dropped", "partial")
+    unmask_dropout_clients: list[int] = doc("secure aggregation: clients that send their masked update, then do not "
+                                            "answer the unmasking request (in faults.rounds)", [])
+    unmask_dropout_prob: float = doc("secure aggregation: probability that a client drops after masking (seeded)", 0.0)
 
     def __post_init__(self) -> None:
-        for name in ("error_prob", "nan_prob", "dropout_prob", "straggler_fraction"):
+        for name in ("error_prob", "nan_prob", "dropout_prob", "straggler_fraction", "unmask_dropout_prob"):
             v = getattr(self, name)
             require(0 <= v <= 1, f"faults.{name}", f"expected a probability in [0, 1], got {v}")
         require(0 < self.straggler_speed <= 1, "faults.straggler_speed", f"expected in (0, 1], got {self.straggler_speed}")
@@ -441,14 +444,14 @@ class FaultsConfig:
     def _draw(self, client_id: int, rnd: int, kind: str) -> float:
         import numpy as np  # noqa: PLC0415  (config stays import-light)
 
-        return float(np.random.default_rng([rnd, client_id, {"error": 1, "nan": 2}[kind], 4242]).random())
+        return float(np.random.default_rng([rnd, client_id, {"error": 1, "nan": 2, "unmask": 3}[kind], 4242]).random())
 
     def fires(self, client_id: int, rnd: int, kind: str) -> bool:
-        """Whether fault ``kind`` ("error" or "nan") hits ``client_id`` in round ``rnd``."""
-        ids = self.nan_clients if kind == "nan" else self.error_clients
+        """Whether fault ``kind`` ("error", "nan" or "unmask") hits ``client_id`` in round ``rnd``."""
+        ids = {"nan": self.nan_clients, "error": self.error_clients, "unmask": self.unmask_dropout_clients}[kind]
         if client_id in ids and (not self.rounds or rnd in self.rounds):
             return True
-        prob = self.nan_prob if kind == "nan" else self.error_prob
+        prob = {"nan": self.nan_prob, "error": self.error_prob, "unmask": self.unmask_dropout_prob}[kind]
         return prob > 0 and self._draw(client_id, rnd, kind) < prob
 
 
@@ -483,7 +486,7 @@ class Recipe:
         require(0 <= self.seed < 2**32, "seed", f"expected an integer in [0, 2**32), got {self.seed}")
         require(self.federation.min_clients <= self.partition.num_clients, "federation.min_clients",
                f"expected <= partition.num_clients ({self.partition.num_clients}), got {self.federation.min_clients}")
-        for kind in ("nan_clients", "error_clients"):
+        for kind in ("nan_clients", "error_clients", "unmask_dropout_clients"):
             for c in getattr(self.faults, kind):
                 require(0 <= c < self.partition.num_clients, f"faults.{kind}",
                        f"client ids must be in [0, {self.partition.num_clients}), got {c}")

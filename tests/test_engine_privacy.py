@@ -316,6 +316,41 @@ def test_secure_aggregation_equals_plain_mean_within_the_fixed_point_bound(tmp_p
     assert rows[1]["aggregated_clients"] == [0, 1, 2, 3]
 
 
+def test_a_client_dropping_after_masking_is_recovered_from_the_survivors_shares(tmp_path):
+    # Prepare: 4 clients, threshold 3; client 3 sends its masked update in round 1, then does not
+    # answer the unmasking request (its masked input is in the sum: the survivors' shares of its
+    # self-mask seed remove that mask, Bonawitz et al. 2017)
+    faults = {"unmask_dropout_clients": [3], "rounds": [1]}
+    plain = toy_recipe(name="plain_late", federation={**UNIFORM, "rounds": 2})
+    late = toy_recipe(name="late", federation={**UNIFORM, "rounds": 2}, privacy={"secure_aggregation": True},
+                      faults=faults)
+    on_time = toy_recipe(name="on_time", federation={**UNIFORM, "rounds": 2}, privacy={"secure_aggregation": True})
+    # Execute
+    e_plain, _ = run(tmp_path, plain)
+    e_late, rows = run(tmp_path, late)
+    _, rows_on_time = run(tmp_path, on_time)
+    # Assert: the unmask path ran with a late dropout (client 3 revealed no shares: fewer protocol
+    # bytes than the same round without it); the model is the plain mean of every client whose
+    # masked input arrived, within the fixed-point bound
+    assert rows[1]["unmask_dropouts"] == [3] and rows[1]["applied"]
+    assert rows[1]["secagg_overhead_bytes"] < rows_on_time[1]["secagg_overhead_bytes"]
+    assert rows[2]["secagg_overhead_bytes"] == rows_on_time[2]["secagg_overhead_bytes"]
+    assert rows[1]["aggregated_clients"] == [0, 1, 2, 3] and "unmask_dropouts" not in rows[2]
+    assert max_abs_diff(e_late.saved, e_plain.saved) <= rounds_bound(2)
+
+
+def test_too_few_survivors_to_unmask_is_a_round_not_applied(tmp_path):
+    # Prepare: two of four clients drop after masking in round 1: 2 survivors < threshold 3
+    recipe = toy_recipe(name="late2", federation={**UNIFORM, "rounds": 2}, privacy={"secure_aggregation": True},
+                        faults={"unmask_dropout_clients": [2, 3], "rounds": [1]})
+    # Execute
+    exp, rows = run(tmp_path, recipe)
+    # Assert: round 1 is not applied (no crash, model unchanged), round 2 is
+    assert [r["applied"] for r in rows[1:]] == [False, True]
+    assert rows[1]["unmask_dropouts"] == [2, 3]
+    assert torch.equal(exp.evaluated[1]["lin.weight"], exp.evaluated[0]["lin.weight"])
+
+
 def test_secure_aggregation_over_rounds_and_with_client_dp(tmp_path):
     # Prepare: client-side DP noise under secure aggregation (the distributed-DP composition)
     dp = {"dp": "client", "clip": 0.5, "noise_multiplier": 1.0}

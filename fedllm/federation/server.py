@@ -195,6 +195,7 @@ class FederatedServer:
         self._controls: dict[int, StateDict] = {}
         self._bytes_up = self._bytes_down = 0
         self._rejected: dict[int, str] = {}
+        self._late: set[int] = set()  # secure aggregation: dropped after masking (this round)
 
     def begin_round(self, rnd: int) -> RoundPlan:
         """Sample the round's clients and decide (seeded) who drops out or straggles."""
@@ -282,9 +283,15 @@ class FederatedServer:
             valid = [u for u in valid if u.client_id not in outliers]
         metrics: dict[str, Any] = {"rejected": dict(sorted(self._rejected.items())),
                                    "aggregated_clients": [u.client_id for u in valid]}
-        needed = max(self.recipe.federation.min_clients, self._secagg.threshold if self._secagg else 1,
-                     1 if self.regions else self.aggregator_needs())
-        applied = len(valid) >= needed
+        # secure aggregation: clients that sent their masked update but do not answer the unmasking
+        # request; their inputs stay in the sum, the other survivors' shares remove their masks
+        self._late = {u.client_id for u in valid if self._secagg is not None
+                      and self.recipe.faults.fires(u.client_id, rnd, "unmask")}
+        if self._late:
+            metrics["unmask_dropouts"] = sorted(self._late)
+        needed = max(self.recipe.federation.min_clients, 1 if self.regions else self.aggregator_needs())
+        survivors = len(valid) - len(self._late)
+        applied = len(valid) >= needed and (self._secagg is None or survivors >= self._secagg.threshold)
         metrics["applied"] = applied
         if not applied:
             log.warning("round %d: %d valid updates, fewer than the %d needed (federation.min_clients, "
@@ -335,7 +342,7 @@ class FederatedServer:
         fed = self.recipe.federation
         if self._secagg is not None:
             total = self._secagg.unmask({u.client_id: self._masked[u.client_id] for u in updates},
-                                        dtype=torch.float64)
+                                        dropped_after_masking=self._late, dtype=torch.float64)
             mean = {k: v / len(updates) for k, v in total.items()}
             if self.dp is not None and self.recipe.privacy.dp == "server":  # clients clipped before masking
                 mean = self.dp.noise_secure_sum(mean, len(updates))
