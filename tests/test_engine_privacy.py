@@ -299,6 +299,30 @@ def test_server_dp_round_is_the_pure_dp_aggregator_on_the_clients_updates(tmp_pa
     assert rows[1]["dp_noise_std"] == pytest.approx(1.0 * 0.05 / 4)
 
 
+class DpsgdToy(ToyExperiment):
+    """Reports a cumulative per-example ε the way VisionExperiment's DP-SGD clients do."""
+
+    def fit(self, client_id, examples, start, rnd, steps, grad_term=None):
+        upd = super().fit(client_id, examples, start, rnd, steps, grad_term)
+        return dataclasses.replace(upd, metrics={**upd.metrics, "dpsgd_epsilon": rnd * (1.0 + client_id)})
+
+
+def test_dpsgd_epsilon_reaches_every_row_and_the_summary(tmp_path):
+    # Prepare: 4 clients, 2 per round; client k's per-example epsilon after round t is t(1 + k)
+    recipe = toy_recipe(name="dpsgd_rows", federation={**UNIFORM, "rounds": 3, "fraction": 0.5})
+    # Execute
+    exp, rows = run(tmp_path, recipe, cls=DpsgdToy)
+    summary = json.loads((tmp_path / recipe.name / "federated" / "summary.json").read_text())
+    # Assert: each row carries the worst client's epsilon so far (never decreasing), the summary the last
+    worst, expected = {}, []
+    for r in rows[1:]:
+        for k in r["aggregated_clients"]:
+            worst[k] = r["round"] * (1.0 + k)
+        expected.append(max(worst.values()))
+    assert [r["epsilon_dpsgd"] for r in rows[1:]] == expected
+    assert expected == sorted(expected) and summary["final"]["epsilon_dpsgd"] == expected[-1]
+
+
 # ----------------------------------------------------------------------------- secure aggregation
 
 

@@ -234,6 +234,8 @@ def summarize(rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -
         out["final"]["epsilon"] = last["epsilon"]
     if "epsilon_central" in last:  # what holds against someone who sees only the aggregates
         out["final"]["epsilon_central"] = last["epsilon_central"]
+    if "epsilon_dpsgd" in last:  # sample-level DP-SGD: the worst client's per-example epsilon
+        out["final"]["epsilon_dpsgd"] = last["epsilon_dpsgd"]
     out.update(run_status(rows))
     out.update(extra or {})
     return out

@@ -174,6 +174,7 @@ class FederatedServer:
         self.dp: DPAggregator | None = dp.aggregator if dp else None
         self.ledger: PrivacyLedger | None = dp.ledger if dp else None  # the guarantee that holds
         self.central: PrivacyLedger | None = dp.central if dp else None  # aggregate-only ε, when it differs
+        self.dpsgd_epsilon: dict[int, float] = {}  # privacy.dpsgd: each client's per-example ε so far
         self.sigma = dp.sigma if dp else 0.0
         self.scaffold = ScaffoldState(initial_state) if fed.algorithm == "scaffold" else None
         self.uplink = Uplink(r, self.num_clients, self.payload_bytes, self.mask, self.dp)
@@ -252,6 +253,8 @@ class FederatedServer:
         if sent.masked is None and not sent.update.is_finite():  # e.g. fp16 overflowing to inf
             self._reject(rnd, k, "non-finite after encoding (the codec overflowed)")
             return
+        if "dpsgd_epsilon" in update.metrics:  # the client's cumulative per-example ε (DP-SGD)
+            self.dpsgd_epsilon[k] = max(self.dpsgd_epsilon.get(k, 0.0), float(update.metrics["dpsgd_epsilon"]))
         if sent.control is not None:
             self._controls[k] = sent.control
         if sent.masked is not None:
@@ -438,6 +441,8 @@ class FederatedServer:
             metrics["noise_multiplier"] = self.sigma
         if self.central is not None:
             metrics["epsilon_central"] = self.central.epsilon()
+        if self.dpsgd_epsilon:  # sample-level DP-SGD: the worst client's per-example ε so far
+            metrics["epsilon_dpsgd"] = max(self.dpsgd_epsilon.values())
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -448,7 +453,8 @@ class FederatedServer:
                                "has_mask": sorted(self.has_mask),
                                "regional": {i: clone_state(s) for i, s in self.regional.items()},
                                "region_examples": dict(self._region_examples),
-                               "sync_clients": [[w, clone_state(c)] for w, c in self._sync_clients]}
+                               "sync_clients": [[w, clone_state(c)] for w, c in self._sync_clients],
+                               "dpsgd_epsilon": dict(self.dpsgd_epsilon)}
         for name in ("dp", "ledger", "central", "scaffold"):
             part = getattr(self, name)
             if part is not None:
@@ -464,6 +470,7 @@ class FederatedServer:
         self.regional = {int(i): clone_state(s) for i, s in state["regional"].items()}
         self._region_examples = {int(i): int(n) for i, n in state["region_examples"].items()}
         self._sync_clients = [(float(w), clone_state(c)) for w, c in state["sync_clients"]]
+        self.dpsgd_epsilon = {int(k): float(v) for k, v in state.get("dpsgd_epsilon", {}).items()}
         for name in ("dp", "ledger", "central", "scaffold"):
             part = getattr(self, name)
             if name in state and part is not None:
