@@ -301,7 +301,7 @@ class PrivacyConfig:
     target_quantile: float = doc("adaptive clipping: fraction of updates left unclipped", 0.5)
     secure_aggregation: bool = doc("pairwise-mask secure aggregation (server sees only the sum)", False)
     secagg_threshold: float = doc("fraction of a round's clients whose shares rebuild a dropped client's masks", 0.6)
-    dpsgd: bool = doc("sample-level DP-SGD on each client through Opacus (vision models)", False)
+    dpsgd: bool = doc("sample-level DP-SGD on each client through Opacus (vision models and LoRA factors)", False)
     dpsgd_noise: float = doc("DP-SGD noise multiplier", 1.0)
     dpsgd_clip: float = doc("DP-SGD per-sample clipping norm", 1.0)
 
@@ -525,9 +525,6 @@ def _task_data(r: Recipe) -> Problem:
 def _lm_only(r: Recipe) -> Problem:
     if r.model.task == "vision" and r.federation.lora_aggregation != "factorwise":
         return "federation.lora_aggregation", "LoRA aggregation modes need a LoRA model (vision models have no adapters)"
-    if r.model.task == "lm" and r.privacy.dpsgd:
-        return ("privacy.dpsgd", "sample-level DP-SGD is implemented for the vision clients only (the LoRA "
-                "client has no Opacus training loop yet); use client-level DP (privacy.dp) for language models")
     return None
 
 
@@ -628,6 +625,7 @@ def flower_problem(r: Recipe) -> Problem:
         ("privacy.secure_aggregation", r.privacy.secure_aggregation, "masking is not run on the sites yet"),
         ("hierarchy.regions", bool(r.hierarchy.regions), "regional servers are not modelled on Flower yet"),
         ("selection.method", r.selection.method != "uniform", "only uniform client sampling is wired to Flower"),
+        ("privacy.dpsgd", r.privacy.dpsgd, "a site's DP-SGD noise is seeded from the recipe, which the coordinator knows"),
         ("attack.kind", r.attack.kind not in ("none", "label_flip"),
          "a simulated attack would change updates at the coordinator, after the sites noised and encoded them"),
         ("federation.algorithm", r.federation.algorithm == "scaffold" and on_site,

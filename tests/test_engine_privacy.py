@@ -468,7 +468,7 @@ def test_tiny_llm_secure_aggregation_with_client_dp_and_a_failing_client(tiny_ex
     (["privacy.secure_aggregation=true", "robust.aggregator=median"], "privacy.secure_aggregation", "sum"),
     (["privacy.dp=server", "federation.weighted=true"], "federation.weighted", "sensitivity"),
     (["privacy.dp=client", "robust.aggregator=trimmed_mean"], "privacy.dp", "mean"),
-    (["privacy.dpsgd=true"], "privacy.dpsgd", "client-level DP"),
+    (["privacy.dpsgd=true", "federation.algorithm=fedprox"], "privacy.dpsgd", "gradient term"),
 ])
 def test_incompatible_privacy_recipes_exit_2_with_one_line(capsys, tmp_path, command, overrides, field, words):
     # Execute
@@ -526,3 +526,72 @@ def test_opacus_per_sample_gradients_work_for_lora_over_a_4bit_base():
         for i in range(2):
             torch.testing.assert_close(per_sample[name][i], single[i][j], rtol=1e-5, atol=1e-6, msg=name)
         assert per_sample[name].abs().max() > 0
+
+
+def test_the_lora_dpsgd_step_is_clip_sum_noise_over_the_expected_batch():
+    """DPSGDLMModule's gradient, checked against per-example autograd: Σᵢ clip_C(gᵢ) + N(0, σ²C²), / B."""
+    from fedllm.client.lm import DPSGDLMModule, per_example_loss
+    from fedllm.config import load_recipe
+    from fedllm.models.llm import add_lora, load_base
+    from fedllm.models.state import TrainableState
+
+    # Prepare: the tiny llama in NF4 + LoRA, B non-zero (so A has gradients), a batch of 3
+    recipe = load_recipe(TINY, ["lora.dropout=0.0"])
+    base, _ = load_base(recipe.model, recipe.seed)
+    model = add_lora(base, recipe.lora, recipe.seed).train()
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    state = TrainableState(model)
+    params = [prm for prm in state.parameters() if prm.requires_grad]
+    ids = torch.randint(0, 1000, (3, 10), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    clip, sigma, expected_batch = 0.05, 0.7, 4
+    single = [torch.autograd.grad(per_example_loss(model(input_ids=ids[i:i + 1]).logits, ids[i:i + 1]).sum(), params)
+              for i in range(3)]
+    # Execute
+    module = DPSGDLMModule(model, state, recipe.train, 1, sigma, clip, expected_batch, seed=5)
+    try:
+        module.training_step(batch, 0).backward()
+        module.on_after_backward()
+        got = [prm.grad.clone() for prm in params]
+    finally:
+        module.close()
+    # Assert
+    gen = torch.Generator().manual_seed(5)
+    norms = [torch.sqrt(sum(g.double().square().sum() for g in gi)) for gi in single]
+    assert max(norms) > clip  # the clip binds for some example
+    for j, prm in enumerate(params):
+        clipped = sum(single[i][j] * min(1.0, clip / (float(norms[i]) + 1e-6)) for i in range(3))
+        noise = torch.randn(prm.shape, generator=gen, dtype=torch.float32) * (sigma * clip)
+        torch.testing.assert_close(got[j], (clipped + noise) / expected_batch, rtol=1e-4, atol=1e-7)
+    assert module.raw_grad_steps == 1
+    assert all(getattr(prm, "grad_sample", None) is None for prm in model.parameters())
+
+
+def test_dpsgd_on_the_tiny_4bit_lora_recipe_reports_opacus_epsilon_per_round(tmp_path):
+    from fedllm.config import load_recipe
+
+    # Prepare: 2 clients of 24 examples, batch 4 (q = 1/6), 2 steps a round, 2 rounds
+    overrides = ["privacy.dpsgd=true", "privacy.dpsgd_noise=1.0", "privacy.dpsgd_clip=1.0",
+                 "federation.algorithm=gradualdiff", "federation.rounds=2", "partition.num_clients=2",
+                 "train.local_steps=2", "train.batch_size=4", "eval.bleu_samples=0", "data.max_examples=56",
+                 "data.eval_size=8", "output.save_adapter=false"]
+    recipe = load_recipe(TINY, overrides)
+    # Execute
+    assert main(["run", str(TINY), *overrides, "--out", str(tmp_path)]) == 0
+    rows = read_metrics(tmp_path / recipe.name / "federated")
+    summary = json.loads((tmp_path / recipe.name / "federated" / "summary.json").read_text())
+    # Assert: every client trained both rounds: its epsilon is opacus' RDP for Poisson q over 4 steps
+    sizes = {int(k): len(v) for k, v in json.loads((tmp_path / recipe.name / "federated" /
+                                                    "partition.json").read_text())["clients"].items()}
+    for r, steps in zip(rows[1:], (2, 4)):
+        expected = []
+        for n in sizes.values():
+            acc = RDPAccountant()
+            acc.history = [(1.0, 4 / n, steps)]
+            expected.append(acc.get_epsilon(1e-5))
+        assert r["epsilon_dpsgd"] == pytest.approx(max(expected), rel=1e-9)
+        assert r["applied"] and r["eval_loss"] != rows[0]["eval_loss"]
+    assert summary["final"]["epsilon_dpsgd"] == rows[-1]["epsilon_dpsgd"] and summary["status"] == "ok"

@@ -99,3 +99,95 @@ def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(examples, batch_size=batch_size, shuffle=True, generator=gen,
                       collate_fn=lambda b: collate(b, pad_id), num_workers=0)
+
+
+# ------------------------------------------------------------------ sample-level DP-SGD (Opacus)
+
+def empty_batch() -> dict[str, torch.Tensor]:
+    """What a Poisson draw that picked no example collates to (the step is then noise only)."""
+    zeros = torch.zeros((0, 1), dtype=torch.long)
+    return {"input_ids": zeros, "attention_mask": zeros.clone(), "labels": zeros.clone()}
+
+
+class PoissonBatches(torch.utils.data.Sampler):
+    """Poisson sampling for DP-SGD: each step takes every example independently with probability q.
+
+    ``ceil(1/q)`` batches an epoch (opacus' convention); the draws are seeded, so a round's batches
+    are the same on every run. This is the sampling the accountant assumes (opacus' RDP, Poisson).
+    """
+
+    def __init__(self, n: int, q: float, seed: int) -> None:
+        self.n, self.q = n, q
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(1 / self.q))
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            yield torch.nonzero(torch.rand(self.n, generator=self.gen) < self.q).flatten().tolist()
+
+
+def make_poisson_loader(examples: list[Example], expected_batch: int, pad_id: int, seed: int) -> DataLoader:
+    q = min(1.0, expected_batch / max(len(examples), 1))
+    return DataLoader(examples, batch_sampler=PoissonBatches(len(examples), q, seed), num_workers=0,
+                      collate_fn=lambda b: collate(b, pad_id) if b else empty_batch())
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's mean next-token cross-entropy over its labelled tokens (0 when it has none)."""
+    shift, target = logits[:, :-1].float(), labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1),
+                                            ignore_index=-100, reduction="none").view(target.shape)
+    count = (target != -100).sum(dim=1)
+    return tok.sum(dim=1) / count.clamp(min=1)
+
+
+class DPSGDLMModule(CausalLMModule):
+    """DP-SGD for the LoRA factors (Abadi et al., 2016): per-example gradients by Opacus' hooks on the
+    trainable ``nn.Linear`` factors (the frozen NF4 base has none), each clipped to C in L2 over all
+    factors, summed, plus N(0, σ²C²), divided by the expected batch size; Poisson batches
+    (:class:`PoissonBatches`). The optimizer then steps on that gradient (``train.optimizer``)."""
+
+    def __init__(self, model: torch.nn.Module, state: TrainableState, train: TrainConfig, total_steps: int,
+                 noise: float, clip: float, expected_batch: int, seed: int) -> None:
+        super().__init__(model, state, train, total_steps)
+        from opacus import GradSampleModule  # noqa: PLC0415
+
+        self.noise, self.clip, self.expected_batch = noise, clip, expected_batch
+        self.noise_gen = torch.Generator().manual_seed(seed)
+        self.raw_grad_steps = 0  # steps whose per-example gradients were non-zero (before the noise)
+        self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+
+    def close(self) -> None:
+        """Remove Opacus' hooks and per-sample gradients: the model is shared by every client."""
+        self.gsm._close()  # noqa: SLF001
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        params = [p for p in self.state.parameters() if p.requires_grad]
+        if batch["input_ids"].shape[0] == 0:  # nobody drawn: a zero gradient, then noise only
+            self.losses.append(0.0)
+            return sum(p.sum() * 0.0 for p in params)
+        losses = per_example_loss(self.gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                  batch["labels"])
+        self.losses.append(float(losses.mean().detach()))
+        return losses.sum()
+
+    @torch.no_grad()
+    def on_after_backward(self) -> None:
+        params = [p for p in self.state.parameters() if p.requires_grad]
+        samples = [getattr(p, "grad_sample", None) for p in params]
+        if any(s is not None for s in samples):
+            n = next(s for s in samples if s is not None).shape[0]
+            flat = [s.reshape(n, -1) if s is not None else torch.zeros(n, 0) for s in samples]
+            norms = torch.cat(flat, dim=1).norm(dim=1)
+            scale = (self.clip / (norms + 1e-6)).clamp(max=1.0)
+            summed = [torch.einsum("n,n...->...", scale, s) if s is not None else torch.zeros_like(p)
+                      for p, s in zip(params, samples)]
+            self.raw_grad_steps += int(bool(norms.gt(0).any()))
+        else:
+            summed = [torch.zeros_like(p) for p in params]
+        for p, g in zip(params, summed):
+            noise = torch.randn(p.shape, generator=self.noise_gen, dtype=torch.float32) * (self.noise * self.clip)
+            p.grad = ((g.float() + noise) / self.expected_batch).to(p.dtype)
+            p.grad_sample = None

@@ -8,6 +8,7 @@ shared model and in the examples they train on.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from pathlib import Path
 
@@ -15,8 +16,14 @@ import torch
 
 from fedllm.algorithms.drift import DriftTerm
 from fedllm.client.evaluate import EvalResult, evaluate
-from fedllm.client.fit import fit_module
-from fedllm.client.lm import CausalLMModule, FederatedRoundCallback, make_loader
+from fedllm.client.fit import FitStats, fit_module
+from fedllm.client.lm import (
+    CausalLMModule,
+    DPSGDLMModule,
+    FederatedRoundCallback,
+    make_loader,
+    make_poisson_loader,
+)
 from fedllm.config import Recipe
 from fedllm.data.build import TextData, build_text_data
 from fedllm.data.text import Example
@@ -51,6 +58,7 @@ class LMExperiment:
         self.data: TextData = build_text_data(recipe, self.tokenizer)
         self.accelerator = "gpu" if pick_device(recipe.model) == "cuda" else "cpu"
         self.step_callbacks: list = []  # e.g. progress bars; added by the caller
+        self._dp_history: dict[int, list] = {}  # privacy.dpsgd: each client's (σ, q, steps) so far
 
     def fit(self, client_id: int, examples: list[Example], start: StateDict, rnd: int, steps: int,
             grad_term: DriftTerm | None = None) -> ClientUpdate:
@@ -63,18 +71,47 @@ class LMExperiment:
             raise ClientFault(f"injected failure of client {client_id} in round {rnd}")
         seed = round_seed(self.recipe.seed, rnd)
         torch.manual_seed(seed)  # LoRA dropout masks
-        loader = make_loader(examples, self.recipe.train.batch_size, self.tokenizer.pad_token_id, seed)
-        module = CausalLMModule(self.model, self.state, self.recipe.train, steps, grad_term)
         round_cb = FederatedRoundCallback(start)
-        fitted = fit_module(module, loader, steps, [round_cb, *self.step_callbacks], self.accelerator,
-                            self.recipe.train.max_grad_norm)
+        metrics: dict[str, float] = {}
+        if self.recipe.privacy.dpsgd:
+            fitted, metrics["dpsgd_epsilon"] = self._fit_dpsgd(client_id, examples, steps, seed, round_cb)
+        else:
+            loader = make_loader(examples, self.recipe.train.batch_size, self.tokenizer.pad_token_id, seed)
+            module = CausalLMModule(self.model, self.state, self.recipe.train, steps, grad_term)
+            fitted = fit_module(module, loader, steps, [round_cb, *self.step_callbacks], self.accelerator,
+                                self.recipe.train.max_grad_norm)
         losses, delta = fitted.losses, round_cb.delta
         if self.recipe.faults.fires(client_id, rnd, "nan"):
             delta = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
         train_loss = statistics.fmean(losses) if losses and not round_cb.tripped else float("nan")
         return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(examples),
                             local_steps=len(losses), train_loss=train_loss, bytes_up=serialized_bytes(delta),
-                            grad_steps=fitted.grad_steps)
+                            grad_steps=fitted.grad_steps, metrics=metrics)
+
+    def _fit_dpsgd(self, client_id: int, examples: list, steps: int, seed: int, round_cb) -> tuple[FitStats, float]:
+        """``privacy.dpsgd``: Opacus per-example gradients of the LoRA factors, clipped and noised
+        (:class:`~fedllm.client.lm.DPSGDLMModule`) on Poisson batches; (fit stats, this client's ε so far).
+
+        ε is opacus' RDP for Poisson sampling at q = batch_size / examples over every step this
+        client has taken in the run (its own history), at ``privacy.delta``.
+        """
+        from opacus.accountants import RDPAccountant  # noqa: PLC0415
+
+        p, t = self.recipe.privacy, self.recipe.train
+        loader = make_poisson_loader(examples, t.batch_size, self.tokenizer.pad_token_id, seed)
+        module = DPSGDLMModule(self.model, self.state, t, steps, p.dpsgd_noise, p.dpsgd_clip, t.batch_size,
+                               seed * 7_919 + client_id)
+        try:  # no whole-gradient clipping on top: the per-example clip is the mechanism
+            fitted = fit_module(module, loader, steps, [round_cb, *self.step_callbacks], self.accelerator, 0.0)
+        finally:
+            module.close()
+        q = loader.batch_sampler.q
+        history = self._dp_history.setdefault(client_id, [])
+        history.append((p.dpsgd_noise, q, len(fitted.losses)))
+        acc = RDPAccountant()
+        acc.history = list(history)
+        eps = float(acc.get_epsilon(p.delta)) if p.dpsgd_noise > 0 else math.inf
+        return FitStats(fitted.losses, module.raw_grad_steps), eps
 
     def evaluate(self, state: StateDict) -> EvalResult:
         self.state.set(state)
