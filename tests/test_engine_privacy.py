@@ -124,6 +124,12 @@ SCHEMES = {
     "round-robin-client-local": (dict(fraction=0.5, dp="client"), {"method": "round_robin"},
                                  lambda: opacus_epsilons(RDPAccountant, SIGMA / math.sqrt(2), 1.0, 2, DELTA),
                                  lambda: opacus_epsilons(RDPAccountant, SIGMA, 1.0, 2, DELTA)),
+    # importance sampling (size-weighted): no amplification claimed, q = 1
+    "importance-server": (dict(fraction=0.5, dp="server"), {"method": "importance"},
+                          lambda: opacus_epsilons(RDPAccountant, SIGMA, 1.0, 2, DELTA), None),
+    # client DP under secure aggregation, 2 of 4: the aggregate's sigma holds against the server
+    "uniform-2of4-client-secagg": (dict(fraction=0.5, dp="client", secure_aggregation=True), {},
+                                   lambda: wor_epsilons(SIGMA, 4, 2, 2, DELTA), None),
     # client DP, 2 of 4 uniformly: without-replacement RDP at the upload's sigma/sqrt(2)
     "uniform-2of4-client-local": (dict(fraction=0.5, dp="client"), {},
                                   lambda: wor_epsilons(SIGMA / math.sqrt(2), 4, 2, 2, DELTA),

@@ -63,17 +63,20 @@ PARTS = (
          "LeNet-300-100 on Fashion-MNIST (3,000 images), 10 iid clients, 5 per round (q = 0.5)"),
 )
 
-KEEP = ("round", "eval_loss", "perplexity", "accuracy", "train_loss", "epsilon", "noise_multiplier", "dp_clip",
-        "dp_unclipped_fraction", "dp_mean_update_norm", "applied", "clients")
+KEEP = ("round", "eval_loss", "perplexity", "accuracy", "train_loss", "epsilon", "epsilon_central", "epsilon_dpsgd",
+        "noise_multiplier", "dp_clip", "dp_unclipped_fraction", "dp_mean_update_norm", "applied", "clients")
 
 
 def variants(part: Part, clip: float) -> dict[str, list[str]]:
     """label -> recipe overrides (after the non-private run has fixed ``clip``)."""
     out = {f"DP-FedAvg σ={s:g}": ["privacy.dp=server", f"privacy.clip={clip:.3g}", f"privacy.noise_multiplier={s}"]
            for s in SIGMAS}
-    if part.name == "vision":
-        out.update({f"DP-SGD σ={s:g}": ["privacy.dp=none", "privacy.dpsgd=true", f"privacy.dpsgd_noise={s}"]
-                    for s in DPSGD_NOISE})
+    if part.name == "lm":  # the same σ with the noise added on the clients: who ε holds against
+        out["client noise σ=1"] = ["privacy.dp=client", f"privacy.clip={clip:.3g}", "privacy.noise_multiplier=1.0"]
+        out["client noise + secagg σ=1"] = ["privacy.dp=client", "privacy.secure_aggregation=true",
+                                            f"privacy.clip={clip:.3g}", "privacy.noise_multiplier=1.0"]
+    out.update({f"DP-SGD σ={s:g}": ["privacy.dp=none", "privacy.dpsgd=true", f"privacy.dpsgd_noise={s}"]
+                for s in DPSGD_NOISE})
     return out
 
 
@@ -87,6 +90,7 @@ class Recorder:
         self.exp, self.fit = exp, exp.fit
         self.norms: dict[int, list[float]] = {}
         self.dpsgd_eps: dict[int, float] = {}
+        self.dpsgd_steps: dict[int, tuple[int, int]] = {}  # client -> (its examples, DP-SGD steps so far)
         exp.fit = self
 
     def __call__(self, client_id, examples, start, rnd, steps, grad_term=None):
@@ -96,10 +100,12 @@ class Recorder:
         self.norms.setdefault(rnd, []).append(global_norm(update.delta))
         if "dpsgd_epsilon" in update.metrics:
             self.dpsgd_eps[client_id] = float(update.metrics["dpsgd_epsilon"])
+            n, done = self.dpsgd_steps.get(client_id, (len(examples), 0))
+            self.dpsgd_steps[client_id] = (n, done + update.local_steps)
         return update
 
     def reset(self) -> None:
-        self.norms, self.dpsgd_eps = {}, {}
+        self.norms, self.dpsgd_eps, self.dpsgd_steps = {}, {}, {}
         if hasattr(self.exp, "_dp_history"):  # VisionExperiment's per-client DP-SGD accountant history
             self.exp._dp_history = {}
 
@@ -123,7 +129,10 @@ def run_variant(exp, rec: Recorder, part: Part, label: str, overrides: list[str]
            "round1_norms": rec.norms.get(1, []), "wall_s": time.perf_counter() - t0,
            "cpu_s": time.process_time() - c0, "sigma": recipe.privacy.noise_multiplier if recipe.privacy.enabled else None,
            "clip": recipe.privacy.clip if recipe.privacy.enabled else None, "rounds": recipe.federation.rounds,
-           "q": recipe.clients_per_round / recipe.partition.num_clients}
+           "q": recipe.clients_per_round / recipe.partition.num_clients, "dp": recipe.privacy.dp,
+           "secure_aggregation": recipe.privacy.secure_aggregation, "num_clients": recipe.partition.num_clients,
+           "per_round": recipe.clients_per_round, "delta": recipe.privacy.delta}
+    out["independent_epsilon"] = independent_epsilon(out, recipe, rec.dpsgd_steps)
     if recipe.privacy.dpsgd:
         out.update(dpsgd_sigma=recipe.privacy.dpsgd_noise, dpsgd_clip=recipe.privacy.dpsgd_clip,
                    dpsgd_epsilon_max=max(rec.dpsgd_eps.values(), default=math.nan),
@@ -158,6 +167,47 @@ def _print(part: Part, run: dict[str, Any]) -> None:
     print(f"  {part.name:6s} {run['label']:18s} ε={_eps_text(run):>10s}  {util}  ({run['wall_s']:.0f} s)", flush=True)
 
 
+# ----------------------------------------------------------------------------- an independent ε
+
+
+def independent_epsilon(run: dict[str, Any], recipe: Any, dpsgd_steps: dict[int, tuple[int, int]]) -> float | None:
+    """ε for the mechanism the run applied, from the recipe alone (not fedllm's ledger).
+
+    DP-FedAvg: m of n clients without replacement each round, Google's ``dp_accounting`` RDP
+    (replace-one), at the noise multiplier the server-side observer faces: σ, or σ/√m when each
+    client adds its own share and no secure aggregation hides the uploads. DP-SGD: opacus' RDP for
+    Poisson sampling, per client, over the steps it ran (q = batch / examples for LoRA clients,
+    1 / batches for vision clients), max over clients.
+    """
+    import dp_accounting  # noqa: PLC0415
+    from dp_accounting.rdp import rdp_privacy_accountant  # noqa: PLC0415
+    from opacus.accountants import RDPAccountant  # noqa: PLC0415
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    if recipe.privacy.dpsgd:
+        eps = []
+        for n, steps in dpsgd_steps.values():
+            b = recipe.train.batch_size
+            q = min(1.0, b / n) if recipe.model.task == "lm" else 1.0 / math.ceil(n / b)
+            acc = RDPAccountant()
+            acc.history = [(recipe.privacy.dpsgd_noise, q, steps)]
+            eps.append(acc.get_epsilon(recipe.privacy.delta))
+        return max(eps) if eps else None
+    if not recipe.privacy.enabled:
+        return None
+    sigma, m, n = recipe.privacy.noise_multiplier, recipe.clients_per_round, recipe.partition.num_clients
+    if sigma == 0:
+        return math.inf
+    if recipe.privacy.dp == "client" and not recipe.privacy.secure_aggregation:
+        sigma /= math.sqrt(m)
+    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    event = dp_accounting.GaussianDpEvent(sigma)
+    if m < n:
+        event = dp_accounting.SampledWithoutReplacementDpEvent(n, m, event)
+    acc.compose(event, recipe.federation.rounds)
+    return float(acc.get_epsilon(recipe.privacy.delta))
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -171,15 +221,29 @@ def epsilon(run: dict[str, Any]) -> float | None:
     return math.inf if eps is None else eps
 
 
-def _eps_text(run: dict[str, Any]) -> str:
-    eps = epsilon(run)
+def _fmt(eps: float | None) -> str:
     return "—" if eps is None else "∞" if math.isinf(eps) else f"{eps:.3g}"
+
+
+def _eps_text(run: dict[str, Any]) -> str:
+    return _fmt(epsilon(run))
+
+
+def _mechanism(run: dict[str, Any]) -> str:
+    if run.get("dpsgd_sigma") is not None:
+        return "sample-level DP-SGD (per client, per example)"
+    if run["sigma"] is None:
+        return "none"
+    if run.get("dp") == "client":
+        return ("client-level, noise on the clients, secure aggregation (ε holds against the server)"
+                if run.get("secure_aggregation") else "client-level, noise on the clients (ε against the server: σ/√m)")
+    return "client-level DP-FedAvg, trusted server adds the noise"
 
 
 def table(part: dict[str, Any], name: str) -> str:
     metric = "final accuracy (%)" if name == "vision" else "final perplexity"
-    lines = [f"| variant | mechanism | σ | clip | ε at δ=1e-5 | {metric} | round-0 | wall (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| variant | mechanism | σ | clip | fedllm ε at δ=1e-5 | independent ε | aggregate-only ε | "
+             f"{metric} | round-0 | wall (s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in part["runs"].values():
         first, last = run["rows"][0], run["rows"][-1]
         if name == "vision":
@@ -187,13 +251,15 @@ def table(part: dict[str, Any], name: str) -> str:
         else:
             util, start = f"{last['perplexity']:.3f}", f"{first['perplexity']:.3f}"
         if run.get("dpsgd_sigma") is not None:
-            mech, sigma, clip = "sample-level DP-SGD (per client, per example)", run["dpsgd_sigma"], run["dpsgd_clip"]
+            sigma, clip = run["dpsgd_sigma"], run["dpsgd_clip"]
         elif run["sigma"] is None:
-            mech, sigma, clip = "none", "—", "—"
+            sigma, clip = "—", "—"
         else:
-            mech, sigma, clip = "client-level DP-FedAvg (server noise)", run["sigma"], run["clip"]
-        lines.append(f"| {run['label']} | {mech} | {sigma} | {clip} | {_eps_text(run)} | {util} | {start} | "
-                     f"{run['wall_s']:.0f} |")
+            sigma, clip = run["sigma"], run["clip"]
+        central = last.get("epsilon_central")
+        lines.append(f"| {run['label']} | {_mechanism(run)} | {sigma} | {clip} | {_eps_text(run)} | "
+                     f"{_fmt(run.get('independent_epsilon'))} | {_fmt(central) if central is not None else '—'} | "
+                     f"{util} | {start} | {run['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -253,10 +319,15 @@ def write_report(results: dict[str, Any], out: Path, meta: dict[str, Any]) -> No
              f"{meta['cpu_s']:.0f} s CPU, {meta['wall_s']:.0f} s wall, at nice 19 on a shared 2-core machine). "
              "Recipes: `recipes/studies/privacy_*.yaml`; raw numbers (every round of every run): "
              "`privacy_study.json`; plot: `privacy_study.png`.", "",
-             "ε is opacus' RDP accountant at δ = 1e-5 over all rounds (client-level: q = clients per round / "
-             "clients, one step per round; DP-SGD: each client's own accountant over every optimizer step it "
-             "ran, max over clients). The clip C is the median L2 norm of the clients' round-1 deltas in the "
-             "non-private run (a data-dependent, non-private choice, stated here).", ""]
+             "fedllm ε is what the run wrote (metrics.jsonl), at δ = 1e-5 over all rounds, for the sampler it used: "
+             "client-level, m of n clients without replacement each round (RDP for sampling without replacement, "
+             "Google's dp_accounting, replace-one); DP-SGD, each client's own opacus RDP accountant over every "
+             "optimizer step on its Poisson batches, max over clients. *Independent ε* recomputes it from the "
+             "recipe alone with dp_accounting / opacus directly (fedllm.studies.privacy.independent_epsilon). "
+             "With the noise on the clients and no secure aggregation the server sees each upload with σ/√m of "
+             "noise: ε is accounted at that, and the aggregate-only ε is given beside it. The clip C is the "
+             "median L2 norm of the clients' round-1 deltas in the non-private run (a data-dependent, non-private "
+             "choice, stated here).", ""]
     if meta.get("parts"):
         parts[2:2] = ["Run as " + " and ".join(f"`{c}`" for c in meta["parts"]) + " in parallel, joined by "
                       "`--merge` (each part builds its own experiment from its recipe and seed, as the one command does).", ""]
