@@ -255,8 +255,9 @@ class RobustConfig:
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    method: Literal["uniform", "round_robin", "importance", "power_of_choice"] = doc(
-        "uniform fraction, round-robin, importance (prop. to examples) or power-of-choice", "uniform")
+    method: Literal["uniform", "poisson", "round_robin", "importance", "power_of_choice"] = doc(
+        "uniform (fraction*K without replacement), poisson (each client with probability fraction), "
+        "round-robin, importance (prop. to examples) or power-of-choice", "uniform")
     candidates: int | None = doc("power_of_choice: d candidates sampled, the m = fraction*K with the highest "
                                  "local loss kept (default 2m)", None)
 
@@ -592,6 +593,9 @@ def _privacy(r: Recipe) -> Problem:
             return "privacy.adaptive_clip", "adaptive clipping needs the server to see update norms (dp: server)"
         if r.hierarchy.regions:
             return "privacy.dp", "client-level DP with hierarchical aggregation is not supported"
+        if r.selection.method == "poisson" and (p.dp == "client" or p.secure_aggregation):
+            return ("selection.method", "poisson sampling is wired to server-side DP (a fixed denominator fraction*K "
+                    "on the mean); with dp: client or secure aggregation use selection.method: uniform")
         if r.selection.method == "power_of_choice":
             return ("selection.method", "power_of_choice picks clients by their local losses, which depend on their "
                     "data outside the DP mechanism (no accountant bounds that); use uniform, round_robin or importance")

@@ -164,9 +164,31 @@ def test_epsilon_in_every_row_is_the_independent_answer_for_the_real_sampler(tmp
     assert 0 < trained[0]["epsilon"] < trained[-1]["epsilon"]  # composition spends more each round
 
 
+def test_poisson_sampling_is_accounted_as_poisson_with_a_fixed_denominator(tmp_path):
+    # Prepare: 6 clients, each joins a round with probability 0.3 (some rounds may have none)
+    recipe = toy_recipe(name="poisson", partition={"method": "iid", "num_clients": 6},
+                        federation={**UNIFORM, "rounds": 4, "fraction": 0.3}, selection={"method": "poisson"},
+                        privacy={"dp": "server", "clip": 0.5, "noise_multiplier": SIGMA, "delta": DELTA})
+    # Execute
+    _, rows = run(tmp_path, recipe)
+    # Assert: every round is charged as one Poisson-subsampled Gaussian at q = 0.3 (opacus directly),
+    # whether or not anyone was drawn; the sampled sets differ in size
+    for r, eps in zip(rows[1:], opacus_epsilons(RDPAccountant, SIGMA, 0.3, 4, DELTA)):
+        assert r["epsilon"] == pytest.approx(eps, rel=1e-9)
+    assert len({len(r["clients"]) for r in rows[1:]}) > 1
+    # the server's DP mean divides the clipped sum by the expected count qK = 1.8, not by the count
+    from fedllm.algorithms.aggregate import MeanAggregator as Mean
+    from fedllm.types import ClientUpdate
+
+    agg = DPAggregator(Mean(weighted=False), DPConfig(noise_multiplier=0.0, clip_norm=10.0), 1, 0, expected=1.8)
+    ups = [ClientUpdate(i, {"w": torch.tensor([float(i + 1)])}, 1, 1, 0.0) for i in range(3)]
+    assert float(agg(ups)["w"]) == pytest.approx((1 + 2 + 3) / 1.8)
+
+
 @pytest.mark.parametrize(("privacy", "selection", "field"), [
     ({"dp": "server", "accountant": "prv"}, {}, "privacy.accountant"),  # PRV models Poisson, not 2-of-4
     ({"dp": "client"}, {"method": "power_of_choice"}, "selection.method"),  # picks by loss: data-dependent
+    ({"dp": "client"}, {"method": "poisson"}, "selection.method"),  # no fixed denominator for client noise
 ])
 def test_a_sampler_no_accountant_bounds_is_refused_with_one_line(privacy, selection, field):
     with pytest.raises(RecipeError, match=field.replace(".", r"\.")):

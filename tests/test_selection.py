@@ -121,7 +121,7 @@ def test_availability_state_round_trip():
 
 
 def test_build_sampler_and_errors():
-    assert set(SAMPLERS) == {"uniform", "round_robin", "importance", "power_of_choice"}
+    assert set(SAMPLERS) == {"uniform", "poisson", "round_robin", "importance", "power_of_choice"}
     assert isinstance(build_sampler("uniform", fraction=0.5, seed=1), UniformSampler)
     assert build_sampler("round_robin", per_round=4).per_round == 4
     with pytest.raises(ValueError, match="power_of_choice"):
@@ -132,3 +132,17 @@ def test_build_sampler_and_errors():
         PowerOfChoiceSampler(d=2, m=3)
     with pytest.raises(ValueError, match="unique"):
         UniformSampler(0.5).sample(0, [1, 1])
+
+
+def test_poisson_sampler_draws_each_client_independently_and_may_draw_none():
+    from fedllm.algorithms.selection import PoissonSampler
+
+    sampler = build_sampler("poisson", fraction=0.3, seed=4)
+    assert isinstance(sampler, PoissonSampler)
+    draws = [sampler.sample(t, list(range(10))) for t in range(2000)]
+    counts = [len(d) for d in draws]
+    assert abs(sum(counts) / len(counts) - 3.0) < 0.1  # E = q n
+    assert 0 in counts and max(counts) > 6  # the size varies, down to none
+    assert sampler.sample(7, list(range(10))) == draws[7]  # a pure function of (seed, round)
+    inclusion = sum(3 in d for d in draws) / len(draws)
+    assert abs(inclusion - 0.3) < 0.03

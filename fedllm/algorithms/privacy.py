@@ -126,9 +126,15 @@ class DPAggregator:
     clients call :meth:`client_noise` and ``__call__`` only aggregates what arrives.
     """
 
-    def __init__(self, inner: Aggregator, cfg: DPConfig, num_sampled: int, seed: int) -> None:
+    def __init__(self, inner: Aggregator, cfg: DPConfig, num_sampled: int, seed: int,
+                 expected: float | None = None) -> None:
         if num_sampled < 1:
             raise ValueError(f"num_sampled must be >= 1, got {num_sampled}")
+        if expected is not None and not (expected > 0 and cfg.mode == "server"):
+            raise ValueError("a fixed denominator (Poisson sampling) needs expected > 0 and mode='server'")
+        # Poisson sampling: the mean is the clipped sum over qK, the expected count (sensitivity C/(qK)
+        # whatever the round's count); fixed-size sampling divides by the count itself
+        self.expected = expected
         if getattr(inner, "weighted", False):
             raise ValueError("DP noise is calibrated to the uniform mean (sensitivity C/K); "
                              "use an inner aggregator with weighted=False")
@@ -159,7 +165,10 @@ class DPAggregator:
         clip = self.clip
         norms = [global_norm(u.delta) for u in updates]
         clipped = [dataclasses.replace(u, delta=clip_delta(u.delta, clip)[0]) for u in updates]
-        out, std = self.noise_mean(self.inner(clipped), len(updates))
+        mean = self.inner(clipped)
+        if self.expected is not None:  # the sum over the expected count
+            mean = {k: v * (len(updates) / self.expected) for k, v in mean.items()}
+        out, std = self.noise_mean(mean, len(updates) if self.expected is None else self.expected)
         unclipped = sum(n <= clip for n in norms)
         if self.cfg.adaptive:
             self._update_clip(unclipped, len(updates))
@@ -168,7 +177,7 @@ class DPAggregator:
         self.round += 1
         return out
 
-    def noise_mean(self, mean: Mapping[str, torch.Tensor], count: int) -> tuple[StateDict, float]:
+    def noise_mean(self, mean: Mapping[str, torch.Tensor], count: float) -> tuple[StateDict, float]:
         """(mean + N(0, (σ·C/count)²), the std): the server's noise on the mean of ``count`` deltas
         already clipped to C — by this aggregator, or by the clients themselves under secure
         aggregation, where the server only ever sees the sum."""

@@ -6,6 +6,8 @@ Python's global ``random`` and of torch's RNG, and identical after resuming from
 ``state_dict()`` holds what decides the outcome (the seed; Power-of-Choice's last known losses).
 
 - ``UniformSampler``: m = max(1, ⌊C·K⌋) clients uniformly without replacement (McMahan et al., 2017).
+- ``PoissonSampler``: each client independently with probability C (the sampling DP-FedAvg's
+  Poisson accountant assumes; a round may have no client at all).
 - ``RoundRobinSampler``: the next ``per_round`` clients in id order, wrapping around; round t starts
   at position t·per_round, so every client is picked within ⌈K/per_round⌉ consecutive rounds.
 - ``ImportanceSampler``: m clients without replacement, with probability ∝ number of examples.
@@ -101,6 +103,26 @@ class UniformSampler:
         ids = _ids(client_ids)
         picked = _rng(self.seed, round).choice(ids, size=_count(self.fraction, len(ids)), replace=False)
         return sorted(int(c) for c in picked)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+
+
+class PoissonSampler:
+    """Each client joins the round independently with probability ``fraction`` (possibly none)."""
+
+    def __init__(self, fraction: float = 1.0, seed: int = 0) -> None:
+        _check_fraction(fraction)
+        self.fraction, self.seed = fraction, int(seed)
+
+    def sample(self, round: int, client_ids: Sequence[int]) -> list[int]:
+        _check_round(round)
+        ids = _ids(client_ids)
+        draws = _rng(self.seed, round, 1).random(len(ids))
+        return [c for c, u in zip(ids, draws) if u < self.fraction]
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed}
@@ -222,7 +244,7 @@ class Availability:
             raise ValueError(f"local_steps must be >= 1, got {local_steps}")
         dropped, stragglers, steps = [], [], {}
         slow_steps = math.floor(local_steps * self.speed_factor + 1e-9)
-        for cid in _ids(client_ids):
+        for cid in _ids(client_ids) if client_ids else []:  # a Poisson draw may pick nobody
             u_drop, u_slow = _rng(self.seed, round, cid).random(2)
             if u_drop < self.dropout_prob or (u_slow < self.straggler_fraction and slow_steps == 0):
                 dropped.append(cid)
@@ -242,6 +264,7 @@ class Availability:
 
 SAMPLERS: dict[str, type] = {
     "uniform": UniformSampler,
+    "poisson": PoissonSampler,
     "round_robin": RoundRobinSampler,
     "importance": ImportanceSampler,
     "power_of_choice": PowerOfChoiceSampler,

@@ -31,6 +31,7 @@ def sampler(recipe: Recipe, sizes: Mapping[int, int]) -> ClientSampler:
     fraction, n = recipe.federation.fraction, len(sizes)
     kw: dict[str, Any] = {
         "uniform": {"fraction": fraction, "seed": seed},
+        "poisson": {"fraction": fraction, "seed": seed},
         "round_robin": {"per_round": m},
         "importance": {"fraction": fraction, "seed": seed, "num_examples": dict(sizes)},
         "power_of_choice": {"d": min(n, sel.candidates or 2 * m), "m": m, "seed": seed,
@@ -80,6 +81,8 @@ class Privacy:
 def sampling_scheme(recipe: Recipe) -> str:
     """How the accountant models client selection (see :class:`fedllm.algorithms.privacy.PrivacyLedger`)."""
     m, n = recipe.clients_per_round, recipe.partition.num_clients
+    if recipe.selection.method == "poisson":
+        return "full" if recipe.federation.fraction >= 1 else "poisson"
     if recipe.selection.method == "uniform":
         return "full" if m >= n else "without_replacement"
     return "full"  # round_robin (deterministic), importance (size-weighted): no amplification claimed
@@ -112,6 +115,10 @@ def privacy(recipe: Recipe, inner: Aggregator, num_clients: int) -> Privacy | No
         return None
     per_round = recipe.clients_per_round
     q, scheme = per_round / num_clients, sampling_scheme(recipe)
+    expected = None
+    if recipe.selection.method == "poisson":  # q is the inclusion probability; the mean's denominator is qK
+        q = recipe.federation.fraction
+        expected = q * num_clients
     local = p.dp == "client" and not p.secure_aggregation
     scale = math.sqrt(per_round) if local else 1.0  # aggregate sigma / the sigma the ledger accounts
     cfg = DPConfig(noise_multiplier=p.noise_multiplier, clip_norm=p.clip, mode=p.dp, adaptive=p.adaptive_clip,
@@ -125,7 +132,7 @@ def privacy(recipe: Recipe, inner: Aggregator, num_clients: int) -> Privacy | No
     def ledger(noise: float) -> PrivacyLedger:
         return PrivacyLedger(noise, q, p.delta, p.accountant, scheme, num_clients)
 
-    return Privacy(DPAggregator(inner, cfg, per_round, recipe.seed), ledger(sigma / scale), sigma,
+    return Privacy(DPAggregator(inner, cfg, per_round, recipe.seed, expected), ledger(sigma / scale), sigma,
                    ledger(sigma) if local else None)
 
 

@@ -304,6 +304,8 @@ class FederatedServer:
                 # the clients' noised uploads were seen all the same (a retried attempt too); masked
                 # uploads whose sum cannot be unmasked reveal nothing
                 self._charge()
+            elif self.ledger is not None and self.ledger.sampling == "poisson":
+                self._charge()  # Poisson accounting counts every round's draw, an empty or failed one too
             return global_state, self._round_metrics(metrics)
         if self.regions:
             new_state = self._hierarchical(rnd, global_state, valid, metrics)
