@@ -419,6 +419,13 @@ class OutputConfig:
     dir: str = doc("root folder for run directories", "runs")
     plots: bool = doc("write PNG plots", True)
     save_adapter: bool = doc("save the final adapter (PeftModel.from_pretrained loads it)", True)
+    loggers: list[str] = doc("Lightning loggers that also get every round metric and client step loss, "
+                             "under <run>/logs/: csv, tensorboard", [])
+
+    def __post_init__(self) -> None:
+        bad = [x for x in self.loggers if x not in ("csv", "tensorboard")]
+        require(not bad and len(set(self.loggers)) == len(self.loggers), "output.loggers",
+                f"expected a list of distinct names from ['csv', 'tensorboard'], got {self.loggers}")
 
 
 @dataclass(frozen=True)

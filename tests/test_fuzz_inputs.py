@@ -535,6 +535,21 @@ def _one_round(recipe: Recipe) -> None:
         assert isinstance(metrics["applied"], bool)
 
 
+def _refused_or_runs(values: dict) -> None:
+    """A RecipeError of one line, or a server that runs two rounds (anything else: a traceback in ``fedllm run``)."""
+    try:
+        recipe = build(Recipe, values)
+    except RecipeError as exc:
+        assert "\n" not in str(exc)
+        event("rejected")
+        return
+    event("accepted: ran two rounds")
+    try:
+        _one_round(recipe)
+    except RecipeError as exc:
+        assert "\n" not in str(exc)
+
+
 @settings(FUZZ, max_examples=300)
 @given(ops=st.lists(group_mutation, min_size=1, max_size=5))
 def test_valid_group_combinations_build_a_server_without_traceback(ops):
@@ -545,18 +560,8 @@ def test_valid_group_combinations_build_a_server_without_traceback(ops):
     values["partition"]["method"] = "iid"
     for op in ops:
         _mutate(values, op)
-    try:
-        recipe = build(Recipe, values)
-    except RecipeError as exc:
-        assert "\n" not in str(exc)
-        event("rejected")
-        return
-    event("accepted: ran two rounds")
-    # Execute / Assert: anything but a RecipeError would be a traceback in `fedllm run`
-    try:
-        _one_round(recipe)
-    except RecipeError as exc:
-        assert "\n" not in str(exc)
+    # Execute / Assert
+    _refused_or_runs(values)
 
 
 @settings(FUZZ, max_examples=120)
@@ -631,18 +636,8 @@ def test_issue_15_fields_together_are_refused_in_one_line_or_run(ops):
     values["partition"]["method"] = "iid"
     for op in ops:
         _mutate(values, op)
-    # Execute / Assert: a RecipeError of one line, or a server that runs two rounds
-    try:
-        recipe = build(Recipe, values)
-    except RecipeError as exc:
-        assert "\n" not in str(exc)
-        event("rejected")
-        return
-    event("accepted: ran two rounds")
-    try:
-        _one_round(recipe)
-    except RecipeError as exc:
-        assert "\n" not in str(exc)
+    # Execute / Assert
+    _refused_or_runs(values)
 
 
 FLOAT_PATHS = [p for p in GROUP_PATHS if float in (typing.get_args(_hint(p)) or (_hint(p),))]

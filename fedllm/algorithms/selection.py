@@ -91,12 +91,22 @@ def _weighted_without_replacement(rng: np.random.Generator, ids: list[int], p: n
     return [int(c) for c in rng.choice(ids, size=m, replace=False, p=p)]
 
 
-class UniformSampler:
-    """max(1, ⌊fraction·K⌋) clients uniformly at random without replacement."""
+class _SeededFraction:
+    """A sampler whose outcome is a function of (seed, round) and a ``fraction``; the seed is its state."""
 
     def __init__(self, fraction: float = 1.0, seed: int = 0) -> None:
         _check_fraction(fraction)
         self.fraction, self.seed = fraction, int(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+
+
+class UniformSampler(_SeededFraction):
+    """max(1, ⌊fraction·K⌋) clients uniformly at random without replacement."""
 
     def sample(self, round: int, client_ids: Sequence[int]) -> list[int]:
         _check_round(round)
@@ -104,31 +114,15 @@ class UniformSampler:
         picked = _rng(self.seed, round).choice(ids, size=_count(self.fraction, len(ids)), replace=False)
         return sorted(int(c) for c in picked)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = int(state["seed"])
-
-
-class PoissonSampler:
+class PoissonSampler(_SeededFraction):
     """Each client joins the round independently with probability ``fraction`` (possibly none)."""
-
-    def __init__(self, fraction: float = 1.0, seed: int = 0) -> None:
-        _check_fraction(fraction)
-        self.fraction, self.seed = fraction, int(seed)
 
     def sample(self, round: int, client_ids: Sequence[int]) -> list[int]:
         _check_round(round)
         ids = _ids(client_ids)
         draws = _rng(self.seed, round, 1).random(len(ids))
         return [c for c, u in zip(ids, draws) if u < self.fraction]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = int(state["seed"])
 
 
 class RoundRobinSampler:

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from fedllm.config import Recipe, RecipeError
-from fedllm.federation.rundir import naming, row_problem
+from fedllm.federation.rundir import row_problem, write_atomic
 from fedllm.types import StateDict
 
 log = logging.getLogger(__name__)
@@ -224,16 +224,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _write_atomic(path: Path, blob: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with naming(path), open(tmp, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, blob, tmp=path.with_name(f".{path.name}.tmp{os.getpid()}"))
     _fsync_dir(path.parent)
 
 

@@ -80,7 +80,23 @@ def _start(exp: Experiment, mode: str, out: str | None, hooks: Hooks | None):
     writer = RunWriter(run_dir(exp.recipe, mode, out), exp.recipe, exp.data.partition_json())
     state = clone_state(exp.initial_state)
     writer.log_round(*_round0(mode, exp, state))
-    return writer, state, hooks or Hooks()
+    return writer, state, _with_loggers(exp, writer, hooks or Hooks())
+
+
+def _with_loggers(exp: Experiment, writer: RunWriter, hooks: Hooks) -> Hooks:
+    """With ``output.loggers``: every client fit logs its step losses under the client it trains."""
+    if writer.loggers is None:
+        return hooks
+    logs, inner = writer.loggers, hooks.on_client
+    callback = logs.callback()
+    exp.step_callbacks.append(callback)
+    writer.detach = lambda: callback in exp.step_callbacks and exp.step_callbacks.remove(callback)
+
+    def on_client(k: int) -> None:
+        logs.client = k
+        inner(k)
+
+    return Hooks(hooks.on_round, on_client)
 
 
 def local_steps(recipe, num_examples: int) -> int:
@@ -155,7 +171,7 @@ def _resume_or_start(exp: Experiment, server: FederatedServer, out: str | None, 
                           "--resume to start over") from None
     writer = RunWriter(path, exp.recipe, exp.data.partition_json(), resume_rows=ckpt.metrics_rows)
     log.info("resuming %s after round %d", path, ckpt.round)
-    return writer, clone_state(ckpt.global_state), hooks or Hooks(), ckpt.round + 1
+    return writer, clone_state(ckpt.global_state), _with_loggers(exp, writer, hooks or Hooks()), ckpt.round + 1
 
 
 def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None = None,
@@ -287,6 +303,7 @@ def _finish(exp: Experiment, writer: RunWriter, state: StateDict, extra: dict | 
         extra = {"privacy": build.privacy_claim(exp.recipe), **(extra or {})}
     summary = summarize(writer.rows, {"name": exp.recipe.name, "data": exp.data.stats,
                                       "machine": exp.runtime_info(), **(extra or {})})
+    writer.detach()
     writer.finish(summary)
     return summary
 

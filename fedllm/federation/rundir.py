@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import Recipe, RecipeError, dump_recipe
+from fedllm.federation.runlog import RunLoggers
 
 REQUIRED_METRICS = ("round", "mode", "train_loss", "eval_loss", "perplexity", "bleu", "round_time_s",
                     "train_time_s", "aggregate_time_s", "eval_time_s", "bytes_up", "bytes_down", "clients")
@@ -45,19 +46,26 @@ def naming(path: Path):
         raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file, then rename it over ``path``: readers see the old or the new
-    file, never half of one (a failed write, e.g. a full disk, leaves the old file and no temp)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+def write_atomic(path: Path, data: bytes | str, tmp: Path | None = None) -> None:
+    """Write ``data`` to a temp file (``tmp``, default ``path`` + ``.tmp``), fsync it, then rename it
+    over ``path``: readers see the old or the new file, never half of one (a failed write, e.g. a
+    full disk, leaves the old file and no temp)."""
+    tmp = tmp or path.with_suffix(path.suffix + ".tmp")
+    blob = data.encode("utf-8") if isinstance(data, str) else data
     try:
-        with naming(path), tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
+        with naming(path), tmp.open("wb") as fh:
+            fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`write_atomic` for text (UTF-8)."""
+    write_atomic(path, text)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -107,6 +115,8 @@ class RunWriter:
                  resume_rows: list[dict[str, Any]] | None = None) -> None:
         self.path = path
         self.lock = RunLock(path)
+        self.loggers: RunLoggers | None = None  # output.loggers (Lightning's CSV / TensorBoard loggers)
+        self.detach = lambda: None  # takes the loggers' step callback off the experiment (modes sets it)
         if resume_rows is not None:  # continue a run: keep its files, rows up to the checkpoint
             (path / "summary.json").unlink(missing_ok=True)
             (path / "samples").mkdir(parents=True, exist_ok=True)
@@ -114,6 +124,7 @@ class RunWriter:
             tmp = path / "metrics.jsonl.tmp"
             tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in self.rows), encoding="utf-8")
             os.replace(tmp, path / "metrics.jsonl")
+            self._open_loggers(recipe)
             return
         if path.exists():
             shutil.rmtree(path)  # a fresh run replaces an old or unfinished one
@@ -121,6 +132,11 @@ class RunWriter:
         (path / "config.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
         write_json_atomic(path / "partition.json", partition)
         self.rows: list[dict[str, Any]] = []
+        self._open_loggers(recipe)
+
+    def _open_loggers(self, recipe: Recipe) -> None:
+        if recipe.output.loggers:
+            self.loggers = RunLoggers(list(recipe.output.loggers), self.path)
 
     def log_round(self, row: dict[str, Any], samples: list[dict[str, Any]]) -> None:
         missing = [k for k in REQUIRED_METRICS if k not in row]
@@ -130,12 +146,16 @@ class RunWriter:
         metrics = self.path / "metrics.jsonl"
         with naming(metrics), metrics.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(_clean(row)) + "\n")
+        if self.loggers is not None:
+            self.loggers.log_round(row)
         samples_file = self.path / "samples" / f"round_{row['round']}.jsonl"
         with naming(samples_file), samples_file.open("w", encoding="utf-8") as fh:
             for s in samples:
                 fh.write(json.dumps(s, ensure_ascii=False) + "\n")
 
     def finish(self, summary: dict[str, Any]) -> None:
+        if self.loggers is not None:
+            self.loggers.finish("success" if summary.get("status", "ok") == "ok" else "failed")
         write_json_atomic(self.path / "summary.json", summary)
         self.lock.release()
 
