@@ -8,6 +8,7 @@ from nbclient import NotebookClient
 
 NB = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 BYO = NB.with_name("byo_data.ipynb")
+PRIVACY = NB.with_name("privacy_utility.ipynb")
 
 
 @pytest.mark.slow
@@ -29,3 +30,13 @@ def test_bring_your_own_data_notebook_runs_the_three_modes_on_the_shipped_jsonl(
     for mode in ("federated", "centralized", "local"):
         assert mode in text
     assert "plotted 3 modes" in text and "held out: 12" in text
+
+
+def test_privacy_utility_notebook_reads_the_study_and_its_epsilons_agree():
+    nb = nbformat.read(PRIVACY, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(PRIVACY.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not any(o.get("output_type") == "error" for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "independent" in text and "plotted" in text and "private runs" in text
