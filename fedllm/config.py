@@ -404,9 +404,13 @@ class EvalConfig:
     max_new_tokens: int = doc("tokens generated per BLEU prompt", 48)
     targets: list[float] = doc("vision: test accuracies x for NRA@x, CCA@x, CTA@x in the summary", [])
     every: int = doc("evaluate every this many rounds (the last round always)", 1)
+    client_holdout: float = doc("language models: fraction of each client's own examples held out (seeded) to "
+                                "score the models on that client's data; 0 disables", 0.0)
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "eval.batch_size", f"expected >= 1, got {self.batch_size}")
+        require(0 <= self.client_holdout <= 0.5, "eval.client_holdout",
+                f"expected a fraction in [0, 0.5], got {self.client_holdout}")
         require(self.bleu_samples >= 0, "eval.bleu_samples", f"expected >= 0, got {self.bleu_samples}")
         require(1 <= self.max_new_tokens <= 4096, "eval.max_new_tokens", f"expected in [1, 4096], got {self.max_new_tokens}")
         for x in self.targets:
@@ -531,6 +535,8 @@ def _task_data(r: Recipe) -> Problem:
 
 
 def _lm_only(r: Recipe) -> Problem:
+    if r.model.task == "vision" and r.eval.client_holdout > 0:
+        return "eval.client_holdout", "per-client held-out evaluation is implemented for language models"
     if r.model.task == "vision" and r.federation.lora_aggregation != "factorwise":
         return "federation.lora_aggregation", "LoRA aggregation modes need a LoRA model (vision models have no adapters)"
     return None
@@ -637,6 +643,7 @@ def flower_problem(r: Recipe) -> Problem:
         ("hierarchy.regions", bool(r.hierarchy.regions), "regional servers are not modelled on Flower yet"),
         ("selection.method", r.selection.method != "uniform", "only uniform client sampling is wired to Flower"),
         ("privacy.dpsgd", r.privacy.dpsgd, "a site's DP-SGD noise is seeded from the recipe, which the coordinator knows"),
+        ("eval.client_holdout", r.eval.client_holdout > 0, "a client's held-out slice stays on its site"),
         ("attack.kind", r.attack.kind not in ("none", "label_flip"),
          "a simulated attack would change updates at the coordinator, after the sites noised and encoded them"),
         ("federation.algorithm", r.federation.algorithm == "scaffold" and on_site,

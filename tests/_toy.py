@@ -162,6 +162,9 @@ class ToyExperiment:
         self.fits.append(Fit(rnd, update, clone_state(start), grad_term is not None))
         return update
 
+    def evaluate_clients(self, state, clients=None):
+        return {}
+
     def evaluate(self, state: StateDict) -> EvalResult:
         self.evaluated.append(clone_state(state))
         loss = float(((self._predict(state, self.eval_x) - self.eval_y) ** 2).mean())

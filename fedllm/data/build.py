@@ -31,9 +31,13 @@ class TextData:
     clients: list[list[int]]  # positions into ``examples``
     source: str
     stats: dict[str, int] = field(default_factory=dict)
+    client_eval: list[list[int]] = field(default_factory=list)  # eval.client_holdout: each client's own held-out slice
 
     def client_examples(self, k: int) -> list[Example]:
         return [self.examples[i] for i in self.clients[k]]
+
+    def client_eval_examples(self, k: int) -> list[Example]:
+        return [self.examples[i] for i in self.client_eval[k]] if self.client_eval else []
 
     @property
     def eval_examples(self) -> list[Example]:
@@ -49,6 +53,8 @@ class TextData:
             "source": self.source,
             "clients": {str(k): [self.examples[i].index for i in part] for k, part in enumerate(self.clients)},
             "eval": [self.examples[i].index for i in self.eval_idx],
+            **({"client_eval": {str(k): [self.examples[i].index for i in part] for k, part in enumerate(self.client_eval)}}
+               if self.client_eval else {}),
         }
 
 
@@ -94,5 +100,22 @@ def build_text_data(recipe: Recipe, tokenizer) -> TextData:
     labels = [examples[i].topic for i in train_pos] if column else None
     parts = partition(len(train_pos), labels, recipe.partition, recipe.seed)
     clients = [[train_pos[j] for j in part] for part in parts]
+    client_eval = split_client_holdout(clients, recipe.eval.client_holdout, recipe.seed)
     stats["examples"] = len(examples)
-    return TextData(examples=examples, eval_idx=eval_pos, clients=clients, source=source, stats=stats)
+    return TextData(examples=examples, eval_idx=eval_pos, clients=clients, source=source, stats=stats,
+                    client_eval=client_eval)
+
+
+def split_client_holdout(clients: list[list[int]], fraction: float, seed: int) -> list[list[int]]:
+    """Move max(1, round(fraction·n)) of each client's n >= 2 examples (seeded per client) into its own
+    held-out slice; returns the slices ([] when ``fraction`` is 0). ``clients`` keeps the rest."""
+    if fraction <= 0:
+        return []
+    held = []
+    for k, part in enumerate(clients):
+        n = len(part)
+        m = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
+        pick = set(np.random.default_rng([seed, k, 77]).choice(n, m, replace=False).tolist()) if m else set()
+        held.append([part[j] for j in range(n) if j in pick])
+        part[:] = [part[j] for j in range(n) if j not in pick]
+    return held

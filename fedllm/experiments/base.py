@@ -18,6 +18,8 @@ stand-in for one in a test) implements all of them:
 - ``payload_bytes(state)``: bytes of one state or delta on the wire (what communication counts);
 - ``mask`` / ``mask_bytes``: a pruning mask clients train and exchange under (``None`` / 0 when
   the model is dense) and the size of its one-time download;
+- ``evaluate_clients(state, clients)``: the eval loss of ``state`` on each client's own held-out
+  slice (``eval.client_holdout``; ``{}`` without one);
 - ``uplink_on_site``: whether the clients apply their own uplink steps (client DP noise, the
   codec) before the update reaches the server, as the Flower engine's sites do; ``False`` when
   the server's :class:`~fedllm.federation.uplink.Uplink` plays every client's part in-process;
@@ -91,6 +93,8 @@ class Experiment(Protocol):
             grad_term: DriftTerm | None = None) -> ClientUpdate: ...
 
     def evaluate(self, state: StateDict) -> EvalResult: ...
+
+    def evaluate_clients(self, state: StateDict, clients: list[int] | None = None) -> dict[int, float]: ...
 
     def save_adapter(self, state: StateDict, path: Path) -> None: ...
 

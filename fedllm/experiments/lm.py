@@ -119,6 +119,17 @@ class LMExperiment:
         return evaluate(self.model, self.tokenizer, self.data.eval_examples, e.batch_size, e.bleu_samples,
                         e.max_new_tokens)
 
+    def evaluate_clients(self, state: StateDict, clients: list[int] | None = None) -> dict[int, float]:
+        """Eval loss of ``state`` on each client's own held-out slice (``eval.client_holdout``)."""
+        if not self.data.client_eval:
+            return {}
+        self.state.set(state)
+        e = self.recipe.eval
+        ids = range(len(self.data.client_eval)) if clients is None else clients
+        return {k: evaluate(self.model, self.tokenizer, self.data.client_eval_examples(k), e.batch_size, 0,
+                            e.max_new_tokens).eval_loss
+                for k in ids if self.data.client_eval[k]}
+
     def payload_bytes(self, state: StateDict) -> int:
         """Bytes of one adapter state or delta on the wire (safetensors)."""
         return serialized_bytes(state)

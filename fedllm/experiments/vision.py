@@ -257,6 +257,9 @@ class VisionExperiment:
         return EvalResult(eval_loss=loss, perplexity=math.exp(min(loss, 700.0)), bleu=None, samples=[],
                           accuracy=acc)
 
+    def evaluate_clients(self, state: StateDict, clients: list[int] | None = None) -> dict[int, float]:
+        return {}  # eval.client_holdout is refused for vision recipes (fedllm.config)
+
     def payload_bytes(self, state: StateDict) -> int:
         """Bytes of one state or delta on the wire: the mask's surviving values only, when pruned."""
         if self.mask is None:

@@ -50,11 +50,25 @@ def sample_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> li
     return UniformSampler(fraction, seed).sample(rnd, range(num_clients))
 
 
-def _eval_row(exp: Experiment, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
+def _eval_row(exp: Experiment, state: StateDict, clients: list[int] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """The held-out split's metrics; with ``eval.client_holdout`` also ``client_eval_loss`` (client ->
+    loss of ``state`` on that client's own held-out slice; ``clients`` limits which) and its spread."""
     t0 = time.perf_counter()
     res = exp.evaluate(state)
-    return ({"eval_loss": res.eval_loss, "perplexity": res.perplexity, "bleu": res.bleu,
-             "accuracy": res.accuracy, "eval_time_s": time.perf_counter() - t0}, res.samples)
+    row = {"eval_loss": res.eval_loss, "perplexity": res.perplexity, "bleu": res.bleu, "accuracy": res.accuracy}
+    if exp.recipe.eval.client_holdout > 0:
+        own = exp.evaluate_clients(state, clients)
+        row["client_eval_loss"] = {str(k): v for k, v in sorted(own.items())}
+        row.update(_spread(list(own.values())))
+    row["eval_time_s"] = time.perf_counter() - t0
+    return row, res.samples
+
+
+def _spread(losses: list[float]) -> dict[str, float | None]:
+    finite = [v for v in losses if math.isfinite(v)]
+    return {"client_eval_loss_min": min(finite) if finite else None,
+            "client_eval_loss_max": max(finite) if finite else None,
+            "client_eval_loss_mean": statistics.fmean(finite) if finite else None}
 
 
 def _round0(mode: str, exp: Experiment, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
@@ -270,7 +284,7 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
             if upd.is_finite():
                 state = add(state, upd.delta)
             t1 = time.perf_counter()
-            metrics, samples = _eval_row(exp, state)
+            metrics, samples = _eval_row(exp, state, clients=[k])  # client k's own slice only
             per_round[rnd][k] = {"train_loss": upd.train_loss, **metrics, "train_time_s": t1 - t0,
                                  "samples": samples}
         finals[k] = state
@@ -283,6 +297,10 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
                "bytes_down": 0, "clients": sorted(rows),
                "per_client": {str(k): {m: v[m] for m in ("train_loss", "eval_loss", "perplexity", "bleu", "accuracy")}
                               for k, v in rows.items()}}
+        if recipe.eval.client_holdout > 0:  # each local model on its own client's slice
+            own = {str(k): v["client_eval_loss"][str(k)] for k, v in rows.items() if str(k) in v["client_eval_loss"]}
+            row["client_eval_loss"] = own
+            row.update(_spread(list(own.values())))
         row["round_time_s"] = row["train_time_s"] + row["eval_time_s"]
         samples = [{"client": k, **s} for k, v in rows.items() for s in v["samples"]]
         writer.log_round(row, samples)

@@ -256,6 +256,10 @@ def summarize(rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -
         out["final"]["epsilon_central"] = last["epsilon_central"]
     if "epsilon_dpsgd" in last:  # sample-level DP-SGD: the worst client's per-example epsilon
         out["final"]["epsilon_dpsgd"] = last["epsilon_dpsgd"]
+    if "client_eval_loss" in last:  # eval.client_holdout: on each client's own held-out slice
+        out["final"]["client_eval_loss"] = last["client_eval_loss"]
+        out["final"].update({k: last.get(k) for k in ("client_eval_loss_min", "client_eval_loss_max",
+                                                       "client_eval_loss_mean")})
     out.update(run_status(rows))
     out.update(extra or {})
     return out

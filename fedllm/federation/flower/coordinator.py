@@ -162,6 +162,9 @@ class RemoteExperiment:
     def evaluate(self, state: StateDict) -> EvalResult:
         return self._exp.evaluate(state)
 
+    def evaluate_clients(self, state: StateDict, clients: list[int] | None = None) -> dict[int, float]:
+        return {}  # a client's own slice stays on its site (eval.client_holdout is refused on Flower)
+
     def save_adapter(self, state: StateDict, path: Path) -> None:
         self._exp.save_adapter(state, path)
 
