@@ -140,12 +140,11 @@ SCHEMES = {
 @pytest.mark.parametrize("case", list(SCHEMES))
 def test_epsilon_in_every_row_is_the_independent_answer_for_the_real_sampler(tmp_path, case):
     groups, selection, expected, central = SCHEMES[case]
-    fraction = groups.pop("fraction") if "fraction" in groups else 1.0
     groups = dict(groups)
+    fraction = groups.pop("fraction", 1.0)
     recipe = toy_recipe(name="eps", federation={**UNIFORM, "rounds": 2, "fraction": fraction},
                         privacy={"clip": 0.5, "noise_multiplier": SIGMA, "delta": DELTA, **groups},
                         selection=selection)
-    SCHEMES[case][0]["fraction"] = fraction  # parametrized cases share the dict: put it back
     # Execute
     _, rows = run(tmp_path, recipe)
     # Assert: every trained row carries sigma and the independent epsilon after that many rounds

@@ -294,6 +294,22 @@ class PrivacyLedger:
         self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
 
 
+def history_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """opacus' RDP ε of a Poisson-sampled Gaussian history [(σ, q, steps), ...]; inf when some σ is 0.
+
+    A DP-SGD client's cumulative spend over every step it took in the run (LoRA and vision clients).
+    """
+    from opacus.accountants import RDPAccountant
+
+    if not history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf
+    acc = RDPAccountant()
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta))
+
+
 def without_replacement_epsilon(history: Sequence[tuple[float, float, int]], population: int, delta: float) -> float:
     """ε of rounds (σ, q, count) that each drew round(q·n) of ``population`` n clients without replacement."""
     import logging

@@ -8,7 +8,6 @@ shared model and in the examples they train on.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 from pathlib import Path
 
@@ -95,7 +94,7 @@ class LMExperiment:
         ε is opacus' RDP for Poisson sampling at q = batch_size / examples over every step this
         client has taken in the run (its own history), at ``privacy.delta``.
         """
-        from opacus.accountants import RDPAccountant  # noqa: PLC0415
+        from fedllm.algorithms.privacy import history_epsilon  # noqa: PLC0415
 
         p, t = self.recipe.privacy, self.recipe.train
         loader = make_poisson_loader(examples, t.batch_size, self.tokenizer.pad_token_id, seed)
@@ -108,10 +107,7 @@ class LMExperiment:
         q = loader.batch_sampler.q
         history = self._dp_history.setdefault(client_id, [])
         history.append((p.dpsgd_noise, q, len(fitted.losses)))
-        acc = RDPAccountant()
-        acc.history = list(history)
-        eps = float(acc.get_epsilon(p.delta)) if p.dpsgd_noise > 0 else math.inf
-        return FitStats(fitted.losses, module.raw_grad_steps), eps
+        return FitStats(fitted.losses, module.raw_grad_steps), history_epsilon(history, p.delta)
 
     def evaluate(self, state: StateDict) -> EvalResult:
         self.state.set(state)

@@ -227,9 +227,7 @@ class VisionExperiment:
 
     def _fit_dpsgd(self, client_id: int, loader, cfg: VisionTrainConfig, steps: int) -> tuple[FitStats, float]:
         """Opacus DP-SGD (per-sample clip ``privacy.dpsgd_clip``, noise ``dpsgd_noise``); (fit stats, ε so far)."""
-        from opacus.accountants import RDPAccountant  # noqa: PLC0415
-
-        from fedllm.algorithms.privacy import make_private_dpsgd  # noqa: PLC0415
+        from fedllm.algorithms.privacy import history_epsilon, make_private_dpsgd  # noqa: PLC0415
 
         p = self.recipe.privacy
         self.model.train()
@@ -243,9 +241,7 @@ class VisionExperiment:
             gsm._close()  # remove opacus' hooks and per-sample grads: the model is shared by all clients
         history = self._dp_history.setdefault(client_id, [])
         history.extend(ledger.accountant.history)
-        acc = RDPAccountant()
-        acc.history = list(history)
-        return fitted, float(acc.get_epsilon(p.delta))
+        return fitted, history_epsilon(history, p.delta)
 
     def evaluate(self, state: StateDict) -> EvalResult:
         """Test-set cross-entropy and accuracy; perplexity is exp(loss) (capped), no BLEU."""

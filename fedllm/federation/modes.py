@@ -104,7 +104,12 @@ def _with_loggers(exp: Experiment, writer: RunWriter, hooks: Hooks) -> Hooks:
     logs, inner = writer.loggers, hooks.on_client
     callback = logs.callback()
     exp.step_callbacks.append(callback)
-    writer.detach = lambda: callback in exp.step_callbacks and exp.step_callbacks.remove(callback)
+
+    def detach() -> None:  # the experiment outlives the run (compare runs three modes on it)
+        if callback in exp.step_callbacks:
+            exp.step_callbacks.remove(callback)
+
+    writer.detach = detach
 
     def on_client(k: int) -> None:
         logs.client = k

@@ -139,8 +139,7 @@ def global_change_problem(old: StateDict, new: StateDict, max_ratio: float | Non
         return f"non-finite global state ({bad[0]})"
     if max_ratio is None:
         return None
-    size = math.sqrt(sum(float(v.double().square().sum()) for v in old.values()))
-    change = math.sqrt(sum(float((new[k].double() - old[k].double()).square().sum()) for k in new))
+    size, change = global_norm(old), global_norm(subtract(new, old))
     if size > 0 and change > max_ratio * size:
         return (f"the global state would change by {change:.3g}, over federation.max_change_ratio "
                 f"({max_ratio:g}) x its norm {size:.3g}")

@@ -16,6 +16,7 @@ the site had after the checkpointed round.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import secrets
@@ -30,6 +31,7 @@ from fedllm.experiments import Experiment, make_experiment
 from fedllm.federation import build
 from fedllm.federation.flower.codec import TrainRequest, update_to_records
 from fedllm.federation.flower.run_config import FlowerRunConfig, NodeSpec, site_recipe, uplink_recipe
+from fedllm.federation.rundir import write_atomic
 from fedllm.federation.uplink import Uplink
 from fedllm.types import ClientUpdate
 
@@ -46,18 +48,18 @@ class SiteUplink:
 
     def __init__(self, recipe: Recipe, exp: Experiment, client_id: int, state_dir: Path, run_key: str) -> None:
         self.recipe, self.exp = recipe, exp
+        dp = build.privacy(recipe, build.aggregator(recipe), recipe.partition.num_clients)  # once: σ may be solved for
+        self.dp = dp.aggregator if dp else None
         self.uplink = self._fresh()
         self.stateful = self.uplink.feedback is not None  # residuals; the codec's draws are keyed by round
         self.path = state_dir / f"{run_key}-client{client_id}.pt"
 
     def _fresh(self) -> Uplink:
         r = self.recipe
-        dp = build.privacy(r, build.aggregator(r), r.partition.num_clients)
-        return Uplink(r, r.partition.num_clients, self.exp.payload_bytes, self.exp.mask, dp.aggregator if dp else None)
+        return Uplink(r, r.partition.num_clients, self.exp.payload_bytes, self.exp.mask, self.dp)
 
-    def _load(self, rnd: int) -> None:
+    def _load(self, rnd: int, saved: dict[int, Any], dropped: bool) -> None:
         """The state the site had after its latest round before ``rnd`` (fresh when it had none)."""
-        saved, dropped = self._saved()
         before = [r for r in saved if r < rnd]
         self.uplink = self._fresh()
         if before:
@@ -80,20 +82,19 @@ class SiteUplink:
     def apply(self, rnd: int, upd: ClientUpdate) -> tuple[ClientUpdate, Any]:
         """Noise and encode ``upd`` as this site; keep the uplink state it leaves for later rounds."""
         if self.stateful:
-            self._load(rnd)
+            saved, dropped = self._saved()
+            self._load(rnd, saved, dropped)
         gen = torch.Generator().manual_seed(secrets.randbits(63))  # the server cannot know this noise
         out = self.uplink.site_part(rnd, upd, gen)
         if self.stateful:
-            saved, dropped = self._saved()
             kept = {r: v for r, v in saved.items() if r < rnd}
             kept[rnd] = self.uplink.state_dict()
             order = sorted(kept)
-            blob = {"states": {r: kept[r] for r in order[-KEEP_ROUNDS:]},
-                    "dropped": dropped or len(order) > KEEP_ROUNDS}
+            buf = io.BytesIO()
+            torch.save({"states": {r: kept[r] for r in order[-KEEP_ROUNDS:]},
+                        "dropped": dropped or len(order) > KEEP_ROUNDS}, buf)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            torch.save(blob, tmp)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, buf.getvalue())
         return out
 
 
@@ -108,7 +109,7 @@ class _SiteCache:
     def __init__(self) -> None:
         self.key: tuple[str, str | None] | None = None
         self.exp: Experiment | None = None
-        self.uplinks: dict[int, SiteUplink] = {}
+        self.uplinks: dict[int, SiteUplink | None] = {}
 
     def get(self, cfg: FlowerRunConfig, node: NodeSpec) -> Experiment:
         key = (cfg.recipe_yaml, node.data_path)
@@ -118,13 +119,13 @@ class _SiteCache:
         return self.exp
 
     def uplink(self, cfg: FlowerRunConfig, node: NodeSpec) -> SiteUplink | None:
-        recipe = uplink_recipe(cfg.recipe_yaml, node)
-        if not needs_site_uplink(recipe):
-            return None
-        k = node.partition_id
+        """Client ``partition_id``'s uplink for this run (built once; ``None`` when it has no steps)."""
+        exp, k = self.get(cfg, node), node.partition_id
         if k not in self.uplinks:
+            recipe = uplink_recipe(cfg.recipe_yaml, node)
             run_key = hashlib.sha256(cfg.recipe_yaml.encode("utf-8")).hexdigest()[:16]
-            self.uplinks[k] = SiteUplink(recipe, self.get(cfg, node), k, state_dir(node), run_key)
+            self.uplinks[k] = (SiteUplink(recipe, exp, k, state_dir(node), run_key)
+                               if needs_site_uplink(recipe) else None)
         return self.uplinks[k]
 
 
