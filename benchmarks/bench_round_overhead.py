@@ -8,46 +8,15 @@ fedllm's Lightning client and orchestration. Prints both times and the ratio (ta
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
-import torch
-from _common import demo_recipe, quiet
+from _common import demo_recipe, plain_client_fit, quiet
 
 
 def plain_round(exp, global_state, rnd: int) -> None:
     """What a hand-written loop would do for every client of a round."""
-    from fedllm.client.lm import make_loader, warmup_factor
-    from fedllm.experiments.base import round_seed
-
-    cfg = exp.recipe.train
-    deltas = []
-    for k in range(exp.recipe.partition.num_clients):
-        exp.state.set(global_state)
-        seed = round_seed(exp.recipe.seed, rnd)
-        torch.manual_seed(seed)
-        loader = make_loader(exp.data.client_examples(k), cfg.batch_size, exp.tokenizer.pad_token_id, seed)
-        params = exp.state.parameters()
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warm = math.ceil(cfg.warmup_ratio * cfg.local_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warm: warmup_factor(s, w))
-        exp.model.train()
-        step, it = 0, iter(loader)
-        while step < cfg.local_steps:
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                continue
-            loss = exp.model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            step += 1
-        new = exp.state.get()
-        deltas.append({n: new[n] - global_state[n] for n in new})
+    deltas = [plain_client_fit(exp, exp.data.client_examples(k), global_state, rnd, exp.recipe.train.local_steps)
+              for k in range(exp.recipe.partition.num_clients)]
     _ = {n: sum(d[n] for d in deltas) / len(deltas) for n in deltas[0]}
 
 

@@ -2,6 +2,7 @@
 
 - ``eval_loss`` is the mean negative log-likelihood over all response tokens of the eval split
   (token-weighted, not a mean of per-batch means), and ``perplexity = exp(eval_loss)``.
+- ``eval_loss_se`` is its standard error over examples (:func:`loss_standard_error`).
 - BLEU is sacrebleu's corpus BLEU of greedy generations for the first N eval prompts against
   their references; the (prompt, reference, prediction) triples are returned for the run files.
 """
@@ -25,22 +26,59 @@ class EvalResult:
     bleu: float | None
     samples: list[dict]
     accuracy: float | None = None  # classifiers only
+    eval_loss_se: float | None = None  # standard error of eval_loss over examples (language models)
 
 
 @torch.no_grad()
+def example_nll(model, examples: list[Example], pad_id: int, batch_size: int) -> tuple[list[float], list[int]]:
+    """Per example: the summed response-token NLL and the number of response tokens (input order).
+
+    Two savings over scoring a batch naively, neither changing what is summed: examples are batched
+    in length order (less padding), and the LM head runs only on the window of positions that
+    predict a response token in some row of the batch (``logits_to_keep``), not on the prompts.
+    """
+    sums, counts = [0.0] * len(examples), [0] * len(examples)
+    device = next(p for p in model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), i))
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        batch = {k: v.to(device) for k, v in collate([examples[j] for j in rows], pad_id).items()}
+        labels = batch["labels"][:, 1:]
+        scored = (labels != IGNORE).any(0).nonzero()
+        if len(scored) == 0:
+            continue
+        start = int(scored[0])  # first position whose next token is a response token, in any row
+        window = torch.arange(start, labels.size(1), device=device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=window).logits.float()
+        target = labels[:, start:]
+        nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none").sum(1)
+        for j, total, n in zip(rows, nll.tolist(), (target != IGNORE).sum(1).tolist()):
+            sums[j], counts[j] = total, n
+    return sums, counts
+
+
 def response_nll(model, examples: list[Example], pad_id: int, batch_size: int) -> tuple[float, int]:
     """Sum of response-token NLL and the number of response tokens."""
-    total, count = 0.0, 0
-    device = next(p for p in model.parameters()).device
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                              ignore_index=IGNORE, reduction="sum")
-        total += float(nll)
-        count += int((labels != IGNORE).sum())
-    return total, count
+    sums, counts = example_nll(model, examples, pad_id, batch_size)
+    return math.fsum(sums), sum(counts)
+
+
+def loss_standard_error(sums: list[float], counts: list[int]) -> float | None:
+    """Standard error of the token-weighted mean NLL ``Σ s_i / Σ n_i`` over examples (ratio estimator).
+
+    The examples, not the tokens, are the independent draws (tokens of one answer are correlated),
+    so this is the delta-method SE of a ratio of means; ``perplexity``'s relative SE is the same
+    number to first order (d exp(L) / exp(L) = dL).
+    """
+    pairs = [(s, n) for s, n in zip(sums, counts) if n > 0]
+    m = len(pairs)
+    if m < 2:
+        return None
+    mean_n = sum(n for _, n in pairs) / m
+    loss = math.fsum(s for s, _ in pairs) / (mean_n * m)
+    var = math.fsum((s - loss * n) ** 2 for s, n in pairs) / (m * (m - 1))
+    return math.sqrt(var) / mean_n
 
 
 @torch.no_grad()
@@ -73,8 +111,8 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int, bleu_sa
     was_training = model.training
     model.eval()
     try:
-        total, count = response_nll(model, examples, tokenizer.pad_token_id, batch_size)
-        loss = total / max(count, 1)
+        sums, counts = example_nll(model, examples, tokenizer.pad_token_id, batch_size)
+        loss = math.fsum(sums) / max(sum(counts), 1)
         samples, bleu = [], None
         if bleu_samples > 0:
             chosen = examples[:bleu_samples]
@@ -84,4 +122,5 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int, bleu_sa
             bleu = corpus_bleu(preds, [e.reference for e in chosen])
     finally:
         model.train(was_training)
-    return EvalResult(eval_loss=loss, perplexity=math.exp(min(loss, 700.0)), bleu=bleu, samples=samples)
+    return EvalResult(eval_loss=loss, perplexity=math.exp(min(loss, 700.0)), bleu=bleu, samples=samples,
+                      eval_loss_se=loss_standard_error(sums, counts))

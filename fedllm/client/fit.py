@@ -75,4 +75,5 @@ def fit_module(module: L.LightningModule, loader: DataLoader, steps: int, callba
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, train_dataloaders=loader)
+    module.zero_grad(set_to_none=True)  # the shared model holds no client's gradients between fits
     return FitStats(list(module.losses), witness.grad_steps)

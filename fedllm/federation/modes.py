@@ -56,6 +56,8 @@ def _eval_row(exp: Experiment, state: StateDict, clients: list[int] | None = Non
     t0 = time.perf_counter()
     res = exp.evaluate(state)
     row = {"eval_loss": res.eval_loss, "perplexity": res.perplexity, "bleu": res.bleu, "accuracy": res.accuracy}
+    if res.eval_loss_se is not None:
+        row["eval_loss_se"] = res.eval_loss_se
     if exp.recipe.eval.client_holdout > 0:
         own = exp.evaluate_clients(state, clients)
         row["client_eval_loss"] = {str(k): v for k, v in sorted(own.items())}
@@ -239,11 +241,15 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
     return _finish(exp, writer, state)
 
 
-def _maybe_eval(exp: Experiment, state: StateDict, rnd: int) -> tuple[dict[str, Any], list[dict]]:
-    """Evaluate every ``eval.every`` rounds and at the last round; otherwise null metrics."""
+def _maybe_eval(exp: Experiment, state: StateDict, rnd: int,
+                clients: list[int] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Evaluate every ``eval.every`` rounds and at the last round; otherwise null metrics.
+
+    All three modes go through here, so a comparison evaluates them at the same rounds.
+    """
     every, last = exp.recipe.eval.every, exp.recipe.federation.rounds
     if rnd % every == 0 or rnd == last:
-        return _eval_row(exp, state)
+        return _eval_row(exp, state, clients)
     return {"eval_loss": None, "perplexity": None, "bleu": None, "accuracy": None, "eval_time_s": 0.0}, []
 
 
@@ -263,7 +269,7 @@ def run_centralized(exp: Experiment, out: str | None = None, hooks: Hooks | None
         else:
             log.warning("round %d: centralized update is non-finite; state unchanged", rnd)
         t1 = time.perf_counter()
-        metrics, samples = _eval_row(exp, state)
+        metrics, samples = _maybe_eval(exp, state, rnd)
         row = {"round": rnd, "mode": "centralized", "train_loss": upd.train_loss, **metrics,
                "round_time_s": t1 - t0 + metrics["eval_time_s"], "train_time_s": t1 - t0,
                "aggregate_time_s": 0.0, "bytes_up": 0, "bytes_down": 0, "clients": [],
@@ -289,7 +295,7 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
             if upd.is_finite():
                 state = add(state, upd.delta)
             t1 = time.perf_counter()
-            metrics, samples = _eval_row(exp, state, clients=[k])  # client k's own slice only
+            metrics, samples = _maybe_eval(exp, state, rnd, clients=[k])  # client k's own slice only
             per_round[rnd][k] = {"train_loss": upd.train_loss, **metrics, "train_time_s": t1 - t0,
                                  "samples": samples}
         finals[k] = state
@@ -297,13 +303,15 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
         rows = per_round[rnd]
         mean = {key: _mean([v[key] for v in rows.values()])
                 for key in ("train_loss", "eval_loss", "bleu", "accuracy", "train_time_s", "eval_time_s")}
-        mean["perplexity"] = math.exp(min(mean["eval_loss"], 700.0))
+        mean["eval_time_s"] = mean["eval_time_s"] or 0.0
+        mean["perplexity"] = None if mean["eval_loss"] is None else math.exp(min(mean["eval_loss"], 700.0))
         row = {"round": rnd, "mode": "local", **mean, "aggregate_time_s": 0.0, "bytes_up": 0,
                "bytes_down": 0, "clients": sorted(rows),
                "per_client": {str(k): {m: v[m] for m in ("train_loss", "eval_loss", "perplexity", "bleu", "accuracy")}
                               for k, v in rows.items()}}
         if recipe.eval.client_holdout > 0:  # each local model on its own client's slice
-            own = {str(k): v["client_eval_loss"][str(k)] for k, v in rows.items() if str(k) in v["client_eval_loss"]}
+            own = {str(k): v["client_eval_loss"][str(k)] for k, v in rows.items()
+                   if str(k) in v.get("client_eval_loss", {})}
             row["client_eval_loss"] = own
             row.update(_spread(list(own.values())))
         row["round_time_s"] = row["train_time_s"] + row["eval_time_s"]
