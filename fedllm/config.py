@@ -103,6 +103,8 @@ class LoraConfig:
     alpha: float = doc("LoRA alpha (scaling = alpha / r)", 16.0)
     dropout: float = doc("dropout on the LoRA branch", 0.1)
     target_modules: list[str] = doc("module names that get adapters", ["q_proj", "v_proj"])
+    method: Literal["lora", "dora"] = doc("lora, or dora (peft's weight-decomposed LoRA: a trainable magnitude "
+                                          "vector per layer, averaged like the factors)", "lora")
 
     def __post_init__(self) -> None:
         require(1 <= self.r <= 1024, "lora.r", f"expected an integer in [1, 1024], got {self.r}")
@@ -123,6 +125,9 @@ class DataConfig:
     response_field: str = doc("column with the reference response", "response")
     messages_field: str | None = doc("column with a chat `messages` list (overrides prompt/response)", None)
     system_prompt: str | None = doc("system message prepended to every conversation", None)
+    template: str = doc("how a conversation becomes tokens: chat (the tokenizer's chat template), alpaca (Alpaca's "
+                        "instruction/response layout, for base models without one), or a string with {prompt} "
+                        "(and optionally {system}) that ends where the response begins", "chat")
     max_length: int = doc("truncate tokenized examples to this many tokens", 256)
     max_examples: int | None = doc("use at most this many examples (seeded subsample)", None)
     eval_size: int = doc("held-out evaluation examples (taken before partitioning)", 32)
@@ -135,6 +140,14 @@ class DataConfig:
             require(self.path.strip() != "" and Path(self.path).exists(), "data.path",
                    f"file {self.path!r} does not exist")
         require(8 <= self.max_length <= 32768, "data.max_length", f"expected in [8, 32768], got {self.max_length}")
+        require(self.template in ("chat", "alpaca") or "{prompt}" in self.template, "data.template",
+                f"expected chat, alpaca or a string containing {{prompt}}, got {_show(self.template)}")
+        if self.template not in ("chat", "alpaca"):
+            try:
+                self.template.format(prompt="", system="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise RecipeError("data.template", f"expected only {{prompt}} and {{system}} fields "
+                                  f"(write {{{{ }}}} for a literal brace), got {type(exc).__name__}: {exc}") from None
         require(self.eval_size >= 1, "data.eval_size", f"expected >= 1, got {self.eval_size}")
         if self.max_examples is not None:
             require(self.max_examples >= 2, "data.max_examples", f"expected >= 2, got {self.max_examples}")
@@ -377,6 +390,15 @@ class TrainConfig:
     noop_guard: Literal["error", "warn"] = doc(
         "a fit with lr > 0 whose gradients never reach a trainable parameter, or a round whose updates "
         "are all exactly zero: error (stop the run, exit 3) or warn", "error")
+    grad_accum: int = doc("language models: batches whose gradients are averaged into one optimizer step (Lightning's "
+                          "accumulate_grad_batches); local_steps counts optimizer steps", 1)
+    gradient_checkpointing: bool = doc("language models: recompute activations in the backward pass instead of "
+                                       "keeping them (less memory, about a third more time)", False)
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = doc(
+        "language models: Lightning precision of client training: 32, bf16-mixed (CPU or CUDA), 16-mixed (CUDA)", "32")
+    schedule: Literal["constant", "cosine", "linear"] = doc(
+        "language models: learning rate across rounds by global step (round - 1) x steps + step, on top of the "
+        "per-client warm-up: constant, cosine or linear decay towards 0 at the end of the last round", "constant")
 
     def __post_init__(self) -> None:
         require(1 <= self.local_steps <= 1_000_000, "train.local_steps", f"expected >= 1, got {self.local_steps}")
@@ -386,6 +408,7 @@ class TrainConfig:
         require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"expected in [0, 1), got {self.warmup_ratio}")
         require(self.max_grad_norm >= 0, "train.max_grad_norm", f"expected >= 0, got {self.max_grad_norm}")
         require(0 <= self.momentum < 1, "train.momentum", f"expected in [0, 1), got {self.momentum}")
+        require(1 <= self.grad_accum <= 1024, "train.grad_accum", f"expected in [1, 1024], got {self.grad_accum}")
         if self.local_epochs is not None:
             require(1 <= self.local_epochs <= 10_000, "train.local_epochs", f"expected in [1, 10000], got {self.local_epochs}")
 
@@ -535,6 +558,12 @@ def _task_data(r: Recipe) -> Problem:
 
 
 def _lm_only(r: Recipe) -> Problem:
+    t, default = r.train, TrainConfig()
+    for knob in ("grad_accum", "gradient_checkpointing", "precision", "schedule"):
+        if r.model.task == "vision" and getattr(t, knob) != getattr(default, knob):
+            return f"train.{knob}", f"implemented for the language-model client; expected {getattr(default, knob)!r} here"
+    if r.privacy.dpsgd and t.grad_accum > 1:
+        return "train.grad_accum", "DP-SGD's per-example clip and noise are per optimizer step: use grad_accum: 1"
     if r.model.task == "vision" and r.eval.client_holdout > 0:
         return "eval.client_holdout", "per-client held-out evaluation is implemented for language models"
     if r.model.task == "vision" and r.federation.lora_aggregation != "factorwise":

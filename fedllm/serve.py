@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import torch
 
 from fedllm.config import Recipe, RecipeError
+from fedllm.data.text import prompt_token_ids
 from fedllm.export import open_run
 
 Message = dict[str, str]
@@ -45,15 +46,10 @@ def _context_limit(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def _prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(ids["input_ids"])
-
-
 @torch.no_grad()
-def respond(model, tokenizer, messages: list[Message], max_new_tokens: int) -> str:
-    """The greedy answer to the conversation's last user message."""
-    ids = _prompt_ids(tokenizer, messages)
+def respond(model, tokenizer, messages: list[Message], max_new_tokens: int, template: str = "chat") -> str:
+    """The greedy answer to the conversation's last user message (prompted as the run was trained)."""
+    ids = prompt_token_ids(tokenizer, messages, template)
     limit = _context_limit(model)
     if limit is not None and len(ids) + max_new_tokens > limit:
         ids = ids[-max(limit - max_new_tokens, 1):]  # keep the end: the question and the assistant tag
@@ -98,7 +94,8 @@ def answer_all(recipe: Recipe, model, tokenizer, prompts: list[str], max_new_tok
     """One ``{"prompt", "response"}`` per prompt, each answered on its own (no shared history)."""
     rows = []
     for p in prompts:
-        rows.append({"prompt": p, "response": respond(model, tokenizer, conversation(recipe, [], p), max_new_tokens)})
+        rows.append({"prompt": p, "response": respond(model, tokenizer, conversation(recipe, [], p), max_new_tokens,
+                                                      recipe.data.template)})
         if on_answer:
             on_answer()
     return rows
@@ -132,7 +129,8 @@ def _fit_history(recipe: Recipe, tokenizer, history: list[Message], prompt: str,
                  max_new_tokens: int) -> list[Message]:
     """Drop the oldest exchanges until the conversation and the answer fit the model's context."""
     while history and limit is not None and \
-            len(_prompt_ids(tokenizer, conversation(recipe, history, prompt))) + max_new_tokens > limit:
+            len(prompt_token_ids(tokenizer, conversation(recipe, history, prompt), recipe.data.template)) \
+            + max_new_tokens > limit:
         history = history[2:]
     return history
 
@@ -140,7 +138,8 @@ def _fit_history(recipe: Recipe, tokenizer, history: list[Message], prompt: str,
 def chat_loop(recipe: Recipe, model, tokenizer, lines: Iterable[str], write: Callable[[str], None],
               max_new_tokens: int) -> int:
     """Answer each line, keeping the conversation; ``/reset`` forgets it, ``/exit`` (or the end of
-    ``lines``) stops. Returns the number of answers."""
+    ``lines``) stops. Returns the number of answers. A run trained with a single-turn
+    ``data.template`` (alpaca or a template string) answers each line on its own."""
     history: list[Message] = []
     answered = 0
     for line in lines:
@@ -154,8 +153,9 @@ def chat_loop(recipe: Recipe, model, tokenizer, lines: Iterable[str], write: Cal
         if not text:
             continue
         history = _fit_history(recipe, tokenizer, history, text, _context_limit(model), max_new_tokens)
-        answer = respond(model, tokenizer, conversation(recipe, history, text), max_new_tokens)
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        answer = respond(model, tokenizer, conversation(recipe, history, text), max_new_tokens, recipe.data.template)
+        if recipe.data.template == "chat":
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         write(f"assistant> {answer}")
         answered += 1
     return answered

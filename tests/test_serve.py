@@ -43,10 +43,11 @@ def test_the_saved_adapter_is_what_answers(loaded, run_dir):
 
 
 def test_prompts_use_the_run_chat_template_and_system_prompt(loaded):
-    from fedllm.serve import _prompt_ids, conversation
+    from fedllm.data.text import prompt_token_ids
+    from fedllm.serve import conversation
 
     recipe, _, tok = loaded
-    text = tok.decode(_prompt_ids(tok, conversation(recipe, [], "hello?")))
+    text = tok.decode(prompt_token_ids(tok, conversation(recipe, [], "hello?"), recipe.data.template))
     assert recipe.data.system_prompt in text and "hello?" in text
     assert text.rstrip().endswith("assistant")  # generation prompt of SmolLM2's template
 

@@ -54,11 +54,17 @@ class FitStats:
     grad_steps: int
 
 
-def make_trainer(steps: int, max_grad_norm: float, callbacks: list, accelerator: str) -> L.Trainer:
-    """A quiet Trainer for ``steps`` optimizer steps (cycling the loader as needed) on the shared model."""
+PRECISION = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}  # train.precision -> Lightning's
+
+
+def make_trainer(steps: int, max_grad_norm: float, callbacks: list, accelerator: str, accumulate: int = 1,
+                 precision: str = "32") -> L.Trainer:
+    """A quiet Trainer for ``steps`` optimizer steps (cycling the loader as needed) on the shared model;
+    each step averages the gradients of ``accumulate`` batches, under Lightning's ``precision``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1,
+                         accumulate_grad_batches=accumulate, precision=PRECISION[precision],
                          strategy=SharedModelStrategy(device=trainer_device(accelerator)),
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
@@ -67,11 +73,11 @@ def make_trainer(steps: int, max_grad_norm: float, callbacks: list, accelerator:
 
 
 def fit_module(module: L.LightningModule, loader: DataLoader, steps: int, callbacks: list,
-               accelerator: str, max_grad_norm: float = 0.0) -> FitStats:
-    """Run ``steps`` optimizer steps of ``module`` (which appends each step's loss to ``module.losses``)."""
+               accelerator: str, max_grad_norm: float = 0.0, accumulate: int = 1, precision: str = "32") -> FitStats:
+    """Run ``steps`` optimizer steps of ``module`` (which appends each batch's loss to ``module.losses``)."""
     module.losses = []
     witness = GradWitness()
-    trainer = make_trainer(steps, max_grad_norm, [witness, *callbacks], accelerator)
+    trainer = make_trainer(steps, max_grad_norm, [witness, *callbacks], accelerator, accumulate, precision)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, train_dataloaders=loader)

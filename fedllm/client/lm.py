@@ -25,6 +25,23 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def round_schedule(kind: str, rnd: int, rounds: int, step: int, steps: int) -> float:
+    """``train.schedule``: the learning-rate factor at a client's ``step`` (0-based) of round ``rnd``.
+
+    The position is the global step g = (rnd − 1)·steps + step of T = rounds·steps: ``constant`` 1,
+    ``linear`` 1 − g/T, ``cosine`` (1 + cos(π g/T)) / 2 — every client of a round at the same
+    point of the run's decay, whatever the round's other clients do.
+    """
+    if kind == "constant":
+        return 1.0
+    g, total = (rnd - 1) * steps + step, max(1, rounds * steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - g / total)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(g, total) / total))
+    raise ValueError(f"unknown schedule {kind!r}")
+
+
 class CausalLMModule(L.LightningModule):
     """Trains the (shared, peft-wrapped) model's trainable parameters with ``train.optimizer``.
 
@@ -36,11 +53,12 @@ class CausalLMModule(L.LightningModule):
     """
 
     def __init__(self, model: torch.nn.Module, state: TrainableState, train: TrainConfig, total_steps: int,
-                 grad_term=None) -> None:
+                 grad_term=None, rnd: int = 1, rounds: int = 1) -> None:
         super().__init__()
         self.model = model
         self.state = state
         self.train_cfg = train
+        self.total_steps, self.rnd, self.rounds = total_steps, rnd, rounds
         self.warmup_steps = math.ceil(train.warmup_ratio * total_steps)
         self.grad_term = grad_term  # e.g. FedProx's μ(θ − θ_g): f(named params) -> {name: tensor}
         self.losses: list[float] = []
@@ -63,7 +81,12 @@ class CausalLMModule(L.LightningModule):
             opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, self.warmup_steps))
+        if t.schedule == "constant":  # the factor would be exactly 1: keep the historical lambda, bit for bit
+            factor = lambda s: warmup_factor(s, self.warmup_steps)  # noqa: E731
+        else:
+            factor = lambda s: (warmup_factor(s, self.warmup_steps)  # noqa: E731
+                                * round_schedule(t.schedule, self.rnd, self.rounds, s, self.total_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -150,8 +173,8 @@ class DPSGDLMModule(CausalLMModule):
     (:class:`PoissonBatches`). The optimizer then steps on that gradient (``train.optimizer``)."""
 
     def __init__(self, model: torch.nn.Module, state: TrainableState, train: TrainConfig, total_steps: int,
-                 noise: float, clip: float, expected_batch: int, seed: int) -> None:
-        super().__init__(model, state, train, total_steps)
+                 noise: float, clip: float, expected_batch: int, seed: int, rnd: int = 1, rounds: int = 1) -> None:
+        super().__init__(model, state, train, total_steps, rnd=rnd, rounds=rounds)
         from opacus import GradSampleModule  # noqa: PLC0415
 
         self.noise, self.clip, self.expected_batch = noise, clip, expected_batch

@@ -179,6 +179,37 @@ def conversation(row: dict[str, Any], cfg: DataConfig, where: str) -> list[dict[
     return msgs
 
 
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately "
+                   "completes the request.")
+
+
+def render_prompt(messages: list[dict[str, str]], template: str) -> str:
+    """``data.template`` other than ``chat``: the text of [system?] + one user turn, ending where the
+    response begins. ``alpaca`` is Taori et al.'s layout (the system prompt, when given, replaces its
+    preamble); any other template is a format string with ``{prompt}`` and optionally ``{system}``."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(turns) != 1 or turns[0]["role"] != "user":
+        raise RecipeError("data.template", f"template {template if template == 'alpaca' else 'string'} renders one "
+                          f"user turn; this conversation has {len(turns)} turns (multi-turn needs a chat template)")
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    if template == "alpaca":
+        return f"{system or ALPACA_PREAMBLE}\n\n### Instruction:\n{turns[0]['content']}\n\n### Response:\n"
+    return template.format(prompt=turns[0]["content"], system=system or "")
+
+
+def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]], template: str) -> list[int]:
+    """The tokens a model sees before it answers: the chat template's generation prompt, or the
+    rendered ``data.template`` with the tokenizer's own special tokens (BOS). Training and serving
+    both build prompts here, so an exported model is asked as it was taught."""
+    if template == "chat":
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise RecipeError("data.template", "the model's tokenizer has no chat template; set data.template: "
+                              "alpaca, or a template string with {prompt}")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(getattr(ids, "input_ids", None) or (ids["input_ids"] if isinstance(ids, dict) else ids))
+    return list(tokenizer(render_prompt(messages, template), add_special_tokens=True)["input_ids"])
+
+
 def _is_label(value: Any) -> bool:
     return isinstance(value, (str, int, float)) and value == value  # NaN != NaN
 
@@ -193,15 +224,25 @@ def tokenize(row: dict[str, Any], index: int, tokenizer: Any, cfg: DataConfig, w
     topic = row.get(topic_field) if topic_field else None
     if topic_field and not _is_label(topic):  # partitioners group by it: hashable, equal to itself
         raise RecipeError(where, f"field {topic_field!r}: expected a string or number label, got {topic!r:.60}")
-    try:
-        prompt_ids = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True)
-        full_ids = tokenizer.apply_chat_template(msgs, tokenize=True)
-    except Exception as exc:  # a template's own checks (jinja raise_exception) on this row's messages
-        raise RecipeError(where, f"the tokenizer's chat template rejected it ({type(exc).__name__}: {exc})") from None
-    prompt_ids = list(getattr(prompt_ids, "input_ids", prompt_ids))
-    full_ids = list(getattr(full_ids, "input_ids", full_ids))
-    if full_ids[: len(prompt_ids)] != prompt_ids:  # template not prefix-stable: fall back to concat
+    if cfg.template == "chat":
+        try:
+            prompt_ids = prompt_token_ids(tokenizer, msgs[:-1], "chat")
+            full_ids = tokenizer.apply_chat_template(msgs, tokenize=True)
+        except RecipeError:
+            raise
+        except Exception as exc:  # a template's own checks (jinja raise_exception) on this row's messages
+            raise RecipeError(where, f"the tokenizer's chat template rejected it ({type(exc).__name__}: {exc})") from None
+        full_ids = list(getattr(full_ids, "input_ids", full_ids))
+        if full_ids[: len(prompt_ids)] != prompt_ids:  # template not prefix-stable: fall back to concat
+            full_ids = prompt_ids + tokenizer(msgs[-1]["content"], add_special_tokens=False)["input_ids"]
+    else:  # the rendered prompt, the response, then EOS so that the model learns to stop
+        try:
+            prompt_ids = prompt_token_ids(tokenizer, msgs[:-1], cfg.template)
+        except RecipeError as exc:  # name the row too
+            raise RecipeError(where, str(exc)) from None
         full_ids = prompt_ids + tokenizer(msgs[-1]["content"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            full_ids.append(tokenizer.eos_token_id)
     truncated = len(full_ids) > cfg.max_length
     full_ids = full_ids[: cfg.max_length]
     labels = [IGNORE] * min(len(prompt_ids), len(full_ids)) + full_ids[len(prompt_ids):]

@@ -23,7 +23,7 @@ from fedllm.client.lm import (
     make_loader,
     make_poisson_loader,
 )
-from fedllm.config import Recipe
+from fedllm.config import Recipe, RecipeError
 from fedllm.data.build import TextData, build_text_data
 from fedllm.data.text import Example
 from fedllm.experiments.base import ClientFault, round_seed
@@ -44,8 +44,14 @@ class LMExperiment:
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
+        self.accelerator = "gpu" if pick_device(recipe.model) == "cuda" else "cpu"
+        if recipe.train.precision == "16-mixed" and self.accelerator != "gpu":
+            raise RecipeError("train.precision", "16-mixed needs a CUDA device and this machine has none; "
+                              "use 32 or bf16-mixed")
         base, self.tokenizer = load_base(recipe.model, recipe.seed)
         self.model = add_lora(base, recipe.lora, recipe.seed)
+        if recipe.train.gradient_checkpointing:  # activations recomputed in backward (train mode only)
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.state = TrainableState(self.model)
         self.initial_state: StateDict = self.state.get()
         if recipe.federation.lora_aggregation == "frozen_a":
@@ -55,7 +61,6 @@ class LMExperiment:
                 if ".lora_A" in key:
                     p.requires_grad_(False)
         self.data: TextData = build_text_data(recipe, self.tokenizer)
-        self.accelerator = "gpu" if pick_device(recipe.model) == "cuda" else "cpu"
         self.step_callbacks: list = []  # e.g. progress bars; added by the caller
         self._dp_history: dict[int, list] = {}  # privacy.dpsgd: each client's (σ, q, steps) so far
 
@@ -73,21 +78,24 @@ class LMExperiment:
         round_cb = FederatedRoundCallback(start)
         metrics: dict[str, float] = {}
         if self.recipe.privacy.dpsgd:
-            fitted, metrics["dpsgd_epsilon"] = self._fit_dpsgd(client_id, examples, steps, seed, round_cb)
+            fitted, metrics["dpsgd_epsilon"] = self._fit_dpsgd(client_id, examples, steps, seed, round_cb, rnd)
         else:
             loader = make_loader(examples, self.recipe.train.batch_size, self.tokenizer.pad_token_id, seed)
-            module = CausalLMModule(self.model, self.state, self.recipe.train, steps, grad_term)
+            t = self.recipe.train
+            module = CausalLMModule(self.model, self.state, t, steps, grad_term, rnd=rnd,
+                                    rounds=self.recipe.federation.rounds)
             fitted = fit_module(module, loader, steps, [round_cb, *self.step_callbacks], self.accelerator,
-                                self.recipe.train.max_grad_norm)
+                                t.max_grad_norm, t.grad_accum, t.precision)
         losses, delta = fitted.losses, round_cb.delta
         if self.recipe.faults.fires(client_id, rnd, "nan"):
             delta = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
         train_loss = statistics.fmean(losses) if losses and not round_cb.tripped else float("nan")
         return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(examples),
-                            local_steps=len(losses), train_loss=train_loss, bytes_up=serialized_bytes(delta),
+                            local_steps=len(losses) // self.recipe.train.grad_accum, train_loss=train_loss, bytes_up=serialized_bytes(delta),
                             grad_steps=fitted.grad_steps, metrics=metrics)
 
-    def _fit_dpsgd(self, client_id: int, examples: list, steps: int, seed: int, round_cb) -> tuple[FitStats, float]:
+    def _fit_dpsgd(self, client_id: int, examples: list, steps: int, seed: int, round_cb,
+                   rnd: int = 1) -> tuple[FitStats, float]:
         """``privacy.dpsgd``: Opacus per-example gradients of the LoRA factors, clipped and noised
         (:class:`~fedllm.client.lm.DPSGDLMModule`) on Poisson batches; (fit stats, this client's ε so far).
 
@@ -99,7 +107,7 @@ class LMExperiment:
         p, t = self.recipe.privacy, self.recipe.train
         loader = make_poisson_loader(examples, t.batch_size, self.tokenizer.pad_token_id, seed)
         module = DPSGDLMModule(self.model, self.state, t, steps, p.dpsgd_noise, p.dpsgd_clip, t.batch_size,
-                               seed * 7_919 + client_id)
+                               seed * 7_919 + client_id, rnd=rnd, rounds=self.recipe.federation.rounds)
         try:  # no whole-gradient clipping on top: the per-example clip is the mechanism
             fitted = fit_module(module, loader, steps, [round_cb, *self.step_callbacks], self.accelerator, 0.0)
         finally:

@@ -22,6 +22,8 @@ class TrainableState:
         for name, p in model.named_parameters():
             if p.requires_grad:
                 wire = name.replace(tag, ".") if tag else name
+                if wire.endswith(".lora_magnitude_vector.weight"):  # DoRA: peft saves it without ".weight"
+                    wire = wire.removesuffix(".weight")
                 self.params[wire] = p
         if not self.params:
             raise ValueError("the model has no trainable parameters")
