@@ -4,7 +4,11 @@
 Each configuration runs in a fresh subprocess: load the model, reset the kernel's peak-RSS mark
 (``/proc/self/clear_refs``), train a few steps through ``LMExperiment.fit`` on the client's
 longest examples, and report the peak RSS above the post-load RSS (what training itself adds:
-activations, gradients, optimizer state) and the time per step. The ratio of the
+activations, gradients, optimizer state) and the time per step. The subprocesses run with glibc's
+mmap threshold pinned at 128 KiB (``MALLOC_MMAP_THRESHOLD_``): by default glibc raises it after
+large frees, so freed activations stay in the heap and the peak RSS stops tracking live tensors.
+The bytes autograd keeps for backward (a saved-tensors hook over one batch) are reported too:
+they are what checkpointing trades for recomputation, independent of the allocator. The ratio of the
 checkpointed to the plain run's training peak is printed.
 
     python benchmarks/bench_train_memory.py [--tiny] [--steps 3] [--batch 8]
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -54,7 +59,6 @@ def one(name: str, tiny: bool, steps: int, batch: int) -> dict:
                                  "data.max_length=128"])
     exp = LMExperiment(recipe)
     examples = sorted(exp.data.client_examples(0), key=lambda e: -len(e.input_ids))[:steps * batch]
-    saved = _saved_for_backward_mb(exp, examples[:size])
     gc.collect()
     _reset_peak()
     base = _status_mb("VmRSS")
@@ -62,6 +66,7 @@ def one(name: str, tiny: bool, steps: int, batch: int) -> dict:
     exp.fit(0, examples, exp.initial_state, 1, steps)
     per_step = (time.perf_counter() - t0) / steps
     peak = _status_mb("VmHWM")
+    saved = _saved_for_backward_mb(exp, examples[:size])  # after the peak is read: it allocates too
     return {"config": name, "rss_after_load_mb": base, "peak_mb": peak, "training_peak_mb": peak - base,
             "s_per_step": per_step, "saved_for_backward_mb": saved}
 
@@ -101,7 +106,9 @@ def main() -> None:
     results = {}
     for name in CONFIGS:
         cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--batch", str(args.batch)]
-        out = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True, check=True)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # see the module docstring
+        out = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True, check=True,
+                             env=env)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[name]
         print(f"{name:28s} RSS after load {r['rss_after_load_mb']:7.0f} MB   peak {r['peak_mb']:7.0f} MB   "

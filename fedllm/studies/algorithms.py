@@ -26,12 +26,12 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedllm.studies import quiet_process
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes" / "studies"
@@ -344,12 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="read finished run directories of identical recipes instead of re-running them")
     args = parser.parse_args(argv)
-    # process-wide settings belong to the entry point (ARCHITECTURE.md, decision 9)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "fedllm"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_process()
     t0, c0 = time.perf_counter(), time.process_time()
     results = {}
     for study in STUDIES:

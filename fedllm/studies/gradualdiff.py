@@ -33,9 +33,10 @@ import math
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any
+
+from fedllm.studies import quiet_process
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "studies" / "gradualdiff.yaml"
@@ -51,6 +52,9 @@ QUICK = ["model.preset=tiny", "model.quantization=none", "lora.target_modules=[q
 PAPER = {"perplexity": {"federated": 16.78, "centralized": 15.36, "local": 19.20},
          "bleu": {"federated": 0.55, "centralized": 0.55, "local": 0.47},
          "round_s": {"federated": 4.3, "centralized": 6.7, "local": 4.1}}
+# Local mode trains one model per client: evaluating all five mid-run costs five federated evaluations,
+# so the full study scores the local models at round 0 and at the end only.
+MODE_OVERRIDES = {"local": ["eval.every=10"]}
 GOAL_FED_OVER_CENTRAL = 1.10  # federated perplexity <= 1.10 x centralized (IID)
 GOAL_LOCAL_OVER_FED = 1.15  # local-mean perplexity >= 1.15 x federated (IID)
 MARK_START, MARK_END = "<!-- gradualdiff-study:start -->", "<!-- gradualdiff-study:end -->"
@@ -64,8 +68,15 @@ def part_name(partition: str, seed: int) -> str:
     return f"gradualdiff_{partition}_s{seed}"
 
 
-def part_overrides(partition: str, seed: int, quick: bool) -> list[str]:
-    return [f"name={part_name(partition, seed)}", f"seed={seed}", *PARTITIONS[partition], *(QUICK if quick else [])]
+def part_overrides(partition: str, seed: int, quick: bool, mode: str = "federated") -> list[str]:
+    return [f"name={part_name(partition, seed)}", f"seed={seed}", *PARTITIONS[partition], *(QUICK if quick else []),
+            *([] if quick else MODE_OVERRIDES.get(mode, []))]
+
+
+def part_recipe(partition: str, seed: int, mode: str, quick: bool):
+    from fedllm.config import load_recipe  # noqa: PLC0415
+
+    return load_recipe(RECIPE, part_overrides(partition, seed, quick, mode))
 
 
 def plan(partitions: list[str], seeds: list[int], local_seeds: list[int]) -> list[tuple[str, int, str]]:
@@ -97,8 +108,7 @@ def _finished(path: Path, recipe) -> bool:
 
 def run_parts(parts: list[tuple[str, int, str]], runs: Path, quick: bool) -> None:
     """Run the unfinished parts; one experiment (one 4-bit model) per (partition, seed)."""
-    from fedllm.config import load_recipe  # noqa: PLC0415  (heavy imports only when running)
-    from fedllm.experiments import make_experiment  # noqa: PLC0415
+    from fedllm.experiments import make_experiment  # noqa: PLC0415  (heavy imports only when running)
     from fedllm.federation.modes import run_centralized, run_federated, run_local  # noqa: PLC0415
 
     runners = {"federated": lambda e: run_federated(e, out=str(runs), resume=_has_checkpoint(e, runs)),
@@ -108,14 +118,15 @@ def run_parts(parts: list[tuple[str, int, str]], runs: Path, quick: bool) -> Non
     for partition, seed, mode in parts:
         groups.setdefault((partition, seed), []).append(mode)
     for (partition, seed), modes in groups.items():
-        recipe = load_recipe(RECIPE, part_overrides(partition, seed, quick))
-        todo = [m for m in modes if not _finished(runs / recipe.name / m, recipe)]
+        recipes = {m: part_recipe(partition, seed, m, quick) for m in modes}
+        todo = [m for m in modes if not _finished(runs / recipes[m].name / m, recipes[m])]
         for m in sorted(set(modes) - set(todo)):
             print(f"  {partition:8s} seed {seed} {m:12s} finished earlier (same recipe): kept", flush=True)
         if not todo:
             continue
-        exp = make_experiment(recipe)
+        exp = make_experiment(recipes[todo[0]])
         for mode in todo:
+            exp.recipe = recipe = recipes[mode]  # modes differ only in evaluation cadence: same data and model
             t0, c0 = time.perf_counter(), time.process_time()
             summary = runners[mode](exp)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -152,13 +163,13 @@ def score_examples(runs: Path, partition: str, seed: int, quick: bool) -> None:
     from safetensors.torch import load_file  # noqa: PLC0415
 
     from fedllm.client.evaluate import example_nll  # noqa: PLC0415
-    from fedllm.config import load_recipe  # noqa: PLC0415
     from fedllm.experiments import make_experiment  # noqa: PLC0415
     from fedllm.federation.rundir import read_metrics  # noqa: PLC0415
 
-    recipe = load_recipe(RECIPE, part_overrides(partition, seed, quick))
+    recipe = part_recipe(partition, seed, "federated", quick)
     paths = [runs / recipe.name / m for m in ("federated", "centralized")]
-    todo = [p for p in paths if _finished(p, recipe) and not (p / "example_nll.json").is_file()]
+    todo = [p for p in paths if _finished(p, part_recipe(partition, seed, p.name, quick))
+            and not (p / "example_nll.json").is_file()]
     if not todo:
         return
     exp = make_experiment(recipe)
@@ -195,12 +206,11 @@ def paired_log_ratio(fed: dict[str, list], cen: dict[str, list]) -> tuple[float,
 
 def collect(runs: Path, parts: list[tuple[str, int, str]], quick: bool) -> dict[str, Any]:
     """Every finished part's rows and timings, read from its run directory."""
-    from fedllm.config import load_recipe  # noqa: PLC0415
     from fedllm.federation.rundir import read_metrics  # noqa: PLC0415
 
     out: dict[str, Any] = {}
     for partition, seed, mode in parts:
-        recipe = load_recipe(RECIPE, part_overrides(partition, seed, quick))
+        recipe = part_recipe(partition, seed, mode, quick)
         path = runs / recipe.name / mode
         if not _finished(path, recipe):
             continue
@@ -399,7 +409,8 @@ def setup_line(quick: bool) -> str:
             f"weight decay {t.weight_decay}, max grad norm {t.max_grad_norm}); centralized runs "
             f"{r.partition.num_clients * t.local_steps} steps per round on the pooled data; {r.data.eval_size} held-out "
             f"examples (max length {r.data.max_length}), BLEU on the first {r.eval.bleu_samples} greedy answers "
-            f"({r.eval.max_new_tokens} new tokens), evaluated every {r.eval.every} rounds and at the last.")
+            f"({r.eval.max_new_tokens} new tokens), evaluated every {r.eval.every} rounds and at the last"
+            + ("; the five local models at round 0 and the last only." if not quick else "."))
 
 
 def readme_block(doc: dict[str, Any]) -> str:
@@ -468,11 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="run nothing; report the finished parts")
     parser.add_argument("--readme", help="also replace this README's gradualdiff-study block")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "fedllm"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_process()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     local_seeds = [int(s) for s in args.local_seeds.split(",") if s.strip()]
     everything = plan(args.partition or list(PARTITIONS), seeds, local_seeds)
