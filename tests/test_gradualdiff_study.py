@@ -118,3 +118,8 @@ def test_quick_study_runs_resumes_by_part_and_renders_its_tables(tmp_path, capsy
     gradualdiff.update_readme(readme, doc)
     assert readme.read_text() == f"# x\n{gradualdiff.readme_block(doc)}\ntail\n"
 
+
+
+def test_the_readme_tables_are_the_committed_jsons():
+    doc = json.loads((ROOT / "docs" / "gradualdiff_study" / "gradualdiff_study.json").read_text())
+    assert gradualdiff.readme_block(doc) in (ROOT / "README.md").read_text()

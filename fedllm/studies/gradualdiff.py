@@ -16,7 +16,8 @@ can run as separate processes (``--part iid:0:federated --part iid:0:centralized
 then writes the report from every finished part it finds (``--report-only``)::
 
     nice -n 19 python -m fedllm.studies.gradualdiff --out docs/gradualdiff_study [--quick]
-        [--seeds 0,1] [--local-seeds 0] [--partition iid] [--part P:S:MODE ...] [--report-only]
+        [--seeds 0,1] [--local-seeds 0] [--spread-partition iid] [--partition iid] [--part P:S:MODE ...]
+        [--report-only]
         [--readme README.md]
 
 Writes ``gradualdiff_study.json`` (every round of every part), ``gradualdiff_study.md`` (tables) and
@@ -59,7 +60,7 @@ GOAL_FED_OVER_CENTRAL = 1.10  # federated perplexity <= 1.10 x centralized (IID)
 GOAL_LOCAL_OVER_FED = 1.15  # local-mean perplexity >= 1.15 x federated (IID)
 MARK_START, MARK_END = "<!-- gradualdiff-study:start -->", "<!-- gradualdiff-study:end -->"
 KEEP = ("round", "eval_loss", "eval_loss_se", "perplexity", "bleu", "train_loss", "round_time_s", "train_time_s",
-        "aggregate_time_s", "eval_time_s", "bytes_up", "bytes_down", "local_steps", "per_client")
+        "aggregate_time_s", "eval_time_s", "bytes_up", "bytes_down", "local_steps", "per_client", "clients")
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,12 @@ def part_recipe(partition: str, seed: int, mode: str, quick: bool):
     return load_recipe(RECIPE, part_overrides(partition, seed, quick, mode))
 
 
-def plan(partitions: list[str], seeds: list[int], local_seeds: list[int]) -> list[tuple[str, int, str]]:
-    """Every (partition, seed, mode) to run: all modes for ``local_seeds``, federated and
-    centralized (the gap the seeds spread) for the other seeds."""
-    return [(p, s, m) for s in seeds for p in partitions for m in MODES if m != "local" or s in local_seeds]
+def plan(partitions: list[str], seeds: list[int], local_seeds: list[int],
+         spread: list[str] | None = None) -> list[tuple[str, int, str]]:
+    """Every (partition, seed, mode) to run: all modes for ``local_seeds``; for the other seeds,
+    federated and centralized (the gap the seeds spread) on the ``spread`` partitions (all if None)."""
+    return [(p, s, m) for s in seeds for p in partitions for m in MODES
+            if s in local_seeds or (m != "local" and (spread is None or p in spread))]
 
 
 def parse_part(text: str) -> tuple[str, int, str]:
@@ -100,10 +103,16 @@ def parse_part(text: str) -> tuple[str, int, str]:
 
 
 def _finished(path: Path, recipe) -> bool:
-    from fedllm.config import dump_recipe  # noqa: PLC0415
+    """A finished run of the same recipe: its saved ``config.yaml`` parses to an equal recipe (fields
+    added to fedllm since it ran take their defaults, which reproduce earlier runs)."""
+    from fedllm.config import RecipeError, load_recipe  # noqa: PLC0415
 
-    return ((path / "summary.json").is_file() and (path / "config.yaml").is_file()
-            and (path / "config.yaml").read_text(encoding="utf-8") == dump_recipe(recipe))
+    if not ((path / "summary.json").is_file() and (path / "config.yaml").is_file()):
+        return False
+    try:
+        return load_recipe(path / "config.yaml") == recipe
+    except RecipeError:
+        return False
 
 
 def run_parts(parts: list[tuple[str, int, str]], runs: Path, quick: bool) -> None:
@@ -267,6 +276,15 @@ def round_seconds(run: dict[str, Any]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def client_round_seconds(run: dict[str, Any], mode: str) -> float | None:
+    """Mean training seconds of one client's round: a federated round's training divided by the
+    clients it ran one after another (what a deployment running them in parallel would take)."""
+    if mode != "federated":
+        return round_seconds(run)
+    vals = [(r.get("train_time_s") or 0.0) / max(1, len(r.get("clients") or [1])) for r in run["rows"][1:]]
+    return statistics.fmean(vals) if vals else None
+
+
 def total_bytes(run: dict[str, Any]) -> int:
     return sum(int(r.get("bytes_up") or 0) + int(r.get("bytes_down") or 0) for r in run["rows"][1:])
 
@@ -311,8 +329,9 @@ def _cell(vals: list[float], fmt: str) -> str:
 
 def main_table(results: dict[str, Any]) -> str:
     """The paper's Tables III–IV shape: per partition and mode, fedllm's mean (± sd over seeds) beside the paper."""
-    lines = ["| partition | mode | perplexity | paper | BLEU | paper | s per round (train) | paper | MB sent per run "
-             "| seeds |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| partition | mode | perplexity | paper | BLEU (sacrebleu, 0–100) | paper (as printed) | s per round "
+             "(train) | s per client round | paper | MB sent per run | seeds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for partition in results:
         for mode in MODES:
             ppl = _per_mode(results, partition, mode, lambda r: final(r, "perplexity"))
@@ -320,10 +339,11 @@ def main_table(results: dict[str, Any]) -> str:
                 continue
             bleu = _per_mode(results, partition, mode, lambda r: final(r, "bleu"))
             secs = _per_mode(results, partition, mode, round_seconds)
+            per_client = _per_mode(results, partition, mode, lambda r, m=mode: client_round_seconds(r, m))
             mb = _per_mode(results, partition, mode, lambda r: total_bytes(r) / 1e6)
             label = "local (mean of clients)" if mode == "local" else mode
             lines.append(f"| {partition} | {label} | {_cell(ppl, '.2f')} | {PAPER['perplexity'][mode]} | "
-                         f"{_cell(bleu, '.2f')} | {PAPER['bleu'][mode]} | {_cell(secs, '.1f')} | "
+                         f"{_cell(bleu, '.2f')} | {PAPER['bleu'][mode]} | {_cell(secs, '.1f')} | {_cell(per_client, '.1f')} | "
                          f"{PAPER['round_s'][mode]} | {_cell(mb, '.1f')} | {len(ppl)} |")
     return "\n".join(lines)
 
@@ -365,7 +385,8 @@ def _verdict(vals: list[float], goal: float, below: bool) -> str:
 
 
 def plot(results: dict[str, Any], out: Path) -> list[str]:
-    """One PNG per partition: held-out eval loss per round, three modes, every seed (seed 0 bold)."""
+    """One PNG per partition: held-out eval loss at the evaluated rounds (left) and the clients' mean
+    training loss every round (right), three modes, every seed (seed 0 solid, others dashed)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg", force=True)
@@ -373,23 +394,25 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
 
     names = []
     for partition, seeds in results.items():
-        fig, ax = plt.subplots(figsize=(6.0, 4.0))
-        for i, mode in enumerate(MODES):
-            for j, (_seed, runs) in enumerate(sorted(seeds.items())):
-                if mode not in runs:
-                    continue
-                pts = [(r["round"], r["eval_loss"]) for r in runs[mode]["rows"] if r.get("eval_loss") is not None]
-                label = ("local (mean of clients)" if mode == "local" else mode) if j == 0 else None
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=label,
-                        alpha=1.0 if j == 0 else 0.45, linestyle="-" if j == 0 else "--")
-        ax.set_xlabel("round")
-        ax.set_ylabel("held-out eval loss (response-token NLL)")
-        ax.set_title(f"GradualDiff-Fed study, {partition} partition (dashed: other seeds)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
+        for ax, key, start in ((axes[0], "eval_loss", 0), (axes[1], "train_loss", 1)):
+            for i, mode in enumerate(MODES):
+                for j, (_seed, runs) in enumerate(sorted(seeds.items())):
+                    if mode not in runs:
+                        continue
+                    pts = [(r["round"], r[key]) for r in runs[mode]["rows"][start:] if r.get(key) is not None]
+                    label = ("local (mean of clients)" if mode == "local" else mode) if j == 0 else None
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=label,
+                            alpha=1.0 if j == 0 else 0.45, linestyle="-" if j == 0 else "--", markersize=4)
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("held-out eval loss (response-token NLL)")
+        axes[1].set_ylabel("training loss (mean over the round's steps)")
+        fig.suptitle(f"GradualDiff-Fed study, {partition} partition (dashed: other seeds)", fontsize=10)
         fig.tight_layout()
         name = f"loss_{partition}.png"
-        fig.savefig(out / name, dpi=120)
+        fig.savefig(out / name, dpi=110)
         plt.close(fig)
         names.append(name)
     return names
@@ -472,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the tiny model, 2 rounds (smoke test, CI)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument("--local-seeds", default="0", help="seeds that also run local-only training (default 0)")
+    parser.add_argument("--spread-partition", action="append", choices=sorted(PARTITIONS),
+                        help="partitions whose other seeds run (federated and centralized); default iid")
     parser.add_argument("--partition", action="append", choices=sorted(PARTITIONS),
                         help="only this partition (repeatable); default both")
     parser.add_argument("--part", action="append", type=parse_part, default=[],
@@ -482,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_process()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     local_seeds = [int(s) for s in args.local_seeds.split(",") if s.strip()]
-    everything = plan(args.partition or list(PARTITIONS), seeds, local_seeds)
+    everything = plan(args.partition or list(PARTITIONS), seeds, local_seeds, args.spread_partition or ["iid"])
     runs = Path(args.runs)
     if not args.report_only:
         todo = args.part or everything
