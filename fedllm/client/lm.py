@@ -81,12 +81,9 @@ class CausalLMModule(L.LightningModule):
             opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        if t.schedule == "constant":  # the factor would be exactly 1: keep the historical lambda, bit for bit
-            factor = lambda s: warmup_factor(s, self.warmup_steps)  # noqa: E731
-        else:
-            factor = lambda s: (warmup_factor(s, self.warmup_steps)  # noqa: E731
-                                * round_schedule(t.schedule, self.rnd, self.rounds, s, self.total_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = torch.optim.lr_scheduler.LambdaLR(  # constant's factor is exactly 1.0: x * 1.0 == x, bit for bit
+            opt, lambda s: warmup_factor(s, self.warmup_steps) * round_schedule(t.schedule, self.rnd, self.rounds, s,
+                                                                                 self.total_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -206,7 +206,7 @@ def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]], template: s
             raise RecipeError("data.template", "the model's tokenizer has no chat template; set data.template: "
                               "alpaca, or a template string with {prompt}")
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(getattr(ids, "input_ids", None) or (ids["input_ids"] if isinstance(ids, dict) else ids))
+        return list(getattr(ids, "input_ids", ids))  # a BatchEncoding or a plain list, by version
     return list(tokenizer(render_prompt(messages, template), add_special_tokens=True)["input_ids"])
 
 

@@ -90,8 +90,9 @@ class LMExperiment:
         if self.recipe.faults.fires(client_id, rnd, "nan"):
             delta = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
         train_loss = statistics.fmean(losses) if losses and not round_cb.tripped else float("nan")
-        return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(examples),
-                            local_steps=len(losses) // self.recipe.train.grad_accum, train_loss=train_loss, bytes_up=serialized_bytes(delta),
+        steps_done = len(losses) // self.recipe.train.grad_accum  # optimizer steps; losses are per batch
+        return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(examples), local_steps=steps_done,
+                            train_loss=train_loss, bytes_up=serialized_bytes(delta),
                             grad_steps=fitted.grad_steps, metrics=metrics)
 
     def _fit_dpsgd(self, client_id: int, examples: list, steps: int, seed: int, round_cb,
