@@ -105,9 +105,19 @@ class LoraConfig:
     target_modules: list[str] = doc("module names that get adapters", ["q_proj", "v_proj"])
     method: Literal["lora", "dora"] = doc("lora, or dora (peft's weight-decomposed LoRA: a trainable magnitude "
                                           "vector per layer, averaged like the factors)", "lora")
+    client_ranks: list[int] | None = doc(
+        "heterogeneous ranks: one rank per client (length partition.num_clients, each in [1, lora.r]); "
+        "client k trains the first r_k slots of the global rank-lora.r adapter and the server pads and "
+        "truncates (federation.lora_aggregation factorwise: HetLoRA zero-padding; svd: FlexLoRA). "
+        "null: every client uses lora.r", None)
 
     def __post_init__(self) -> None:
         require(1 <= self.r <= 1024, "lora.r", f"expected an integer in [1, 1024], got {self.r}")
+        if self.client_ranks is not None:
+            require(len(self.client_ranks) > 0, "lora.client_ranks", "expected a list of ranks, one per client")
+            for i, rk in enumerate(self.client_ranks):
+                require(isinstance(rk, int) and not isinstance(rk, bool) and 1 <= rk <= self.r,
+                        f"lora.client_ranks[{i}]", f"expected an integer in [1, lora.r={self.r}], got {_show(rk)}")
         require(self.alpha > 0, "lora.alpha", f"expected > 0, got {self.alpha}")
         require(0 <= self.dropout < 1, "lora.dropout", f"expected in [0, 1), got {self.dropout}")
         require(len(self.target_modules) > 0, "lora.target_modules", "expected at least one module name")
@@ -198,6 +208,10 @@ class FederationConfig:
         "factorization (Eckart-Young; exact only when that mean has rank <= r); frozen_a: A frozen at "
         "its shared init, only B trained; exact: old name of svd (accepted, with a warning)", "factorwise")
     engine: Literal["inprocess", "flower"] = doc("inprocess: simulate all clients here; flower: Flower simulation", "inprocess")
+    personalize: Literal["none", "shared_a"] = doc(
+        "none: every client starts each round from the global adapter; shared_a: FedSA-LoRA's selective "
+        "aggregation (A factors shared, each client keeps its own B and starts from it; the server's B is "
+        "the clients' average, evaluated beside the personal models). Needs eval.client_holdout > 0", "none")
 
     def __post_init__(self) -> None:
         require(1 <= self.rounds <= 100_000, "federation.rounds", f"expected in [1, 100000], got {self.rounds}")
@@ -650,6 +664,34 @@ def _privacy(r: Recipe) -> Problem:
     return None
 
 
+def _adapters(r: Recipe) -> Problem:
+    """Heterogeneous ranks and personal adapters: LoRA models, and the combinations they are defined for."""
+    ranks, f = r.lora.client_ranks, r.federation
+    if ranks is not None:
+        if r.model.task == "vision":
+            return "lora.client_ranks", "heterogeneous ranks need a LoRA model (vision models have no adapters)"
+        if len(ranks) != r.partition.num_clients:
+            return "lora.client_ranks", (f"expected one rank per client ({r.partition.num_clients}, "
+                                         f"partition.num_clients), got {len(ranks)}")
+        if f.algorithm == "scaffold":
+            return "lora.client_ranks", "SCAFFOLD's correction would move the slots beyond a client's rank"
+        if r.hierarchy.regions:
+            return "lora.client_ranks", "heterogeneous ranks with hierarchical aggregation are not supported"
+    if f.personalize != "none":
+        if r.model.task == "vision":
+            return "federation.personalize", "shared_a personalizes LoRA factors (vision models have no adapters)"
+        if r.eval.client_holdout <= 0:
+            return "eval.client_holdout", ("federation.personalize evaluates each personal model on its own "
+                                           "client's held-out data; set eval.client_holdout > 0 (e.g. 0.2)")
+        if f.lora_aggregation != "factorwise":
+            return "federation.lora_aggregation", (f"{f.lora_aggregation} with personalize: shared_a (A is what the "
+                                                   "clients share; frozen A would share nothing, svd mixes A with "
+                                                   "the personal B); use factorwise")
+        if r.hierarchy.regions:
+            return "federation.personalize", "personal adapters with hierarchical aggregation are not supported"
+    return None
+
+
 def _hierarchy(r: Recipe) -> Problem:
     h = r.hierarchy
     if h.regions:
@@ -673,6 +715,7 @@ def flower_problem(r: Recipe) -> Problem:
         ("selection.method", r.selection.method != "uniform", "only uniform client sampling is wired to Flower"),
         ("privacy.dpsgd", r.privacy.dpsgd, "a site's DP-SGD noise is seeded from the recipe, which the coordinator knows"),
         ("eval.client_holdout", r.eval.client_holdout > 0, "a client's held-out slice stays on its site"),
+        ("lora.client_ranks", r.lora.client_ranks is not None, "sites would count their padded update's bytes"),
         ("attack.kind", r.attack.kind not in ("none", "label_flip"),
          "a simulated attack would change updates at the coordinator, after the sites noised and encoded them"),
         ("federation.algorithm", r.federation.algorithm == "scaffold" and on_site,
@@ -697,7 +740,8 @@ def _excludes_something(r: Recipe) -> Problem:
     return None
 
 
-COMPATIBILITY = (_task_data, _lm_only, _vision_only, _aggregator, _privacy, _hierarchy, _engine, _excludes_something)
+COMPATIBILITY = (_task_data, _lm_only, _vision_only, _aggregator, _privacy, _adapters, _hierarchy, _engine,
+                 _excludes_something)
 
 
 # ----------------------------------------------------------------------------- generic loading

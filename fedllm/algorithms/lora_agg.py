@@ -19,6 +19,25 @@ mean product M = Σ wᵢ BᵢAᵢ. Three modes:
 Keys that are not LoRA factors are averaged as plain deltas with the same weights. The error we
 report is ‖M − B_new A_new‖_F / ‖M‖_F over all pairs together (squares summed over pairs before the
 square root). peft's α/r scaling multiplies every product alike, so it does not change that ratio.
+
+**Heterogeneous ranks** (:class:`RankLayout`, recipe ``lora.client_ranks``): client k holds only the
+first r_k ≤ r slots of the global rank-r adapter (slot j = row j of A, column j of B) and starts
+from the global state truncated to them, so its local product is Bᵢ Aᵢ of rank ≤ r_k and its
+update lives in its own slots. The two rules are the two modes above, fed each client's own start:
+
+- ``factorwise`` is HetLoRA's zero-padding (Cho et al., "Heterogeneous LoRA for Federated
+  Fine-tuning of On-Device Foundation Models", EMNLP 2024) in delta form: every client's delta is
+  padded with zeros to rank r and the deltas are averaged, so a slot held by few clients moves by
+  their share of the mean; a rank-r_k client then receives the first r_k slots (truncation).
+- ``svd`` is FlexLoRA (Bai et al., "Federated Fine-tuning of Large Language Models under
+  Heterogeneous Tasks and Client Resources", NeurIPS 2024): M = Σ wᵢ BᵢAᵢ over the clients'
+  products, its best rank-r factorization becomes the global adapter with slots in singular-value
+  order, and a rank-r_k client receives the best rank-r_k part of it.
+
+Besides ``aggregation_error`` (what the global adapter loses against M), heterogeneous runs report
+the truncation error ‖P − P_{r_k}‖_F / ‖P‖_F of the global product P that a rank-r_k client
+receives (:meth:`RankLayout.truncation_error`). peft scales every client's product by the global
+α/r (one padded model serves every rank). With equal ranks nothing of this runs.
 """
 
 from __future__ import annotations
@@ -82,13 +101,14 @@ def aggregation_error(global_new: Mapping[str, torch.Tensor],
 
 
 def _svd_pair(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], w: list[float],
-                a_key: str, b_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """New (A, B) from the rank-r truncated SVD of M = Σ wᵢ BᵢAᵢ, computed via QR of the stacks."""
+              a_key: str, b_key: str, starts: Sequence[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (A, B) from the rank-r truncated SVD of M = Σ wᵢ BᵢAᵢ, computed via QR of the stacks;
+    client i's factors are ``starts[i] + Δᵢ``."""
     a_g, b_g = global_state[a_key], global_state[b_key]
     r = a_g.shape[0]
     f64 = torch.float64
-    bs = torch.cat([wi * (b_g.to(f64) + u.delta[b_key].to(f64)) for wi, u in zip(w, updates)], dim=1)
-    as_ = torch.cat([a_g.to(f64) + u.delta[a_key].to(f64) for u in updates], dim=0)
+    bs = torch.cat([wi * (s[b_key].to(f64) + u.delta[b_key].to(f64)) for wi, u, s in zip(w, updates, starts)], dim=1)
+    as_ = torch.cat([s[a_key].to(f64) + u.delta[a_key].to(f64) for u, s in zip(updates, starts)], dim=0)
     q_b, r_b = torch.linalg.qr(bs)  # out×k1, k1×Kr
     q_a, r_a = torch.linalg.qr(as_.T)  # in×k2, k2×Kr
     u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
@@ -110,8 +130,16 @@ def _check_frozen_a(updates: Sequence[ClientUpdate], pairs: list[tuple[str, str]
 
 
 def lora_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], mode: str,
-                   weighted: bool = False) -> tuple[StateDict, float]:
-    """(aggregated delta, aggregation error) of the clients' LoRA deltas under ``mode``."""
+                   weighted: bool = False,
+                   starts: Sequence[Mapping[str, torch.Tensor]] | None = None) -> tuple[StateDict, float]:
+    """(aggregated delta, aggregation error) of the clients' LoRA deltas under ``mode``.
+
+    ``starts[i]``: the state client i trained from (its rank's truncation of the global state under
+    heterogeneous ranks); the global state itself when omitted.
+    """
+    starts = [global_state] * len(updates) if starts is None else list(starts)
+    if len(starts) != len(updates):
+        raise ValueError(f"{len(updates)} updates but {len(starts)} start states")
     if mode not in MODES:
         raise ValueError(f"unknown LoRA aggregation mode {mode!r}; expected one of {list(MODES)}")
     w = client_weights(updates, weighted)
@@ -124,10 +152,66 @@ def lora_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequence[C
     delta = weighted_sum([u.delta for u in updates], w)
     if mode == "svd":
         for a_key, b_key in pairs:
-            new_a, new_b = _svd_pair(global_state, updates, w, a_key, b_key)
+            new_a, new_b = _svd_pair(global_state, updates, w, a_key, b_key, starts)
             delta[a_key] = (new_a - global_state[a_key].to(torch.float64)).to(global_state[a_key].dtype)
             delta[b_key] = (new_b - global_state[b_key].to(torch.float64)).to(global_state[b_key].dtype)
     lora_keys = [k for pair in pairs for k in pair]  # the error only reads the factors
     new_global = {k: global_state[k] + delta[k] for k in lora_keys}
-    clients = [{k: global_state[k] + u.delta[k] for k in lora_keys} for u in updates]
+    clients = [{k: s[k] + u.delta[k] for k in lora_keys} for u, s in zip(updates, starts)]
     return delta, aggregation_error(new_global, clients, w)
+
+
+class RankLayout:
+    """Heterogeneous LoRA ranks: client k holds the first ``ranks[k]`` of the global adapter's r slots.
+
+    Slot j is row j of every A (r×in) and column j of every B (out×r). A state truncated to rank
+    r_k has the other slots zero, and training keeps them zero: ∂L/∂B[:, j] ∝ A[j]·x and
+    ∂L/∂A[j] ∝ B[:, j]ᵀ·g both vanish when row and column are zero, and AdamW moves a parameter
+    with zero gradient and zero value nowhere. So one padded model serves every rank, and
+    :meth:`truncate` applied to an arriving delta only enforces what an honest client sends anyway.
+    """
+
+    def __init__(self, state: Mapping[str, torch.Tensor], ranks: Sequence[int]) -> None:
+        self.pairs = lora_pairs(state)
+        if not self.pairs:
+            raise ValueError("heterogeneous ranks need a LoRA state (no lora_A/lora_B pairs found)")
+        self.r = state[self.pairs[0][0]].shape[0]
+        self.ranks = [int(x) for x in ranks]
+        if any(not 1 <= x <= self.r for x in self.ranks):
+            raise ValueError(f"client ranks {self.ranks} must lie in [1, {self.r}] (the global adapter's rank)")
+
+    def rank(self, client_id: int) -> int:
+        return self.ranks[client_id]
+
+    def truncate(self, state: Mapping[str, torch.Tensor], client_id: int) -> StateDict:
+        """``state`` with every slot beyond client ``client_id``'s rank set to zero (a new dict)."""
+        rk, out = self.rank(client_id), dict(state)
+        if rk == self.r:
+            return out
+        for a_key, b_key in self.pairs:
+            a, b = state[a_key].clone(), state[b_key].clone()
+            a[rk:] = 0
+            b[:, rk:] = 0
+            out[a_key], out[b_key] = a, b
+        return out
+
+    def wire(self, state: Mapping[str, torch.Tensor], client_id: int) -> StateDict:
+        """What crosses the network for client ``client_id``: its r_k slots only (for byte counts)."""
+        rk, out = self.rank(client_id), dict(state)
+        for a_key, b_key in self.pairs:
+            out[a_key], out[b_key] = state[a_key][:rk].contiguous(), state[b_key][:, :rk].contiguous()
+        return out
+
+    def truncation_error(self, state: Mapping[str, torch.Tensor]) -> dict[int, float]:
+        """rank -> ‖P − P_rank‖_F / ‖P‖_F over all pairs, P = B A of ``state`` and P_rank its first
+        ``rank`` slots: what a client of that rank loses of the global product (0.0 when P = 0)."""
+        errors = {}
+        for rk in sorted(set(self.ranks)):
+            num = den = 0.0
+            for a_key, b_key in self.pairs:
+                a, b = state[a_key].detach().to(torch.float64), state[b_key].detach().to(torch.float64)
+                full = b @ a
+                num += float(((b[:, rk:] @ a[rk:]) ** 2).sum())
+                den += float((full**2).sum())
+            errors[rk] = (num / den) ** 0.5 if den > 0 else 0.0
+        return errors

@@ -66,11 +66,25 @@ def _eval_row(exp: Experiment, state: StateDict, clients: list[int] | None = Non
     return row, res.samples
 
 
-def _spread(losses: list[float]) -> dict[str, float | None]:
+def _spread(losses: list[float], name: str = "client_eval_loss") -> dict[str, float | None]:
     finite = [v for v in losses if math.isfinite(v)]
-    return {"client_eval_loss_min": min(finite) if finite else None,
-            "client_eval_loss_max": max(finite) if finite else None,
-            "client_eval_loss_mean": statistics.fmean(finite) if finite else None}
+    return {f"{name}_min": min(finite) if finite else None,
+            f"{name}_max": max(finite) if finite else None,
+            f"{name}_mean": statistics.fmean(finite) if finite else None}
+
+
+def _personal_eval(exp: Experiment, server: FederatedServer, state: StateDict) -> dict[str, Any]:
+    """``federation.personalize``: each client's own model on its own held-out slice, and the spread.
+
+    Set beside ``client_eval_loss`` (the global model on the same slices); a client that has not
+    trained yet holds the global B, so its personal model is the global one.
+    """
+    t0 = time.perf_counter()
+    own: dict[int, float] = {}
+    for k in range(exp.recipe.partition.num_clients):
+        own.update(exp.evaluate_clients(server.personal_state(k, state), [k]))
+    return {"personal_eval_loss": {str(k): v for k, v in sorted(own.items())},
+            **_spread(list(own.values()), "personal_eval_loss"), "personal_eval_time_s": time.perf_counter() - t0}
 
 
 def _round0(mode: str, exp: Experiment, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
@@ -226,6 +240,9 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
         state = new_state
         t2 = time.perf_counter()
         metrics, samples = _maybe_eval(exp, server.eval_state(state), rnd)
+        if server.personal_keys and metrics["eval_loss"] is not None:
+            metrics.update(_personal_eval(exp, server, state))
+            metrics["eval_time_s"] += metrics.pop("personal_eval_time_s")
         nonfinite = sum("non-finite" in why for why in extra["rejected"].values())
         row = {"round": rnd, "mode": "federated", "train_loss": statistics.fmean(losses) if losses else None,
                **metrics, "round_time_s": 0.0, "train_time_s": train_s,
@@ -238,7 +255,8 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
             save_checkpoint(checkpoint_dir(writer.path), ServerState(
                 round=rnd, global_state=state, server_state=server.state_dict(), rng_states=capture_rng(),
                 metrics_rows=writer.rows, fingerprint=recipe_fingerprint(recipe)), keep=recipe.checkpoint.keep)
-    return _finish(exp, writer, state)
+    personal = {k: server.personal_state(k, state) for k in sorted(server.personal)}
+    return _finish(exp, writer, state, personal=personal)
 
 
 def _maybe_eval(exp: Experiment, state: StateDict, rnd: int,
@@ -326,9 +344,12 @@ def _mean(values: list[Any]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _finish(exp: Experiment, writer: RunWriter, state: StateDict, extra: dict | None = None) -> dict:
+def _finish(exp: Experiment, writer: RunWriter, state: StateDict, extra: dict | None = None,
+            personal: dict[int, StateDict] | None = None) -> dict:
     if exp.recipe.output.save_adapter:
         exp.save_adapter(state, writer.path / "adapter")
+        for k, own in (personal or {}).items():  # federation.personalize: each client's own adapter
+            exp.save_adapter(own, writer.path / "personal" / f"client_{k}")
     # the numeric path this run's numbers came from (versions, CPU flags, the 4-bit kernel)
     if exp.recipe.privacy.enabled:  # who the epsilon holds against, for which mechanism
         extra = {"privacy": build.privacy_claim(exp.recipe), **(extra or {})}

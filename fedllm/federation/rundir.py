@@ -181,7 +181,7 @@ def same_split(path: Path, partition: dict[str, Any]) -> bool:
 # The types a metrics row's fields must have for a report (row_problem): ``fedllm report`` and
 # ``--resume`` read rows written by a run that may have been killed or edited since.
 METRICS = ("train_loss", "eval_loss", "perplexity", "bleu", "accuracy", "epsilon", "lora_aggregation_error",
-           "train_time_s", "aggregate_time_s", "eval_time_s")
+           "lora_truncation_error", "train_time_s", "aggregate_time_s", "eval_time_s")
 COUNTS = ("bytes_up", "bytes_down", "rejected_updates", "failed_clients", "skipped_nonfinite")
 NOT_NULL = ("round_time_s", "bytes_up", "bytes_down")  # summed over rows by the comparison
 MAX_COUNT = 2**63 - 1
@@ -256,10 +256,11 @@ def summarize(rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -
         out["final"]["epsilon_central"] = last["epsilon_central"]
     if "epsilon_dpsgd" in last:  # sample-level DP-SGD: the worst client's per-example epsilon
         out["final"]["epsilon_dpsgd"] = last["epsilon_dpsgd"]
-    if "client_eval_loss" in last:  # eval.client_holdout: on each client's own held-out slice
-        out["final"]["client_eval_loss"] = last["client_eval_loss"]
-        out["final"].update({k: last.get(k) for k in ("client_eval_loss_min", "client_eval_loss_max",
-                                                       "client_eval_loss_mean")})
+    # eval.client_holdout: on each client's own held-out slice (the global model; the personal ones)
+    for name in ("client_eval_loss", "personal_eval_loss"):
+        if name in last:
+            out["final"][name] = last[name]
+            out["final"].update({f"{name}_{s}": last.get(f"{name}_{s}") for s in ("min", "max", "mean")})
     out.update(run_status(rows))
     out.update(extra or {})
     return out

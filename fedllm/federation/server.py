@@ -22,6 +22,7 @@ the one class that applies them.)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
@@ -39,7 +40,7 @@ from fedllm.algorithms.drift import (
     ScaffoldState,
     scaffold_correction,
 )
-from fedllm.algorithms.lora_agg import aggregation_error, lora_aggregate, lora_pairs
+from fedllm.algorithms.lora_agg import RankLayout, aggregation_error, lora_aggregate, lora_pairs
 from fedllm.algorithms.privacy import (
     DPAggregator,
     PrivacyLedger,
@@ -184,6 +185,15 @@ class FederatedServer:
         self._region_examples: dict[int, int] = {}  # examples aggregated per region since the last sync
         self._sync_clients: list[tuple[float, StateDict]] = []  # (examples, client state), for the error
         self.has_lora = bool(lora_pairs(initial_state))
+        ranks = r.lora.client_ranks
+        # heterogeneous ranks (lora.client_ranks): each client trains and sends its own slots only
+        self.ranks = (RankLayout(initial_state, ranks) if self.has_lora and ranks is not None
+                      and any(rk != r.lora.r for rk in ranks) else None)
+        self._down_bytes = {k: self.payload_bytes(self.ranks.wire(self.template, k)) if self.ranks else
+                            self.model_bytes for k in range(self.num_clients)}
+        # federation.personalize: shared_a — each client's own B factors (FedSA-LoRA), kept between rounds
+        self.personal_keys = ([k for k in initial_state if ".lora_B" in k] if fed.personalize == "shared_a" else [])
+        self.personal: dict[int, StateDict] = {}
         self._reset_round()
 
     # ------------------------------------------------------------------ the round, client side
@@ -196,6 +206,7 @@ class FederatedServer:
         self._bytes_up = self._bytes_down = 0
         self._rejected: dict[int, str] = {}
         self._late: set[int] = set()  # secure aggregation: dropped after masking (this round)
+        self._starts: dict[int, StateDict] = {}  # what each client trained from (heterogeneous ranks)
 
     def begin_round(self, rnd: int) -> RoundPlan:
         """Sample the round's clients and decide (seeded) who drops out or straggles."""
@@ -208,7 +219,7 @@ class FederatedServer:
                 steps.pop(k, None)
         plan = RoundPlan(rnd, sampled, steps, list(fate.dropped), list(fate.stragglers))
         for k in sampled:  # every sampled client downloads the model, including those who then drop
-            self._bytes_down += self.model_bytes * (2 if self.scaffold is not None else 1)  # + SCAFFOLD's c
+            self._bytes_down += self._down_bytes[k] * (2 if self.scaffold is not None else 1)  # + SCAFFOLD's c
             if self.mask is not None and k not in self.has_mask:
                 self._bytes_down += self.mask_bytes
                 self.has_mask.add(k)
@@ -222,10 +233,20 @@ class FederatedServer:
         return plan
 
     def start_state(self, client_id: int, global_state: StateDict | None) -> StateDict:
-        """The state client ``client_id`` starts from: its region's model, or the global one."""
+        """The state client ``client_id`` starts from: its region's model or the global one, truncated
+        to its rank (``lora.client_ranks``), with its own B factors (``federation.personalize``)."""
         if self.regions and client_id in self.region_of and self.region_of[client_id] in self.regional:
             return self.regional[self.region_of[client_id]]
-        return global_state if global_state is not None else self.template
+        state = global_state if global_state is not None else self.template
+        if self.personal_keys:
+            self._global = state  # the B the clients' personal uploads are measured against
+            state = {**state, **self.personal.get(client_id, {})}
+        return self.ranks.truncate(state, client_id) if self.ranks is not None else state
+
+    def personal_state(self, client_id: int, global_state: StateDict) -> StateDict:
+        """Client ``client_id``'s own model: the shared factors with its B (the global B before it trained)."""
+        state = {**global_state, **self.personal.get(client_id, {})}
+        return self.ranks.truncate(state, client_id) if self.ranks is not None else state
 
     def grad_term(self, client_id: int, start: StateDict) -> DriftTerm | None:
         """FedProx's μ(θ − θ_start) or SCAFFOLD's c − cᵢ, added to the client's gradients."""
@@ -244,8 +265,11 @@ class FederatedServer:
         if reason is not None:  # malformed (keys, shapes, dtypes, NaN/Inf, counts): rejected as it arrives
             self._reject(rnd, k, reason)
             return
+        update, start = self._own_slots(update, start)
+        wire = (lambda d: self.payload_bytes(self.ranks.wire(d, k))) if self.ranks is not None else None
         try:
-            sent = self.uplink.send(rnd, update, self.scaffold, self._secagg, on_site=self.uplink_on_site)
+            sent = self.uplink.send(rnd, update, self.scaffold, self._secagg, on_site=self.uplink_on_site,
+                                    payload_bytes=wire)
         except (ArithmeticError, ValueError, RuntimeError) as exc:  # e.g. a codec that cannot encode it
             self._reject(rnd, k, f"the uplink could not encode it ({type(exc).__name__}: {exc})")
             return
@@ -260,6 +284,25 @@ class FederatedServer:
             self._masked[k] = sent.masked
         self._bytes_up += sent.bytes_up
         self._arrived.append(sent.update)
+        self._starts[k] = start
+
+    def _own_slots(self, update: ClientUpdate, start: StateDict) -> tuple[ClientUpdate, StateDict]:
+        """The update as the server aggregates it, and the state it is measured from.
+
+        Heterogeneous ranks: only the client's own slots count (the rest is zeroed). Personal B
+        (``shared_a``): the client keeps its trained B, and its B delta is re-expressed against the
+        global B, so the server's B becomes the clients' average adapter while A is shared.
+        """
+        k, delta = update.client_id, update.delta
+        if self.ranks is not None:
+            delta = self.ranks.truncate(delta, k)
+        if self.personal_keys:
+            trained = {key: start[key] + delta[key] for key in self.personal_keys}
+            self.personal[k] = trained
+            base = self._global if self.ranks is None else self.ranks.truncate(self._global, k)
+            delta = {**delta, **{key: trained[key] - base[key] for key in self.personal_keys}}
+            start = {**start, **{key: base[key] for key in self.personal_keys}}
+        return (update if delta is update.delta else dataclasses.replace(update, delta=delta)), start
 
     def _reject(self, rnd: int, client_id: int, reason: str) -> None:
         log.warning("round %d: update of client %d rejected: %s", rnd, client_id, reason)
@@ -317,6 +360,10 @@ class FederatedServer:
             metrics.update({"applied": False, "round_rejected": why})
             self._charge()  # the noised aggregate (or the noised uploads) were computed: charge them anyway
             return global_state, self._round_metrics(metrics)
+        if self.ranks is not None:  # what a client of each rank loses when it receives the new global state
+            by_rank = self.ranks.truncation_error(new_state)
+            metrics["lora_truncation_error_by_rank"] = {str(rk): e for rk, e in by_rank.items()}
+            metrics["lora_truncation_error"] = statistics.fmean(by_rank[rk] for rk in self.ranks.ranks)
         if self.scaffold is not None:
             ids = [u.client_id for u in valid if u.client_id in self._controls]
             self.scaffold.server_update(ids, [self._controls[k] for k in ids], self.num_clients)
@@ -356,7 +403,7 @@ class FederatedServer:
             delta = self.dp(updates)
             metrics.update({f"dp_{k}": v for k, v in self.dp.last_stats.items()})
         elif fed.lora_aggregation == "svd" and self.has_lora:
-            delta, err = lora_aggregate(global_state, updates, "svd", fed.is_weighted)
+            delta, err = lora_aggregate(global_state, updates, "svd", fed.is_weighted, self._starts_of(updates))
             metrics["lora_aggregation_error"] = err
             return delta
         else:
@@ -365,8 +412,14 @@ class FederatedServer:
             # what averaging the factors loses against averaging the products B_i A_i
             metrics["lora_aggregation_error"] = lora_aggregate(global_state, updates, fed.lora_aggregation
                                                                if fed.lora_aggregation != "svd" else "factorwise",
-                                                               fed.is_weighted)[1]
+                                                               fed.is_weighted, self._starts_of(updates))[1]
         return delta
+
+    def _starts_of(self, updates: list[ClientUpdate]) -> list[StateDict] | None:
+        """The states the updates were trained from, when they differ from the global state."""
+        if self.ranks is None and not self.personal_keys:
+            return None
+        return [self._starts[u.client_id] for u in updates]
 
     def _hierarchical(self, rnd: int, global_state: StateDict, updates: list[ClientUpdate],
                       metrics: dict) -> StateDict:
@@ -455,7 +508,8 @@ class FederatedServer:
                                "regional": {i: clone_state(s) for i, s in self.regional.items()},
                                "region_examples": dict(self._region_examples),
                                "sync_clients": [[w, clone_state(c)] for w, c in self._sync_clients],
-                               "dpsgd_epsilon": dict(self.dpsgd_epsilon)}
+                               "dpsgd_epsilon": dict(self.dpsgd_epsilon),
+                               "personal": {k: clone_state(s) for k, s in self.personal.items()}}
         for name in ("dp", "ledger", "central", "scaffold"):
             part = getattr(self, name)
             if part is not None:
@@ -472,6 +526,7 @@ class FederatedServer:
         self._region_examples = {int(i): int(n) for i, n in state["region_examples"].items()}
         self._sync_clients = [(float(w), clone_state(c)) for w, c in state["sync_clients"]]
         self.dpsgd_epsilon = {int(k): float(v) for k, v in state.get("dpsgd_epsilon", {}).items()}
+        self.personal = {int(k): clone_state(s) for k, s in state.get("personal", {}).items()}
         for name in ("dp", "ledger", "central", "scaffold"):
             part = getattr(self, name)
             if name in state and part is not None:

@@ -70,12 +70,15 @@ class Uplink:
         self.codec, self.feedback = build.codec(recipe)
 
     def send(self, rnd: int, update: ClientUpdate, scaffold: ScaffoldState | None = None,
-             secagg: SecAggRound | None = None, on_site: bool = False) -> Sent:
+             secagg: SecAggRound | None = None, on_site: bool = False,
+             payload_bytes: Callable[[Mapping[str, torch.Tensor]], int] | None = None) -> Sent:
         """Transform ``update`` (already structure-checked) as the client would before sending it.
 
         ``on_site``: the site already noised and encoded it (:meth:`site_part`); ``update.delta``
-        is what the server decoded and ``update.bytes_up`` the payload's size.
+        is what the server decoded and ``update.bytes_up`` the payload's size. ``payload_bytes``:
+        this client's byte count of an uncompressed delta (e.g. only its own LoRA slots).
         """
+        payload_bytes = payload_bytes or self.payload_bytes
         r, k = self.recipe, update.client_id
         if k in self.attackers and self.attack.kind != "label_flip":  # label flips happen in training
             update = attack_update(update, self.attack, rnd)
@@ -91,7 +94,7 @@ class Uplink:
             if secagg is not None and self.dp is not None and r.privacy.dp == "server":
                 delta = self.dp.clip_before_masking(delta)
             enc = self.compress(rnd, k, delta)
-            delta, nbytes = (delta, self.payload_bytes(delta)) if enc is None else (self.decode(enc, delta), enc.nbytes)
+            delta, nbytes = (delta, payload_bytes(delta)) if enc is None else (self.decode(enc, delta), enc.nbytes)
         update = dataclasses.replace(update, delta=delta, bytes_up=nbytes)
         if secagg is None:
             return Sent(update, nbytes + control_bytes, control)
