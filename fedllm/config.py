@@ -263,16 +263,25 @@ def krum_min_updates(byzantine: int, multi: int | None = 1) -> int:
 
 @dataclass(frozen=True)
 class RobustConfig:
-    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed"] = doc(
-        "mean (per the algorithm), coordinate-wise median, trimmed mean, Krum, multi-Krum or "
-        "geometric median (RFA)", "mean")
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "bulyan",
+                        "centered_clip"] = doc(
+        "mean (per the algorithm), coordinate-wise median, trimmed mean, Krum, multi-Krum, geometric "
+        "median (RFA), Bulyan (repeated Krum + trimmed median; K >= 4f + 3) or centered clipping "
+        "(Karimireddy et al. 2021: clip each update's offset from the last aggregate to clip_radius)", "mean")
     trim_ratio: float = doc("trimmed_mean: fraction beta cut from each end per coordinate", 0.1)
     byzantine: int = doc("krum/multi_krum: assumed number f of Byzantine clients per round", 1)
     multi: int | None = doc("multi_krum: updates kept (default K - f)", None)
     max_norm: float | None = doc("clip every update to this L2 norm before aggregating (norm bound)", None)
+    clip_radius: float = doc("centered_clip: tau, the L2 radius each update's offset from the last aggregate "
+                             "is clipped to", 1.0)
+    clip_iterations: int = doc("centered_clip: clipping iterations per round (L)", 1)
 
     def __post_init__(self) -> None:
         require(0 <= self.trim_ratio < 0.5, "robust.trim_ratio", f"expected in [0, 0.5), got {self.trim_ratio}")
+        require(math.isfinite(self.clip_radius) and self.clip_radius > 0, "robust.clip_radius",
+                f"expected a positive number, got {self.clip_radius}")
+        require(1 <= self.clip_iterations <= 100, "robust.clip_iterations",
+                f"expected in [1, 100], got {self.clip_iterations}")
         require(self.byzantine >= 0, "robust.byzantine", f"expected >= 0, got {self.byzantine}")
         if self.multi is not None:
             require(self.multi >= 1, "robust.multi", f"expected >= 1, got {self.multi}")
@@ -306,14 +315,23 @@ class HierarchyConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    kind: Literal["none", "label_flip", "sign_flip", "scale", "noise"] = doc("simulated attack (studies and tests)", "none")
+    kind: Literal["none", "label_flip", "sign_flip", "scale", "noise", "alie", "ipm"] = doc(
+        "simulated attack (studies and tests); alie (a little is enough: mean - z*std of the honest "
+        "updates per coordinate) and ipm (inner-product manipulation: -epsilon x the honest mean) collude: "
+        "the attackers see the round's honest updates", "none")
     fraction: float = doc("fraction of clients that attack", 0.2)
     scale: float = doc("sign_flip/scale: factor applied to the update", 10.0)
     noise_std: float = doc("noise: std of the Gaussian update sent", 1.0)
+    ipm_epsilon: float = doc("ipm: epsilon (Xie et al. 2020: 0.1 against Krum, large values against the median)", 0.5)
+    alie_z: float | None = doc("alie: z (default Baruch et al.'s z_max from the round's n clients and m attackers)", None)
 
     def __post_init__(self) -> None:
         require(0 <= self.fraction <= 1, "attack.fraction", f"expected in [0, 1], got {self.fraction}")
         require(self.noise_std >= 0, "attack.noise_std", f"expected >= 0, got {self.noise_std}")
+        require(math.isfinite(self.ipm_epsilon) and self.ipm_epsilon > 0, "attack.ipm_epsilon",
+                f"expected a positive number, got {self.ipm_epsilon}")
+        if self.alie_z is not None:
+            require(math.isfinite(self.alie_z), "attack.alie_z", f"expected a number, got {self.alie_z}")
 
 
 @dataclass(frozen=True)
@@ -606,6 +624,9 @@ def _aggregator(r: Recipe) -> Problem:
         return "robust.aggregator", "FedNova is itself the aggregator (deltas normalized by local steps); use mean"
     if rob.aggregator != "mean" and f.lora_aggregation == "svd":
         return "federation.lora_aggregation", "svd LoRA aggregation averages products; robust aggregators pick coordinates"
+    if rob.aggregator == "bulyan" and m < 4 * rob.byzantine + 3:
+        return "robust.byzantine", (f"Bulyan needs clients per round >= 4f + 3 = {4 * rob.byzantine + 3}, "
+                                    f"got {m} (fraction x num_clients)")
     if rob.aggregator in ("krum", "multi_krum") and m < krum_min_updates(rob.byzantine):
         return "robust.byzantine", (f"Krum needs clients per round >= 2f + 3 = {krum_min_updates(rob.byzantine)}, "
                                     f"got {m} (fraction x num_clients)")
@@ -692,6 +713,17 @@ def _adapters(r: Recipe) -> Problem:
     return None
 
 
+def _collusion(r: Recipe) -> Problem:
+    """ALIE and IPM attackers read the round's honest updates, which must then exist in one place."""
+    if r.attack.kind in ("alie", "ipm"):
+        for name, on in (("privacy.dp", r.privacy.dp == "client"), ("privacy.secure_aggregation", r.privacy.secure_aggregation),
+                         ("compression.codec", r.compression.codec != "none"), ("hierarchy.regions", bool(r.hierarchy.regions))):
+            if on:
+                return name, (f"attack.kind {r.attack.kind} simulates attackers who see the round's honest raw "
+                              "updates; with this setting they never exist in one place")
+    return None
+
+
 def _hierarchy(r: Recipe) -> Problem:
     h = r.hierarchy
     if h.regions:
@@ -740,8 +772,8 @@ def _excludes_something(r: Recipe) -> Problem:
     return None
 
 
-COMPATIBILITY = (_task_data, _lm_only, _vision_only, _aggregator, _privacy, _adapters, _hierarchy, _engine,
-                 _excludes_something)
+COMPATIBILITY = (_task_data, _lm_only, _vision_only, _aggregator, _privacy, _adapters, _collusion, _hierarchy,
+                 _engine, _excludes_something)
 
 
 # ----------------------------------------------------------------------------- generic loading

@@ -7,6 +7,17 @@ A fixed, seeded subset of clients (``fraction`` of them) misbehaves in every rou
 - ``noise``: sends Δᵢ + ε, ε ~ N(0, σ²) per entry, seeded by (seed, round, client id).
 - ``label_flip``: trains honestly on flipped labels y ↦ C − 1 − y (:func:`flip_labels`, a data
   transform applied before training), so :func:`attack_update` leaves its update unchanged.
+
+Two colluding attacks (:func:`collude`) are built from the round's honest updates, which the
+attackers are assumed to see (the omniscient form, the stronger threat); every attacker sends the
+same vector:
+
+- ``alie`` — "A Little Is Enough" (Baruch, Baruch & Goldberg, NeurIPS 2019): μ − z·σ per
+  coordinate (mean and standard deviation of the honest deltas), with the paper's
+  z_max = Φ⁻¹((n − s)/n), s = ⌊n/2 + 1⌋ − m, for n clients of which m attack: small enough per
+  coordinate to pass median/trimmed/Krum-style filters, consistent enough to drag the model.
+- ``ipm`` — inner-product manipulation (Xie, Koyejo & Gupta, UAI 2020, "Fall of Empires"):
+  −ε·μ, which makes the aggregate's inner product with the true gradient negative.
 """
 
 from __future__ import annotations
@@ -15,13 +26,15 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
 
-from fedllm.types import ClientUpdate
+from fedllm.types import ClientUpdate, StateDict
 
-KINDS = ("label_flip", "sign_flip", "scale", "noise")
+KINDS = ("label_flip", "sign_flip", "scale", "noise", "alie", "ipm")
+COLLUDING = ("alie", "ipm")
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,8 @@ class Attack:
     scale: float = 10.0  # s for sign_flip and scale
     noise_std: float = 1.0  # σ for noise
     seed: int = 0
+    ipm_epsilon: float = 0.5  # ε for ipm
+    alie_z: float | None = None  # z for alie (None: the paper's z_max)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -58,10 +73,40 @@ def _noise_generator(attack: Attack, round: int, client_id: int) -> torch.Genera
     return torch.Generator().manual_seed(int(seed))
 
 
+def alie_z(num_clients: int, num_attackers: int) -> float:
+    """Baruch et al.'s z_max = Φ⁻¹((n − s)/n) with s = ⌊n/2 + 1⌋ − m (0 when that quantile is undefined)."""
+    n, m = num_clients, num_attackers
+    s = math.floor(n / 2 + 1) - m
+    q = (n - s) / n if n > 0 else 0.5
+    return NormalDist().inv_cdf(q) if 0 < q < 1 else 0.0
+
+
+def collude(attack: Attack, honest: Sequence[StateDict], num_attackers: int) -> StateDict:
+    """The delta every colluding attacker sends (``alie`` or ``ipm``), from the round's honest deltas."""
+    if attack.kind not in COLLUDING:
+        raise ValueError(f"{attack.kind!r} is not a colluding attack; expected one of {list(COLLUDING)}")
+    if not honest:
+        raise ValueError("a colluding attack needs at least one honest update to imitate")
+    out = {}
+    for key, ref in honest[0].items():
+        x = torch.stack([h[key].detach().to(torch.float64) for h in honest])
+        mean = x.mean(dim=0)
+        if attack.kind == "ipm":
+            out[key] = (-attack.ipm_epsilon * mean).to(ref.dtype)
+        else:
+            z = attack.alie_z if attack.alie_z is not None else alie_z(len(honest) + num_attackers, num_attackers)
+            std = x.std(dim=0, unbiased=False) if len(honest) > 1 else torch.zeros_like(mean)
+            out[key] = (mean - z * std).to(ref.dtype)
+    return out
+
+
 def attack_update(update: ClientUpdate, attack: Attack, round: int = 0) -> ClientUpdate:
-    """``update`` as the attacker would send it (``label_flip`` acts on data: unchanged here)."""
+    """``update`` as the attacker would send it (``label_flip`` acts on data: unchanged here;
+    the colluding kinds need the other updates: :func:`collude`)."""
     if attack.kind == "label_flip":
         return update
+    if attack.kind in COLLUDING:
+        raise ValueError(f"{attack.kind} colludes: build it from the round's honest updates with collude()")
     if attack.kind == "sign_flip":
         delta = {k: -attack.scale * v for k, v in update.delta.items()}
     elif attack.kind == "scale":

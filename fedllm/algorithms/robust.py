@@ -9,10 +9,17 @@
   Gradient Descent": score(i) = Σ of the squared L2 distances from Δᵢ to its K − f − 2 nearest other
   deltas (each delta flattened to one vector); Krum returns the delta of lowest score, multi-Krum the
   plain mean of the m lowest-scoring ones. Needs K > 2f + 2.
+- ``Bulyan(f)`` — El Mhamdi, Guerraoui & Rouault, 2018, "The Hidden Vulnerability of Distributed
+  Learning in Byzantium": pick θ = K − 2f deltas one at a time, each the Krum winner among those
+  not picked yet, then per coordinate average the β = θ − 2f picked values closest to their
+  median. Needs K ≥ 4f + 3.
 - ``NormBound(C, inner)`` — clip each delta to ‖Δᵢ‖₂ ≤ C, then aggregate with ``inner`` (Sun et al.,
   2019, "Can You Really Backdoor Federated Learning?").
 
-Robust rules ignore example counts (a Byzantine client could lie about them).
+Robust rules ignore example counts (a Byzantine client could lie about them). After each call,
+``last_report`` says what the rule did to whom (client ids): Krum and Bulyan the updates they
+``excluded``; median and trimmed mean each client's ``cut_share`` (the fraction of its coordinates
+outside the band that was averaged); the norm bound the ``clipped`` clients with their scale.
 """
 
 from __future__ import annotations
@@ -62,11 +69,30 @@ def coordinate_median(updates: Sequence[ClientUpdate]) -> StateDict:
     return out
 
 
+def cut_shares(updates: Sequence[ClientUpdate], cut: int) -> dict[int, float]:
+    """client -> fraction of its coordinates among the ``cut`` smallest or ``cut`` largest values
+    (ties broken by client order, as a stable sort does): what a trimmed rule left out of it."""
+    counts, total = torch.zeros(len(updates), dtype=torch.float64), 0
+    if cut > 0:
+        for key in updates[0].delta:
+            x = torch.stack([u.delta[key].detach().reshape(-1).to(torch.float64) for u in updates])
+            ranks = x.argsort(dim=0, stable=True).argsort(dim=0)
+            counts += ((ranks < cut) | (ranks >= len(updates) - cut)).sum(dim=1)
+            total += x.shape[1]
+    else:
+        total = 1
+    return {u.client_id: float(c) / total for u, c in zip(updates, counts)}
+
+
 @register_aggregator("median")
 class Median:
     """Coordinate-wise median (Yin et al., 2018)."""
 
+    def __init__(self) -> None:
+        self.last_report: dict[str, Any] = {}
+
     def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
+        self.last_report = {"cut_share": cut_shares(updates, (len(updates) - 1) // 2)}
         return coordinate_median(updates)
 
 
@@ -78,6 +104,7 @@ class TrimmedMean:
         if not 0.0 <= beta < 0.5:
             raise ValueError(f"trimmed mean beta must be in [0, 0.5), got {beta}")
         self.beta = beta
+        self.last_report: dict[str, Any] = {}
 
     def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
         _check_nonempty(updates)
@@ -85,6 +112,7 @@ class TrimmedMean:
         k = math.floor(self.beta * n)
         if n - 2 * k < 1:
             raise ValueError(f"trimming {k} of {n} updates at each end leaves nothing; lower beta")
+        self.last_report = {"cut_share": cut_shares(updates, k)}
         return {key: _sorted_stack(updates, key)[k:n - k].mean(dim=0).to(ref.dtype)
                 for key, ref in updates[0].delta.items()}
 
@@ -129,11 +157,58 @@ class Krum:
         if multi is not None and multi < 1:
             raise ValueError(f"multi must be >= 1 (or None for K − f), got {multi}")
         self.num_byzantine, self.multi = num_byzantine, multi
+        self.last_report: dict[str, Any] = {}
 
     def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
         m = len(updates) - self.num_byzantine if self.multi is None else self.multi
         chosen = krum_select(updates, self.num_byzantine, m)
+        self.last_report = {"excluded": sorted(u.client_id for i, u in enumerate(updates) if i not in chosen)}
         return MeanAggregator(weighted=False)([updates[i] for i in chosen])
+
+
+def bulyan_min_updates(byzantine: int) -> int:
+    """Fewest updates Bulyan can combine with f Byzantine clients: K ≥ 4f + 3."""
+    return 4 * byzantine + 3
+
+
+@register_aggregator("bulyan", options=lambda recipe: {"num_byzantine": recipe.robust.byzantine},
+                     needs=lambda recipe: bulyan_min_updates(recipe.robust.byzantine))
+class Bulyan:
+    """Bulyan (El Mhamdi et al., 2018): θ = K − 2f deltas picked by repeated Krum, then per coordinate
+    the mean of the β = θ − 2f picked values closest to their coordinate-wise median."""
+
+    def __init__(self, num_byzantine: int) -> None:
+        if num_byzantine < 0:
+            raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}")
+        self.num_byzantine = num_byzantine
+        self.last_report: dict[str, Any] = {}
+
+    def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
+        _check_nonempty(updates)
+        n, f = len(updates), self.num_byzantine
+        if n < bulyan_min_updates(f):
+            raise ValueError(f"Bulyan needs at least 4f + 3 = {bulyan_min_updates(f)} updates for f={f}, got {n}")
+        left, picked = list(range(n)), []
+        full = _pairwise_sq_distances(updates)
+        for _ in range(n - 2 * f):  # Krum over what is left, with its own neighbour count
+            dist = full[left][:, left].clone()
+            dist.fill_diagonal_(float("inf"))
+            nearest = max(len(left) - f - 2, 1)
+            scores = dist.sort(dim=1).values[:, :nearest].sum(dim=1)
+            best = left[int(torch.argsort(scores, stable=True)[0])]
+            picked.append(best)
+            left.remove(best)
+        beta = len(picked) - 2 * f
+        chosen = [updates[i] for i in sorted(picked)]
+        self.last_report = {"excluded": sorted(updates[i].client_id for i in left)}
+        out: StateDict = {}
+        for key, ref in updates[0].delta.items():
+            x = torch.stack([u.delta[key].detach().to(torch.float64) for u in chosen])
+            med = x.median(dim=0).values if len(chosen) % 2 else x.sort(dim=0).values[
+                len(chosen) // 2 - 1:len(chosen) // 2 + 1].mean(dim=0)
+            closest = (x - med).abs().argsort(dim=0, stable=True)[:beta]
+            out[key] = x.gather(0, closest).mean(dim=0).to(ref.dtype)
+        return out
 
 
 def clip_update(update: ClientUpdate, max_norm: float) -> ClientUpdate:
@@ -153,9 +228,14 @@ class NormBound:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         self.max_norm = max_norm
         self.inner: Aggregator = inner if inner is not None else MeanAggregator()
+        self.last_report: dict[str, Any] = {}
 
     def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
-        return self.inner([clip_update(u, self.max_norm) for u in updates])
+        norms = {u.client_id: global_norm(u.delta) for u in updates}
+        out = self.inner([clip_update(u, self.max_norm) for u in updates])
+        self.last_report = {**getattr(self.inner, "last_report", {}),
+                            "norm_clipped": {k: self.max_norm / n for k, n in norms.items() if n > self.max_norm}}
+        return out
 
 
 @register_aggregator("multi_krum",

@@ -151,5 +151,5 @@ def attack(recipe: Recipe, num_clients: int) -> tuple[Attack | None, set[int]]:
     a = recipe.attack
     if a.kind == "none":
         return None, set()
-    spec = Attack(a.kind, a.fraction, a.scale, a.noise_std, recipe.seed)
+    spec = Attack(a.kind, a.fraction, a.scale, a.noise_std, recipe.seed, a.ipm_epsilon, a.alie_z)
     return spec, attackers(range(num_clients), spec)

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 from fedllm.algorithms.aggregate import MeanAggregator, mean_delta
+from fedllm.algorithms.attacks import COLLUDING, collude
+from fedllm.algorithms.cclip import CenteredClipping
 from fedllm.algorithms.drift import (
     Correction,
     DriftTerm,
@@ -45,6 +47,7 @@ from fedllm.algorithms.privacy import (
     DPAggregator,
     PrivacyLedger,
 )
+from fedllm.algorithms.robust import NormBound
 from fedllm.algorithms.secure import SecAggRound
 from fedllm.algorithms.selection import Availability
 from fedllm.config import Recipe
@@ -207,6 +210,7 @@ class FederatedServer:
         self._rejected: dict[int, str] = {}
         self._late: set[int] = set()  # secure aggregation: dropped after masking (this round)
         self._starts: dict[int, StateDict] = {}  # what each client trained from (heterogeneous ranks)
+        self._held: list[tuple[ClientUpdate, StateDict]] = []  # colluding attackers, until the honest are in
 
     def begin_round(self, rnd: int) -> RoundPlan:
         """Sample the round's clients and decide (seeded) who drops out or straggles."""
@@ -266,6 +270,14 @@ class FederatedServer:
             self._reject(rnd, k, reason)
             return
         update, start = self._own_slots(update, start)
+        if self.uplink.attack is not None and self.uplink.attack.kind in COLLUDING and k in self.uplink.attackers:
+            self._held.append((update, start))  # sent once the honest updates it imitates are in
+            return
+        self._send(rnd, update, start)
+
+    def _send(self, rnd: int, update: ClientUpdate, start: StateDict) -> None:
+        """Through the client's uplink (attack simulation, control, DP noise, codec, mask) to the server."""
+        k = update.client_id
         wire = (lambda d: self.payload_bytes(self.ranks.wire(d, k))) if self.ranks is not None else None
         try:
             sent = self.uplink.send(rnd, update, self.scaffold, self._secagg, on_site=self.uplink_on_site,
@@ -310,9 +322,20 @@ class FederatedServer:
 
     # ------------------------------------------------------------------ the round, server side
 
+    def _release_colluders(self, rnd: int) -> None:
+        """ALIE / IPM: the held attackers send the vector built from this round's honest updates."""
+        held, self._held = self._held, []
+        honest = [u.delta for u in self._arrived]
+        for update, start in held:
+            if honest:  # with no honest update to imitate, an attacker can only send its own
+                fake = collude(self.uplink.attack, honest, len(held))
+                update = dataclasses.replace(update, delta=fake)
+            self._send(rnd, update, start)
+
     def finish_round(self, rnd: int, global_state: StateDict) -> tuple[StateDict, dict[str, Any]]:
         """Norm-check, aggregate and apply what arrived; the global state is unchanged if too few."""
         fed = self.recipe.federation
+        self._release_colluders(rnd)
         valid = []
         for u in self._arrived:
             # structure was checked on arrival; the bound applies to what the server received
@@ -408,6 +431,9 @@ class FederatedServer:
             return delta
         else:
             delta = self.aggregator(updates)
+            report = getattr(self.aggregator, "last_report", None)  # what a robust rule excluded or clipped
+            if report:
+                metrics["robust"] = report
         if self.has_lora and self.recipe.robust.aggregator == "mean" and fed.algorithm != "fednova":
             # what averaging the factors loses against averaging the products B_i A_i
             metrics["lora_aggregation_error"] = lora_aggregate(global_state, updates, fed.lora_aggregation
@@ -501,6 +527,11 @@ class FederatedServer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _stateful_aggregator(self) -> Any:
+        """The aggregator (or the one a norm bound wraps) that carries state between rounds, or None."""
+        agg = self.aggregator.inner if isinstance(self.aggregator, NormBound) else self.aggregator
+        return agg if isinstance(agg, CenteredClipping) else None
+
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"server_opt": self.server_opt.state_dict(), "sampler": self.sampler.state_dict(),
                                "availability": self.availability.state_dict(),
@@ -514,6 +545,8 @@ class FederatedServer:
             part = getattr(self, name)
             if part is not None:
                 out[name] = part.state_dict()
+        if (agg := self._stateful_aggregator()) is not None:  # e.g. centered clipping's last aggregate
+            out["aggregator"] = agg.state_dict()
         out.update(self.uplink.state_dict())  # "feedback", "codec"
         return out
 
@@ -531,4 +564,6 @@ class FederatedServer:
             part = getattr(self, name)
             if name in state and part is not None:
                 part.load_state_dict(state[name])
+        if (agg := self._stateful_aggregator()) is not None and "aggregator" in state:
+            agg.load_state_dict(state["aggregator"])
         self.uplink.load_state_dict(state)

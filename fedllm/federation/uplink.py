@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fedllm.algorithms.attacks import attack_update
+from fedllm.algorithms.attacks import COLLUDING, attack_update
 from fedllm.algorithms.compress import Codec, Encoded
 from fedllm.algorithms.drift import ScaffoldState, scaffold_client_control
 from fedllm.algorithms.privacy import DPAggregator
@@ -80,7 +80,8 @@ class Uplink:
         """
         payload_bytes = payload_bytes or self.payload_bytes
         r, k = self.recipe, update.client_id
-        if k in self.attackers and self.attack.kind != "label_flip":  # label flips happen in training
+        # label flips happen in training; colluding attacks are built by the server from the honest updates
+        if k in self.attackers and self.attack.kind not in ("label_flip", *COLLUDING):
             update = attack_update(update, self.attack, rnd)
         control, control_bytes = None, 0
         if scaffold is not None and update.local_steps > 0:

@@ -13,8 +13,9 @@ from fedllm.federation.rundir import naming, write_json_atomic, write_text_atomi
 from fedllm.metrics.cost import cost_to_accuracy
 from fedllm.metrics.runfiles import finite, read_rows, read_summary, read_targets
 
-OPTIONAL_COLUMNS = ("accuracy", "epsilon", "client_eval_loss_min", "client_eval_loss_max", "lora_aggregation_error",
-                    "rejected_updates", "failed_clients")
+OPTIONAL_COLUMNS = ("accuracy", "epsilon", "client_eval_loss_min", "client_eval_loss_max", "personal_eval_loss_min",
+                    "personal_eval_loss_max", "lora_aggregation_error", "lora_truncation_error", "rejected_updates",
+                    "failed_clients")
 
 # One look per mode: colour, marker and line style all differ, so lines that coincide (federated
 # and local often do early on) stay apart; hollow federated markers show the line drawn over them.
@@ -218,12 +219,13 @@ def write_report(path: Path, plots: bool = True) -> Path:
         lines += ["", f"Total bytes up {summary['total_bytes_up']:,}, down {summary['total_bytes_down']:,}; "
                   f"mean round time {summary['mean_round_time_s']:.2f} s; "
                   f"skipped updates {summary['skipped_updates']}."]
-        own = summary.get("final", {}).get("client_eval_loss")
-        if own:  # eval.client_holdout: the final model(s) on each client's own held-out slice
-            lines += ["", "Final eval loss on each client's own held-out slice: "
-                      + ", ".join(f"client {k} {_fmt(v)}" for k, v in own.items())
-                      + f" (min {_fmt(summary['final'].get('client_eval_loss_min'))}, "
-                      f"max {_fmt(summary['final'].get('client_eval_loss_max'))})."]
+        final = summary.get("final", {})
+        # eval.client_holdout: the final model(s) on each client's own held-out slice; personal models too
+        for name, what in (("client_eval_loss", "Final eval loss on each client's own held-out slice"),
+                           ("personal_eval_loss", "Each client's personal model on its own slice")):
+            if final.get(name):
+                lines += ["", f"{what}: " + ", ".join(f"client {k} {_fmt(v)}" for k, v in final[name].items())
+                          + f" (min {_fmt(final.get(f'{name}_min'))}, max {_fmt(final.get(f'{name}_max'))})."]
     targets = read_targets(path)
     if summary and targets:  # HP-FL's cost-to-accuracy: rounds, bytes and client time to reach x
         summary["cost_to_accuracy"] = cost = cost_to_accuracy(rows, targets)
