@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import warnings
+from pathlib import Path
 
 
 def quiet_process() -> None:
@@ -15,3 +17,38 @@ def quiet_process() -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "fedllm"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def finished_run(path: Path, recipe) -> bool:
+    """A finished run of the same recipe: its saved ``config.yaml`` parses to an equal recipe (fields
+    added to fedllm since it ran take their defaults, which reproduce earlier runs)."""
+    from fedllm.config import RecipeError, load_recipe  # noqa: PLC0415  (heavy imports only when running)
+
+    if not ((path / "summary.json").is_file() and (path / "config.yaml").is_file()):
+        return False
+    try:
+        return load_recipe(path / "config.yaml") == recipe
+    except RecipeError:
+        return False
+
+
+def replace_block(readme: Path, start: str, end: str, block: str) -> None:
+    """Replace the text from marker ``start`` to marker ``end`` (both included) with ``block``."""
+    text = readme.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme}: no {start} ... {end} block to replace")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + block + rest.split(end, 1)[1], encoding="utf-8")
+
+
+def machine_line() -> str:
+    """CPU model, cores and Python: where a study's times were measured."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"

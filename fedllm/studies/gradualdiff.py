@@ -31,13 +31,12 @@ import argparse
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from fedllm.studies import quiet_process
+from fedllm.studies import finished_run, machine_line, quiet_process, replace_block
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "studies" / "gradualdiff.yaml"
@@ -102,19 +101,6 @@ def parse_part(text: str) -> tuple[str, int, str]:
 # ----------------------------------------------------------------------------- running
 
 
-def _finished(path: Path, recipe) -> bool:
-    """A finished run of the same recipe: its saved ``config.yaml`` parses to an equal recipe (fields
-    added to fedllm since it ran take their defaults, which reproduce earlier runs)."""
-    from fedllm.config import RecipeError, load_recipe  # noqa: PLC0415
-
-    if not ((path / "summary.json").is_file() and (path / "config.yaml").is_file()):
-        return False
-    try:
-        return load_recipe(path / "config.yaml") == recipe
-    except RecipeError:
-        return False
-
-
 def run_parts(parts: list[tuple[str, int, str]], runs: Path, quick: bool) -> None:
     """Run the unfinished parts; one experiment (one 4-bit model) per (partition, seed)."""
     from fedllm.experiments import make_experiment  # noqa: PLC0415  (heavy imports only when running)
@@ -128,7 +114,7 @@ def run_parts(parts: list[tuple[str, int, str]], runs: Path, quick: bool) -> Non
         groups.setdefault((partition, seed), []).append(mode)
     for (partition, seed), modes in groups.items():
         recipes = {m: part_recipe(partition, seed, m, quick) for m in modes}
-        todo = [m for m in modes if not _finished(runs / recipes[m].name / m, recipes[m])]
+        todo = [m for m in modes if not finished_run(runs / recipes[m].name / m, recipes[m])]
         for m in sorted(set(modes) - set(todo)):
             print(f"  {partition:8s} seed {seed} {m:12s} finished earlier (same recipe): kept", flush=True)
         if not todo:
@@ -177,7 +163,7 @@ def score_examples(runs: Path, partition: str, seed: int, quick: bool) -> None:
 
     recipe = part_recipe(partition, seed, "federated", quick)
     paths = [runs / recipe.name / m for m in ("federated", "centralized")]
-    todo = [p for p in paths if _finished(p, part_recipe(partition, seed, p.name, quick))
+    todo = [p for p in paths if finished_run(p, part_recipe(partition, seed, p.name, quick))
             and not (p / "example_nll.json").is_file()]
     if not todo:
         return
@@ -221,7 +207,7 @@ def collect(runs: Path, parts: list[tuple[str, int, str]], quick: bool) -> dict[
     for partition, seed, mode in parts:
         recipe = part_recipe(partition, seed, mode, quick)
         path = runs / recipe.name / mode
-        if not _finished(path, recipe):
+        if not finished_run(path, recipe):
             continue
         summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
         rows = [{k: r.get(k) for k in KEEP if k in r} for r in read_metrics(path)]
@@ -466,26 +452,7 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
 
 
 def update_readme(readme: Path, doc: dict[str, Any]) -> None:
-    text = readme.read_text(encoding="utf-8")
-    if MARK_START not in text or MARK_END not in text:
-        raise SystemExit(f"{readme}: no {MARK_START} ... {MARK_END} block to replace")
-    head, rest = text.split(MARK_START, 1)
-    tail = rest.split(MARK_END, 1)[1]
-    readme.write_text(head + readme_block(doc) + tail, encoding="utf-8")
-
-
-def _machine() -> str:
-    import platform  # noqa: PLC0415
-
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    replace_block(readme, MARK_START, MARK_END, readme_block(doc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         for partition, seed in dict.fromkeys((p, s) for p, s, _ in todo):
             score_examples(runs, partition, seed, args.quick)
     cmd = "python -m fedllm.studies.gradualdiff --out " + args.out + (" --quick" if args.quick else "")
-    doc = {"meta": {"command": cmd, "quick": args.quick, "setup": setup_line(args.quick), "machine": _machine(),
+    doc = {"meta": {"command": cmd, "quick": args.quick, "setup": setup_line(args.quick), "machine": machine_line(),
                     "planned_parts": [list(p) for p in everything], "paper": PAPER},
            "results": collect(runs, everything, args.quick)}
     doc["paired"] = paired(doc["results"])
