@@ -251,3 +251,21 @@ def test_a_fedllm_supernode_answers_a_foreign_app_with_an_error_and_runs_none_of
     assert replies["replies"][0]["error"] and "could not be verified" in replies["replies"][0]["reason"]
     assert not (marks / "client-ran").exists(), "the site ran the stranger's ClientApp"
     assert "its app is not fedllm's" in site_log
+
+
+def test_the_supernode_loop_waits_at_most_a_tenth_of_a_second():
+    """Flower 1.41 sleeps a fixed 3 s after an empty pull and 0.5 s per reply check; fedllm's
+    SuperNode caps both (the source check fails loudly if a Flower upgrade moves them)."""
+    import inspect
+
+    from flwr.supernode import start_client_internal as sci
+
+    from fedllm.federation.flower.gate import SUPERNODE_POLL_S, quicken_supernode_loop
+
+    source = inspect.getsource(sci)
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
+    quicken_supernode_loop()
+    t0 = time.perf_counter()
+    sci.time.sleep(3)
+    assert time.perf_counter() - t0 < SUPERNODE_POLL_S + 0.2
+    assert sci.time.monotonic() > 0 and sci.time.time() > 0  # the rest is the time module's

@@ -112,7 +112,9 @@ def run_parts(parts: list[tuple[str, str, int]], out: Path, runs: Path, quick: b
 
 
 def plan(seeds: list[int]) -> list[tuple[str, str, int]]:
-    return [(d, c, s) for s in seeds for d in DEFENSES for c in CONDITIONS]
+    """Every part, the most telling first: per seed, the clean runs, then 20 % attackers, then 10 %."""
+    order = ["clean", *(c for c in CONDITIONS if c.endswith("20")), *(c for c in CONDITIONS if c.endswith("10"))]
+    return [(d, c, s) for s in seeds for c in order for d in DEFENSES]
 
 
 def collect(out: Path, parts: list[tuple[str, str, int]], quick: bool) -> dict[str, dict[str, dict[int, Any]]]:
