@@ -240,6 +240,8 @@ def _validate(recipe, args) -> int:
         from fedllm.experiments import load_data
 
         data = load_data(recipe)
+        if recipe.data.streaming:  # a run meets a bad row only when it reads it: validate reads them all now
+            data.check_rows()
         sizes = [len(data.client_examples(k)) for k in range(recipe.partition.num_clients)]
         each = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
         line += f"; data: {sum(sizes)} training examples, {each} per client"

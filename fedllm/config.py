@@ -130,7 +130,8 @@ class DataConfig:
         "fashion_mnist (IDX files of the Debian package dataset-fashion-mnist)", None)
     root: str | None = doc("folder with Fashion-MNIST-style IDX files (vision; default: the Debian package's)", None)
     open_data: int = doc("vision: unlabeled training images held out for the server (HP-FL pre-training)", 0)
-    path: str | None = doc("JSONL, CSV, parquet file or a saved `datasets` directory", None)
+    path: str | None = doc("JSONL, CSV, parquet file, a directory of parquet files or a saved `datasets` directory",
+                           None)
     prompt_field: str = doc("column with the user prompt", "prompt")
     response_field: str = doc("column with the reference response", "response")
     messages_field: str | None = doc("column with a chat `messages` list (overrides prompt/response)", None)
@@ -142,6 +143,10 @@ class DataConfig:
     max_examples: int | None = doc("use at most this many examples (seeded subsample)", None)
     eval_size: int = doc("held-out evaluation examples (taken before partitioning)", 32)
     bad_rows: Literal["error", "skip"] = doc("a row with a missing/empty field: stop with its line, or skip and count", "error")
+    streaming: bool = doc("keep the rows memory-mapped (Arrow via `datasets`) and tokenize each one when a client "
+                          "reads it, so memory does not grow with the data: data.path a .parquet file, a directory "
+                          "of them or a saved `datasets` directory; bad_rows: error only (a bad row stops the run "
+                          "when first read, naming it)", False)
 
     def __post_init__(self) -> None:
         require((self.builtin is None) != (self.path is None), "data",
@@ -164,6 +169,20 @@ class DataConfig:
         require(0 <= self.open_data <= 1_000_000, "data.open_data", f"expected in [0, 1000000], got {self.open_data}")
         if self.root is not None:
             require(Path(self.root).is_dir(), "data.root", f"directory {self.root!r} does not exist")
+        if self.streaming:
+            self._check_streaming()
+
+    def _check_streaming(self) -> None:
+        """``streaming`` reads Arrow-backed rows only, and cannot skip rows it has not tokenized yet."""
+        what = "a .parquet file, a directory of parquet files or a saved datasets directory (save_to_disk)"
+        require(self.path is not None, "data.streaming", f"expected data.path to be {what}; built-in data "
+                "is not streamed (set data.streaming: false)")
+        require(Path(self.path).is_dir() or Path(self.path).suffix.lower() == ".parquet", "data.streaming",
+                f"expected data.path to be {what}, got {self.path!r} (JSONL and CSV are read whole: convert "
+                "them to parquet, or set data.streaming: false)")
+        require(self.bad_rows == "error", "data.streaming", "expected data.bad_rows: error; skipping a bad row "
+                "changes the example count the eval split and partition are drawn from, which a run that "
+                "tokenizes rows only when it reads them does not know up front (set data.streaming: false to skip)")
 
 
 @dataclass(frozen=True)
@@ -389,6 +408,10 @@ class PruneConfig:
     dae_lr: float = doc("hpfl: Adam learning rate of the DAE", 1e-3)
     pretrain: bool = doc("hpfl: start FL from the DAE-trained encoder (false: rewind to init, the lottery ticket)", False)
     snip_batch: int = doc("snip: examples in the one mini-batch that scores connections", 100)
+    init: Literal["none", "isometry"] = doc(
+        "initial kept weights: none (the model's own init, masked), or isometry (Lee et al. 2020: each masked "
+        "weight solved for singular values 1 before training; with method none, every weight counts as kept)", "none")
+    isometry_steps: int = doc("isometry: gradient steps per weight matrix (fedllm.algorithms.signal)", 300)
 
     def __post_init__(self) -> None:
         require(0 < self.remaining <= 1, "prune.remaining", f"expected in (0, 1], got {self.remaining}")
@@ -396,6 +419,8 @@ class PruneConfig:
         require(0 <= self.dae_epochs <= 1000, "prune.dae_epochs", f"expected in [0, 1000], got {self.dae_epochs}")
         require(self.dae_lr > 0, "prune.dae_lr", f"expected > 0, got {self.dae_lr}")
         require(self.snip_batch >= 1, "prune.snip_batch", f"expected >= 1, got {self.snip_batch}")
+        require(1 <= self.isometry_steps <= 100_000, "prune.isometry_steps",
+                f"expected in [1, 100000], got {self.isometry_steps}")
 
 
 @dataclass(frozen=True)
@@ -607,6 +632,8 @@ def _vision_only(r: Recipe) -> Problem:
     if r.model.task == "lm":
         if r.prune.method != "none":
             return "prune.method", "pruning masks are implemented for the vision baselines only"
+        if r.prune.init != "none":
+            return "prune.init", "the isometric init acts on the vision baselines' weight matrices only"
         if r.eval.targets:
             return "eval.targets", "accuracy targets need a classifier (a vision model)"
         if r.attack.kind == "label_flip":
@@ -748,6 +775,8 @@ def flower_problem(r: Recipe) -> Problem:
         ("privacy.dpsgd", r.privacy.dpsgd, "a site's DP-SGD noise is seeded from the recipe, which the coordinator knows"),
         ("eval.client_holdout", r.eval.client_holdout > 0, "a client's held-out slice stays on its site"),
         ("lora.client_ranks", r.lora.client_ranks is not None, "sites would count their padded update's bytes"),
+        ("federation.personalize", r.federation.personalize != "none",
+         "the personal B factors are kept by the in-process server, not on the sites"),
         ("attack.kind", r.attack.kind not in ("none", "label_flip"),
          "a simulated attack would change updates at the coordinator, after the sites noised and encoded them"),
         ("federation.algorithm", r.federation.algorithm == "scaffold" and on_site,

@@ -6,17 +6,24 @@ the run with a one-line error naming the file and line (``error``), or is skippe
 (``skip``). Rows of the built-in corpus that do not fit ``data.max_length`` are always skipped and
 counted. The counts (``stats``, saved in summary.json under ``data``) and a warning naming the
 first skipped rows are the report.
+
+``data.streaming`` builds the same split from a memory-mapped source (:mod:`fedllm.data.stream`)
+without tokenizing: the examples are lazy sequences, every row counts as an example (bad rows stop
+the run when first read: ``bad_rows: skip`` is refused), and ``stats`` has no ``truncated`` count.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from fedllm.config import Recipe, RecipeError
 from fedllm.data.partition import holdout, partition
+from fedllm.data.stream import ArrowRows, LazyExamples, RowTokenizer
 from fedllm.data.text import Example, RowTooLong, load_records, tokenize
 
 log = logging.getLogger(__name__)
@@ -24,51 +31,94 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TextData:
-    """Everything the three modes share: the same examples, eval split and client partition."""
+    """Everything the three modes share: the same examples, eval split and client partition.
 
-    examples: list[Example]
+    ``examples`` is a list, or with ``data.streaming`` a :class:`LazyExamples` whose selections
+    (``client_examples(k)``, ...) are lazy too: sequences that tokenize an example when it is read.
+    """
+
+    examples: Sequence[Example]
     eval_idx: list[int]
     clients: list[list[int]]  # positions into ``examples``
     source: str
     stats: dict[str, int] = field(default_factory=dict)
     client_eval: list[list[int]] = field(default_factory=list)  # eval.client_holdout: each client's own held-out slice
 
-    def client_examples(self, k: int) -> list[Example]:
-        return [self.examples[i] for i in self.clients[k]]
+    def _take(self, positions: list[int]) -> Sequence[Example]:
+        if isinstance(self.examples, LazyExamples):
+            return self.examples.take(positions)
+        return [self.examples[i] for i in positions]
 
-    def client_eval_examples(self, k: int) -> list[Example]:
-        return [self.examples[i] for i in self.client_eval[k]] if self.client_eval else []
+    def _ids(self, positions: list[int]) -> list[int]:
+        """The source rows of ``positions`` (streaming: without tokenizing them)."""
+        if isinstance(self.examples, LazyExamples):
+            return self.examples.row_ids(positions)
+        return [self.examples[i].index for i in positions]
+
+    def client_examples(self, k: int) -> Sequence[Example]:
+        return self._take(self.clients[k])
+
+    def client_eval_examples(self, k: int) -> Sequence[Example]:
+        return self._take(self.client_eval[k]) if self.client_eval else []
 
     @property
-    def eval_examples(self) -> list[Example]:
-        return [self.examples[i] for i in self.eval_idx]
+    def eval_examples(self) -> Sequence[Example]:
+        return self._take(self.eval_idx)
 
     @property
-    def train_examples(self) -> list[Example]:
-        return [self.examples[i] for part in self.clients for i in part]
+    def train_examples(self) -> Sequence[Example]:
+        return self._take([i for part in self.clients for i in part])
+
+    def check_rows(self) -> int:
+        """Read every example once and return how many were truncated; streaming tokenizes the
+        rows one at a time (memory stays flat) and raises the first bad row's error."""
+        return sum(e.truncated for e in self.examples)
 
     def partition_json(self) -> dict:
         """client id -> source row ids, and the eval ids (the run directory's partition.json)."""
         return {
             "source": self.source,
-            "clients": {str(k): [self.examples[i].index for i in part] for k, part in enumerate(self.clients)},
-            "eval": [self.examples[i].index for i in self.eval_idx],
-            **({"client_eval": {str(k): [self.examples[i].index for i in part] for k, part in enumerate(self.client_eval)}}
+            "clients": {str(k): self._ids(part) for k, part in enumerate(self.clients)},
+            "eval": self._ids(self.eval_idx),
+            **({"client_eval": {str(k): self._ids(part) for k, part in enumerate(self.client_eval)}}
                if self.client_eval else {}),
         }
 
 
+def subsample(n: int, max_examples: int | None, seed: int) -> list[int]:
+    """The source rows used: all ``n``, or a seeded sample of ``data.max_examples`` in row order."""
+    if max_examples is None or max_examples >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, max_examples, replace=False).tolist())
+
+
+def _no_column(column: str, source: str, names) -> RecipeError:
+    return RecipeError("partition.column", f"column {column!r} not found in {source}; "
+                       f"available: {sorted(map(str, names))}")
+
+
+def split(n: int, labels: list | None, recipe: Recipe, source: str) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """(eval positions, each client's positions, each client's held-out positions) of ``n`` examples
+    whose ``partition.column`` values (by position) are ``labels``."""
+    if n < 2:
+        raise RecipeError(source, f"only {n} usable examples; expected at least 2")
+    train_pos, eval_pos = holdout(n, recipe.data.eval_size, recipe.seed)
+    parts = partition(len(train_pos), [labels[i] for i in train_pos] if labels is not None else None,
+                      recipe.partition, recipe.seed)
+    clients = [[train_pos[j] for j in part] for part in parts]
+    return eval_pos, clients, split_client_holdout(clients, recipe.eval.client_holdout, recipe.seed)
+
+
 def build_text_data(recipe: Recipe, tokenizer) -> TextData:
     """Load, tokenize (response-only labels), hold out eval, partition. Deterministic from the seed."""
+    if recipe.data.streaming:
+        return build_streaming_data(recipe, tokenizer)
     cfg = recipe.data
     rows, source, places = load_records(cfg)
-    order = list(range(len(rows)))
-    if cfg.max_examples is not None and cfg.max_examples < len(rows):
-        order = sorted(np.random.default_rng(recipe.seed).choice(len(rows), cfg.max_examples, replace=False).tolist())
+    order = subsample(len(rows), cfg.max_examples, recipe.seed)
     column = recipe.partition.column
     if column is not None and not any(column in rows[i] for i in order):
-        raise RecipeError("partition.column", f"column {column!r} not found in {source}; "
-                          f"available: {sorted(map(str, rows[order[0]]))}")
+        raise _no_column(column, source, rows[order[0]])
     examples: list[Example] = []
     stats = {"rows": len(order), "skipped_bad_rows": 0, "skipped_no_response_tokens": 0, "truncated": 0}
     skipped: list[str] = []
@@ -94,16 +144,28 @@ def build_text_data(recipe: Recipe, tokenizer) -> TextData:
         log.warning("%s: skipped %d of %d rows (%d malformed, %d with no room for a response in "
                     "data.max_length=%d; first: %s)", source, len(skipped), len(order), stats["skipped_bad_rows"],
                     stats["skipped_no_response_tokens"], cfg.max_length, ", ".join(skipped[:3]))
-    if len(examples) < 2:
-        raise RecipeError(source, f"only {len(examples)} usable examples; expected at least 2")
-    train_pos, eval_pos = holdout(len(examples), cfg.eval_size, recipe.seed)
-    labels = [examples[i].topic for i in train_pos] if column else None
-    parts = partition(len(train_pos), labels, recipe.partition, recipe.seed)
-    clients = [[train_pos[j] for j in part] for part in parts]
-    client_eval = split_client_holdout(clients, recipe.eval.client_holdout, recipe.seed)
+    eval_pos, clients, client_eval = split(len(examples), [e.topic for e in examples] if column else None,
+                                           recipe, source)
     stats["examples"] = len(examples)
     return TextData(examples=examples, eval_idx=eval_pos, clients=clients, source=source, stats=stats,
                     client_eval=client_eval)
+
+
+def build_streaming_data(recipe: Recipe, tokenizer) -> TextData:
+    """``data.streaming``: the same split as :func:`build_text_data` on a file with no bad row,
+    holding row ids only. ``data.max_examples`` draws the same rows; ``partition.column`` is read
+    alone (and its values checked now, naming a bad row); nothing is tokenized here."""
+    cfg, column = recipe.data, recipe.partition.column
+    rows = ArrowRows(Path(cfg.path))
+    source = str(rows.path)
+    order = np.asarray(subsample(len(rows), cfg.max_examples, recipe.seed), dtype=np.int64)
+    if column is not None and column not in rows.column_names:
+        raise _no_column(column, source, rows.column_names)
+    labels = rows.labels(column, order) if column else None
+    eval_pos, clients, client_eval = split(len(order), labels, recipe, source)
+    stats = {"rows": len(order), "skipped_bad_rows": 0, "skipped_no_response_tokens": 0, "examples": len(order)}
+    return TextData(examples=LazyExamples(RowTokenizer(rows, tokenizer, cfg, column), order), eval_idx=eval_pos,
+                    clients=clients, source=source, stats=stats, client_eval=client_eval)
 
 
 def split_client_holdout(clients: list[list[int]], fraction: float, seed: int) -> list[list[int]]:

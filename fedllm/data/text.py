@@ -21,6 +21,7 @@ import torch
 
 from fedllm.config import DataConfig, RecipeError
 from fedllm.data.coralmap import coralmap_records
+from fedllm.errors import IntegrityError
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -49,6 +50,17 @@ class RowTooLong(RecipeError):
     :func:`fedllm.data.build.build_text_data` applies ``data.bad_rows`` to it (stop naming the
     line, or skip and count); rows of the built-in corpus are always skipped and counted.
     """
+
+
+class StreamedRowError(RecipeError, IntegrityError):
+    """A bad row met when ``data.streaming`` first tokenizes it, mid-run: its one-line RecipeError
+    (the CLI's exit 2), and an IntegrityError so that no engine leaves its client out of the round
+    and carries on: the eval split and the partition counted that row as an example.
+    """
+
+    @classmethod
+    def of(cls, exc: RecipeError) -> StreamedRowError:
+        return cls(exc.where, str(exc).removeprefix(f"{exc.where}: "))
 
 
 def _read_text(path: Path) -> str:
@@ -101,13 +113,59 @@ def _read_csv(path: Path) -> Rows:
     return rows, places
 
 
-def _read_parquet(path: Path) -> Rows:
+def parquet_error(path: Path, exc: Exception) -> RecipeError:
+    return RecipeError(str(path), f"could not be read as parquet ({type(exc).__name__}: {exc})")
+
+
+def row_place(path: Path, file: Path, row: int) -> str:
+    """Where row ``row`` (1-based) of ``file`` is, for an error: "row 3", or "part-1.parquet row 3"
+    when ``path`` is a directory of parquet files."""
+    return f"row {row}" if file == path else f"{file.name} row {row}"
+
+
+def _read_parquet(path: Path, files: list[Path]) -> Rows:
     import pyarrow.parquet as pq
 
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow's errors also subclass TypeError, KeyError, NotImplementedError...
-        raise RecipeError(str(path), f"could not be read as parquet ({type(exc).__name__}: {exc})") from None
+    rows, places = [], []
+    for file in files:
+        try:
+            part = pq.read_table(file).to_pylist()
+        except Exception as exc:  # pyarrow's errors also subclass TypeError, KeyError, NotImplementedError...
+            raise parquet_error(file, exc) from None
+        rows += part
+        places += [row_place(path, file, i) for i in range(1, len(part) + 1)]
+    return rows, places
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A ``datasets`` ``save_to_disk`` directory (a Dataset's state.json or a DatasetDict's index)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def parquet_files(path: Path) -> list[Path]:
+    """The parquet files ``path`` names: itself, or a directory's ``*.parquet`` in name order
+    (none for a saved ``datasets`` directory)."""
+    if not path.is_dir():
+        return [path]
+    return [] if is_saved_dataset(path) else sorted(path.glob("*.parquet"))
+
+
+def one_split(ds: Any) -> Any:
+    """A saved DatasetDict's ``train`` split (else its first); a Dataset as it is."""
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        return ds["train"] if "train" in ds else next(iter(ds.values()))
+    return ds
+
+
+def _read_dir(path: Path) -> Rows:
+    files = parquet_files(path)
+    if files:
+        return _read_parquet(path, files)
+    import datasets
+
+    rows = [dict(r) for r in one_split(datasets.load_from_disk(str(path)))]
     return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
 
 
@@ -118,25 +176,20 @@ def _read_file(path: Path) -> Rows:
             raise RecipeError(str(path), "not a regular file or directory (a FIFO, socket or device); "
                               "expected a data file or a datasets directory")
         if path.is_dir():
-            import datasets
-
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-            rows = [dict(r) for r in ds]
-            return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
+            return _read_dir(path)
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
             return _read_jsonl(path)
         if suffix == ".csv":
             return _read_csv(path)
         if suffix == ".parquet":
-            return _read_parquet(path)
+            return _read_parquet(path, [path])
     except RecipeError:
         raise
     except (OSError, ValueError) as exc:
         raise RecipeError(str(path), f"could not be read as data ({type(exc).__name__}: {exc})") from None
-    raise RecipeError("data.path", f"expected a .jsonl, .csv, .parquet file or a datasets directory, got {path}")
+    raise RecipeError("data.path", f"expected a .jsonl, .csv, .parquet file, a directory of parquet files or a "
+                      f"datasets directory, got {path}")
 
 
 def load_records(cfg: DataConfig) -> tuple[list[dict[str, Any]], str, list[str]]:
@@ -210,8 +263,11 @@ def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]], template: s
     return list(tokenizer(render_prompt(messages, template), add_special_tokens=True)["input_ids"])
 
 
-def _is_label(value: Any) -> bool:
-    return isinstance(value, (str, int, float)) and value == value  # NaN != NaN
+def topic_label(value: Any, topic_field: str, where: str) -> Any:
+    """A row's ``partition.column`` value: partitioners group by it, so a string or number equal to itself."""
+    if not (isinstance(value, (str, int, float)) and value == value):  # NaN != NaN
+        raise RecipeError(where, f"field {topic_field!r}: expected a string or number label, got {value!r:.60}")
+    return value
 
 
 def tokenize(row: dict[str, Any], index: int, tokenizer: Any, cfg: DataConfig, where: str,
@@ -221,9 +277,7 @@ def tokenize(row: dict[str, Any], index: int, tokenizer: Any, cfg: DataConfig, w
     Raises :class:`RowTooLong` when the prompt leaves no room for a single response token.
     """
     msgs = conversation(row, cfg, where)
-    topic = row.get(topic_field) if topic_field else None
-    if topic_field and not _is_label(topic):  # partitioners group by it: hashable, equal to itself
-        raise RecipeError(where, f"field {topic_field!r}: expected a string or number label, got {topic!r:.60}")
+    topic = topic_label(row.get(topic_field), topic_field, where) if topic_field else None
     if cfg.template == "chat":
         try:
             prompt_ids = prompt_token_ids(tokenizer, msgs[:-1], "chat")

@@ -15,6 +15,9 @@ does, so the federated, centralized and local modes, the server and the CLI run 
   (connection sensitivity on one mini-batch of ``prune.snip_batch`` pooled training images) or
   ``random`` (same remaining rate). Clients train and exchange only the kept weights:
   :meth:`payload_bytes` counts the surviving values, ``mask_bytes`` the one-time mask download.
+  ``prune.init: isometry`` then solves every masked weight for layerwise dynamical isometry (Lee
+  et al. 2020, :mod:`fedllm.algorithms.signal`) before training; ``runtime_info()["signal"]``
+  (``machine.signal`` in ``summary.json``) records the per-layer Jacobian singular values.
 - training: ``train.optimizer`` (``auto`` = SGD for vision; or AdamW) with ``train.lr``,
   ``momentum``, ``weight_decay`` (its default 0.001 applies; the vision recipes set 0), batch ``train.batch_size``; ``train.max_grad_norm`` clips the gradient
   norm as for LMs (its default 0.3 too: the vision recipes set 0); ``warmup_ratio`` is LM-only.
@@ -47,6 +50,7 @@ from fedllm.algorithms.prune import (
     snip_mask,
     snip_scores,
 )
+from fedllm.algorithms.signal import isometric_init, signal_report
 from fedllm.client.evaluate import EvalResult
 from fedllm.client.fit import FitStats
 from fedllm.client.vision import (
@@ -139,7 +143,8 @@ class VisionExperiment:
         device = pick_device(recipe.model)  # `auto` picks CUDA when present, as for LMs
         self.model.to(device)  # once: the trainer's strategy never moves it (fedllm.client.strategy)
         self.accelerator = "gpu" if device == "cuda" else "cpu"
-        self.initial_state: StateDict = apply_mask(state, self.mask) if self.mask is not None else state
+        masked = apply_mask(state, self.mask) if self.mask is not None else state
+        self.initial_state, self.signal = self._signal_init(masked)
         self.prune_stats = {"remaining": remaining_rate(self.mask) if self.mask is not None else 1.0,
                             "mask_bytes": self.mask_bytes}
         a = recipe.attack
@@ -179,6 +184,17 @@ class VisionExperiment:
         state, mask = lottery_ticket(self.model, open_x, cfg)
         self.model.load_state_dict(state)
         return None if pr.remaining >= 1.0 else mask  # remaining 1: DAE pre-training only, dense
+
+    def _signal_init(self, state: StateDict) -> tuple[StateDict, dict | None]:
+        """``prune.init``: the masked init as is, or each masked weight solved for layerwise isometry
+        (:func:`fedllm.algorithms.signal.isometric_init`), once, so every client and mode starts
+        from it. Returns the initial state and the per-layer Jacobian singular values before (and
+        after) for the run files; ``None`` for a dense run with the plain init."""
+        pr = self.recipe.prune
+        if pr.init == "none":
+            return state, (None if self.mask is None else {"init": "none", **signal_report(state, self.mask)})
+        iso = isometric_init(state, self.mask, pr.isometry_steps)
+        return iso, {"init": "isometry", "steps": pr.isometry_steps, **signal_report(state, self.mask, iso)}
 
     # ------------------------------------------------------------------ the protocol
 
@@ -263,8 +279,11 @@ class VisionExperiment:
         return serialized_bytes(masked_values(state, self.mask))
 
     def runtime_info(self) -> dict:
-        """Versions and CPU flags (the classifier has no 4-bit layers: ``linear4bit_layers`` is 0)."""
-        return kernel_info(self.model)
+        """Versions and CPU flags (the classifier has no 4-bit layers: ``linear4bit_layers`` is 0);
+        for a pruned or isometric init, ``signal``: per-layer mean/min/max Jacobian singular value
+        of the initial state, ``before`` (and ``after``) ``prune.init: isometry``."""
+        info = kernel_info(self.model)
+        return info if self.signal is None else {**info, "signal": self.signal}
 
     def save_adapter(self, state: StateDict, path: Path) -> None:
         """``model.safetensors`` (the full parameter state) and, when pruned, ``mask.bin`` (encode_mask)."""

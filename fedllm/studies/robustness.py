@@ -79,13 +79,19 @@ def parts_folder(out: Path, quick: bool) -> Path:
 
 
 def _recorded(path: Path, recipe) -> dict[str, Any] | None:
-    """The part's saved result when it was produced by this exact recipe, else None."""
-    from fedllm.config import dump_recipe  # noqa: PLC0415
+    """The part's saved result when its recipe parses to an equal one, else None (fields added to
+    fedllm since it ran take their defaults, which reproduce earlier runs)."""
+    import yaml  # noqa: PLC0415
+
+    from fedllm.config import Recipe, RecipeError, build  # noqa: PLC0415
 
     if not path.is_file():
         return None
     doc = json.loads(path.read_text(encoding="utf-8"))
-    return doc if doc.get("recipe") == dump_recipe(recipe) else None
+    try:
+        return doc if build(Recipe, yaml.safe_load(doc.get("recipe", "")) or {}) == recipe else None
+    except (RecipeError, yaml.YAMLError, TypeError):
+        return None
 
 
 def run_parts(parts: list[tuple[str, str, int]], out: Path, runs: Path, quick: bool) -> None:

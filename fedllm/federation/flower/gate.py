@@ -42,6 +42,7 @@ import ipaddress
 import logging
 import sys
 import time
+import types
 import zipfile
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -268,7 +269,7 @@ def pin_supernode_apps() -> None:
 SUPERNODE_POLL_S = 0.1  # the longest a SuperNode waits between pulls, and between checks for a reply
 
 
-class _CappedSleeps:
+def capped_time(cap: float) -> types.ModuleType:
     """The ``time`` module as Flower's SuperNode loop sees it, with every sleep capped at ``cap`` s.
 
     Flower 1.41's loop sleeps a fixed 3 s after a pull that found no message and 0.5 s between
@@ -276,24 +277,20 @@ class _CappedSleeps:
     started and after it ended. A pull is one request to the SuperLink; capping the idle sleep at
     0.1 s costs each idle site ten such requests a second.
     """
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
+    shim = types.ModuleType("time", "time, with sleeps capped for fedllm's SuperNode")
+    shim.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
+    shim.sleep = lambda seconds: time.sleep(min(seconds, cap))
+    shim.fedllm_cap = cap
+    return shim
 
 
 def quicken_supernode_loop(cap: float = SUPERNODE_POLL_S) -> None:
-    """Cap the sleeps of this process's SuperNode message loop (see :class:`_CappedSleeps`)."""
+    """Cap the sleeps of this process's SuperNode message loop (see :func:`capped_time`)."""
     from flwr.supernode import start_client_internal as sci  # noqa: PLC0415
 
     _require(sci, "time", "_push_messages", "start_client_internal")
-    if not isinstance(sci.time, _CappedSleeps):
-        sci.time = _CappedSleeps(cap)
+    if not hasattr(sci.time, "fedllm_cap"):
+        sci.time = capped_time(cap)
 
 
 def serve_supernode(flower_args: list[str], insecure_ok: bool = False) -> None:
