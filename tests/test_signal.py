@@ -24,6 +24,7 @@ from fedllm.algorithms.signal import (
 )
 from fedllm.config import Recipe, RecipeError, build
 from fedllm.models.vision import build_vision_model
+from tests.test_vision_experiment import experiment, small  # the shared 4-client, 600-image LeNet recipe
 
 REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_data = pytest.mark.skipif(not (REAL_ROOT / "t10k-labels-idx1-ubyte.gz").is_file(),
@@ -181,26 +182,6 @@ def test_sweep_rows_and_table():
 # ---------------------------------------------------------------------------- prune.init in recipes
 
 
-def small(**groups) -> Recipe:
-    """A 4-client, 600-image LeNet recipe (as in tests/test_vision_experiment.py)."""
-    values = {
-        "name": "signal_test", "seed": 0, "model": {"preset": "lenet300100"},
-        "data": {"builtin": "fashion_mnist", "max_examples": 600, "eval_size": 300, "open_data": 400},
-        "partition": {"method": "shards", "num_clients": 4, "shards_per_client": 2},
-        "federation": {"algorithm": "fedavg", "rounds": 2, "fraction": 0.5},
-        "train": {"optimizer": "sgd", "lr": 0.1, "batch_size": 30, "local_steps": 3, "weight_decay": 0.0,
-                  "max_grad_norm": 0.0, "warmup_ratio": 0.0},
-        "checkpoint": {"enabled": False}, "output": {"save_adapter": False, "plots": False},
-    }
-    for group, fields in groups.items():
-        values[group] = {**values.get(group, {}), **fields}
-    return build(Recipe, values)
-
-
-def experiment(**groups):
-    from fedllm.experiments import make_experiment
-
-    return make_experiment(small(**groups))
 
 
 def test_prune_init_is_checked():
@@ -257,7 +238,7 @@ def test_isometry_runs_end_to_end_and_reports_the_jsv(mode, tmp_path):
     exp = experiment(prune={"method": "snip", "remaining": 0.1, "init": "isometry", "isometry_steps": 50})
     # Execute
     summary = RUNNERS[mode](exp, out=str(tmp_path))
-    written = json.loads((tmp_path / "signal_test" / mode / "summary.json").read_text())
+    written = json.loads((tmp_path / "vision_test" / mode / "summary.json").read_text())
     # Assert
     signal = written["machine"]["signal"]
     assert signal == json.loads(json.dumps(summary["machine"]["signal"]))
