@@ -182,8 +182,6 @@ def test_sweep_rows_and_table():
 # ---------------------------------------------------------------------------- prune.init in recipes
 
 
-
-
 def test_prune_init_is_checked():
     with pytest.raises(RecipeError, match="prune.isometry_steps"):
         small(prune={"method": "random", "init": "isometry", "isometry_steps": 0})
