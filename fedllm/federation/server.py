@@ -192,8 +192,10 @@ class FederatedServer:
         # heterogeneous ranks (lora.client_ranks): each client trains and sends its own slots only
         self.ranks = (RankLayout(initial_state, ranks) if self.has_lora and ranks is not None
                       and any(rk != r.lora.r for rk in ranks) else None)
-        self._down_bytes = {k: self.payload_bytes(self.ranks.wire(self.template, k)) if self.ranks else
-                            self.model_bytes for k in range(self.num_clients)}
+        wire_bytes = {rk: self.payload_bytes(self.ranks.wire(self.template, self.ranks.ranks.index(rk)))
+                      for rk in set(self.ranks.ranks)} if self.ranks else {}  # one serialization per rank
+        self._down_bytes = [wire_bytes[self.ranks.rank(k)] if self.ranks else self.model_bytes
+                            for k in range(self.num_clients)]
         # federation.personalize: shared_a — each client's own B factors (FedSA-LoRA), kept between rounds
         self.personal_keys = ([k for k in initial_state if ".lora_B" in k] if fed.personalize == "shared_a" else [])
         self.personal: dict[int, StateDict] = {}
@@ -326,11 +328,10 @@ class FederatedServer:
         """ALIE / IPM: the held attackers send the vector built from this round's honest updates."""
         held, self._held = self._held, []
         honest = [u.delta for u in self._arrived]
+        # with no honest update to imitate, an attacker can only send its own
+        fake = collude(self.uplink.attack, honest, len(held)) if held and honest else None
         for update, start in held:
-            if honest:  # with no honest update to imitate, an attacker can only send its own
-                fake = collude(self.uplink.attack, honest, len(held))
-                update = dataclasses.replace(update, delta=fake)
-            self._send(rnd, update, start)
+            self._send(rnd, update if fake is None else dataclasses.replace(update, delta=fake), start)
 
     def finish_round(self, rnd: int, global_state: StateDict) -> tuple[StateDict, dict[str, Any]]:
         """Norm-check, aggregate and apply what arrived; the global state is unchanged if too few."""
