@@ -11,7 +11,8 @@ node discovery) is reported apart as the whole run's wall time.
 
 Configurations: ``inprocess``; ``simulation`` (Flower simulation, Ray actors keep the model);
 ``deploy-warm`` (isolation subprocess, one warm fedllm worker per site: model loaded once);
-``deploy-warm-process`` (the same with ``--isolation process`` and a separate flower-superexec);
+``deploy-warm-process`` (``--isolation process`` with fedllm's executor: every ClientApp task runs in one
+long-lived process per site, no process per message);
 ``deploy-cold`` (Flower's default: every message starts a ClientApp process that loads the model
 and data itself).
 """

@@ -172,6 +172,9 @@ def test_the_entry_points_refuse_an_exposed_control_api_and_clear_text(tmp_path)
         "insecure node": [*cmd, "supernode", "--insecure", "--superlink", "127.0.0.1:1"],
         "node without key": [*cmd, "supernode", "--superlink", "127.0.0.1:1", "--root-certificates",
                              str(certs / "ca.crt")],
+        "process isolation without an executor secret":
+            [*cmd, "supernode", "--superlink", "127.0.0.1:1", "--root-certificates", str(certs / "ca.crt"),
+             "--auth-supernode-private-key", str(tmp_path / "none.key"), "--isolation", "process"],
     }
     for what, args in cases.items():
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
@@ -269,3 +272,44 @@ def test_the_supernode_loop_waits_at_most_a_tenth_of_a_second():
     sci.time.sleep(3)
     assert time.perf_counter() - t0 < SUPERNODE_POLL_S + 0.2
     assert sci.time.monotonic() > 0 and sci.time.time() > 0  # the rest is the time module's
+
+
+def test_the_executor_refuses_clear_text_off_loopback_and_an_empty_secret(tmp_path):
+    """fedllm's executor takes a site's tasks only with the SuperNode's shared secret, and speaks
+    clear text only on loopback."""
+    from fedllm.federation.flower.executor import options_from_args
+
+    secret = tmp_path / "site.superexec"
+    secret.write_bytes(b"")
+    with pytest.raises(SystemExit, match="empty"):
+        options_from_args("127.0.0.1:9094", str(secret), insecure=True, root_certificates=None)
+    secret.write_bytes(b"s" * 32)
+    with pytest.raises(SystemExit, match="clear text"):
+        options_from_args("10.0.0.5:9094", str(secret), insecure=True, root_certificates=None)
+    with pytest.raises(SystemExit, match="exactly one"):
+        options_from_args("127.0.0.1:9094", str(secret), insecure=False, root_certificates=None)
+    opts = options_from_args("127.0.0.1:9094", str(secret), insecure=True, root_certificates=None)
+    assert opts.secret == b"s" * 32 and opts.insecure
+
+
+def test_object_pulls_retry_within_a_fraction_of_a_second():
+    """Flower 1.41 waits 1 s (doubling to 10 s) before re-asking for an object that is announced but
+    not yet stored; fedllm's processes re-ask after 0.02 s, doubling to 0.25 s."""
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    from fedllm.federation.flower.gate import PULL_RETRY_S, quicken_object_pulls
+
+    quicken_object_pulls()
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        assert (fn.__kwdefaults__["initial_backoff"], fn.__kwdefaults__["backoff_cap"]) == PULL_RETRY_S
+    calls = []
+
+    def pull(object_id):
+        calls.append(time.perf_counter())
+        if len(calls) < 3:
+            raise iu.ObjectUnavailableError(object_id)
+        return b"content"
+
+    t0 = time.perf_counter()
+    assert iu.pull_objects(["a"], pull) == {"a": b"content"}
+    assert len(calls) == 3 and time.perf_counter() - t0 < 0.5  # Flower's defaults: about 3 s

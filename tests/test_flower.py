@@ -44,11 +44,28 @@ def _state() -> dict[str, torch.Tensor]:
 
 def test_state_round_trips_bit_exactly_including_bfloat16():
     state = _state()
-    record, bf16 = pack_state(state)
-    back = unpack_state(record, bf16)
-    assert list(back) == list(state) and bf16 == ["a.lora_B.weight"]
+    record = pack_state(state)
+    assert len(record) == 1  # one Flower object per state dict, not one per tensor
+    back = unpack_state(record)
+    assert list(back) == list(state)  # the sender's key order, not safetensors' sorted one
     for k, v in state.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k].view(torch.int8), v.view(torch.int8)), k
+
+
+def test_a_packed_state_from_the_network_is_checked_before_use():
+    from flwr.app import Array, ArrayRecord
+
+    with pytest.raises(ValueError, match="one 'safetensors' Array"):
+        unpack_state(ArrayRecord({"w": Array(torch.zeros(2).numpy())}))  # one Array per tensor: not ours
+    garbage = Array(dtype="uint8", shape=(24,), stype="safetensors", data=b"\xff" * 24)
+    with pytest.raises(ValueError, match="packed state is malformed"):
+        unpack_state(ArrayRecord({"safetensors": garbage}))
+    import safetensors.torch
+
+    blob = safetensors.torch.save({"w": torch.zeros(2)}, metadata={"order": '["w", "x"]'})
+    with pytest.raises(ValueError, match="key order"):
+        unpack_state(ArrayRecord({"safetensors": Array(dtype="uint8", shape=(len(blob),), stype="safetensors",
+                                                        data=blob)}))
 
 
 def test_train_request_and_client_update_round_trip():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import platform
@@ -17,6 +18,16 @@ def quiet_process() -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "fedllm"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def study_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every resumable study takes: where its parts and runs go, report-only, README block."""
+    parser = argparse.ArgumentParser(prog=f"python -m fedllm.studies.{name}", description=(doc or "").split("\n")[0])
+    parser.add_argument("--out", default=f"docs/{name}_study", help="folder for parts/, the .json, .md and .png")
+    parser.add_argument("--runs", default=f"runs/{name}_study", help="folder for the run directories")
+    parser.add_argument("--report-only", action="store_true", help="run nothing; report the recorded parts")
+    parser.add_argument("--readme", help=f"also replace this README's {name}-study block")
+    return parser
 
 
 def finished_run(path: Path, recipe) -> bool:

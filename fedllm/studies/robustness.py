@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedllm.studies import machine_line, quiet_process, replace_block
+from fedllm.studies import machine_line, quiet_process, replace_block, study_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "studies" / "fmnist_robust.yaml"
@@ -241,15 +241,11 @@ def setup_line(quick: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedllm.studies.robustness", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="docs/robustness_study", help="folder for parts/, the .md and the .png")
-    parser.add_argument("--runs", default="runs/robustness_study", help="folder for the run directories")
+    parser = study_parser("robustness", __doc__)
     parser.add_argument("--quick", action="store_true", help="3 rounds on a small subset (smoke test)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument("--part", action="append", type=parse_part, default=[],
                         help="run only DEFENSE:CONDITION:SEED (repeatable), e.g. bulyan:alie20:0")
-    parser.add_argument("--report-only", action="store_true", help="run nothing; report the recorded parts")
-    parser.add_argument("--readme", help="also replace this README's robustness-study block")
     args = parser.parse_args(argv)
     quiet_process()
     out = Path(args.out)

@@ -31,8 +31,9 @@ Wire format (adapter-only payloads; Flower 1.41 chunks large arrays itself):
 - server -> client (``train``): ``{"state": ArrayRecord, "instruction": ConfigRecord}``; a drift
   term travels by its type: a proximal term as its μ (and an ``anchor`` ArrayRecord when it is not
   the start state), a correction as a ``correction`` ArrayRecord;
-- client -> server: ``{"delta": ArrayRecord, "update": MetricRecord, "metrics": MetricRecord,
-  "codec": ConfigRecord}``; under a codec the site's payload travels instead (``"encoded"``).
+- client -> server: ``{"delta": ArrayRecord, "update": MetricRecord, "metrics": MetricRecord}``;
+  under a codec the site's payload travels instead (``"encoded"``);
+- each state dict is one Array holding a safetensors blob: one Flower object, not one per tensor.
 
 Where the transforms run: the site applies its own client DP noise and codec
 (:class:`~fedllm.federation.flower.site.SiteUplink`, its residuals on the site's disk) and the

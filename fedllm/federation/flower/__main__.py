@@ -1,4 +1,4 @@
-"""``python -m fedllm.federation.flower superlink|supernode|worker|app``: fedllm's deployment processes.
+"""``python -m fedllm.federation.flower superlink|supernode|executor|worker|app``: fedllm's deployment processes.
 
 An entry point: the process-wide settings (environment, logging) are made here, in :func:`main`,
 before anything imports flwr or the model — never in the library modules it calls.
@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
 
         python -m fedllm.federation.flower superlink --public HOST:PORT [flower-superlink args]
         python -m fedllm.federation.flower supernode [flower-supernode args]
+        python -m fedllm.federation.flower executor --runtime-api-address 127.0.0.1:PORT \
+            --superexec-auth-secret-file FILE --insecure                 # a site's long-lived ClientApp
         python -m fedllm.federation.flower worker --socket PATH          # a site's warm worker
         python -m fedllm.federation.flower app RECIPE [overrides] --app-dir DIR --out RUNS
 
@@ -30,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="serve this site's ClientApp requests with its model loaded once")
     w.add_argument("--socket", required=True, help="Unix socket path (its key is written to PATH.key, mode 0600)")
+    e = sub.add_parser("executor", help="run this site's ClientApp tasks in one long-lived process "
+                       "(a SuperNode started with --isolation process)")
+    e.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, e.g. 127.0.0.1:9094")
+    e.add_argument("--superexec-auth-secret-file", required=True, help="the SuperExec secret file the SuperNode was given")
+    e.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API (loopback only)")
+    e.add_argument("--root-certificates", help="CA certificate of the Runtime API's TLS")
     a = sub.add_parser("app", help="write a Flower App directory that runs RECIPE (for flwr run)")
     a.add_argument("recipe")
     a.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.rounds=2")
@@ -74,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command == "executor":
+        from fedllm.federation.flower.executor import options_from_args, serve_executor  # noqa: PLC0415
+
+        serve_executor(options_from_args(args.runtime_api_address, args.superexec_auth_secret_file, args.insecure,
+                                         args.root_certificates))
+        return 0
     from fedllm.federation.flower.worker import serve_worker  # noqa: PLC0415
 
     serve_worker(args.socket)

@@ -70,7 +70,9 @@ def make_server_app(fixed: FlowerRunConfig | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from fedllm.federation.flower.coordinator import serve  # noqa: PLC0415  (heavy: the model)
+        from fedllm.federation.flower.gate import quicken_object_pulls  # noqa: PLC0415
 
+        quicken_object_pulls()  # the replies' objects (a no-op for the simulation's in-memory grid)
         serve(grid, _run_config(context, fixed))
 
     return app

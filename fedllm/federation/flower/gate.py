@@ -293,6 +293,40 @@ def quicken_supernode_loop(cap: float = SUPERNODE_POLL_S) -> None:
         sci.time = capped_time(cap)
 
 
+PULL_RETRY_S = (0.02, 0.25)  # first wait and longest wait before asking again for an object not yet stored
+
+
+def quicken_object_pulls(first: float = PULL_RETRY_S[0], cap: float = PULL_RETRY_S[1]) -> None:
+    """Retry pulls of a message's objects after ``first`` s, doubling up to ``cap`` s (Flower: 1 s, up to 10 s).
+
+    A message is announced before its objects are stored: the SuperNode starts the ClientApp task
+    while it is still fetching the model from the SuperLink, and the ServerApp sees a reply before
+    the SuperNode has pushed all of its parts. The reader's first pull then finds the object
+    missing and Flower 1.41 waits a full second before it asks again, on every hop: three such
+    waits were 3 of a tiny round's 6 s. Each retry is one small request on a connection that is
+    already open. Applies to this process's Flower object pulls (SuperNode, ServerApp, executor).
+    """
+    from flwr.supercore.inflatable import inflatable_utils as iu  # noqa: PLC0415
+
+    _require(iu, "pull_objects", "pull_and_inflate_object_from_tree")
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        defaults = fn.__kwdefaults__
+        if defaults is None or "initial_backoff" not in defaults or "backoff_cap" not in defaults:
+            raise RuntimeError(f"Flower's {fn.__qualname__} no longer takes initial_backoff/backoff_cap; "
+                               "fedllm supports flwr 1.41.0")
+        defaults["initial_backoff"], defaults["backoff_cap"] = first, cap
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` in ``args`` (``--flag V`` or ``--flag=V``), or None."""
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def serve_supernode(flower_args: list[str], insecure_ok: bool = False) -> None:
     """Flower's ``flower-supernode`` (its own arguments) that runs only fedllm's apps."""
     from flwr.supernode.cli.flower_supernode import flower_supernode  # noqa: PLC0415
@@ -302,8 +336,12 @@ def serve_supernode(flower_args: list[str], insecure_ok: bool = False) -> None:
                          "give --root-certificates (the coordinator's CA certificate)")
     if "--insecure" not in flower_args and "--auth-supernode-private-key" not in flower_args:
         raise SystemExit("fedllm supernode: expected --auth-supernode-private-key (the site's registered key)")
+    if _flag_value(flower_args, "--isolation") == "process" and "--superexec-auth-secret-file" not in flower_args:
+        raise SystemExit("fedllm supernode: --isolation process expected --superexec-auth-secret-file (a secret file "
+                         "shared with this site's executor): without it any local process could take its tasks")
     pin_supernode_apps()
     quicken_supernode_loop()
+    quicken_object_pulls()
     saved, sys.argv = sys.argv, ["flower-supernode", *flower_args]
     try:
         flower_supernode()

@@ -32,6 +32,7 @@ import tomli_w
 
 from fedllm.config import Recipe, dump_recipe
 from fedllm.federation.flower.run_config import TELEMETRY_OFF, FlowerRunConfig
+from fedllm.federation.flower.worker import write_secret
 from fedllm.federation.rundir import run_dir
 
 CONNECTION = "fedllm"  # the SuperLink connection's name in FLWR_HOME/config.toml
@@ -41,8 +42,11 @@ CONNECTION = "fedllm"  # the SuperLink connection's name in FLWR_HOME/config.tom
 class LaunchOptions:
     """How :func:`run_deployment` starts Flower's processes on this machine."""
 
-    isolation: Literal["subprocess", "process"] = "subprocess"  # SuperNode ClientApp isolation
-    warm_workers: bool = True  # one long-lived fedllm worker per site: model and data loaded once
+    isolation: Literal["subprocess", "process"] = "process"  # SuperNode ClientApp isolation (process: fastest)
+    # model and data loaded once per site: under "subprocess" a warm fedllm worker that each message's
+    # flwr-clientapp forwards to; under "process" fedllm's executor, which runs every ClientApp task in
+    # one long-lived process (no process per message). False: Flower's default, a process per message.
+    warm_workers: bool = True
     timeout_s: float = 600.0  # wall-clock limit for the whole run (and for one client's reply)
     poll_interval_s: float = 0.05  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)
     log_dir: str | None = None  # keep the processes' logs here (default: a temporary folder)
@@ -198,7 +202,7 @@ def start_sites(kids: Children, tmp: Path, port: int, num: int, opts: LaunchOpti
                 data_paths: list[str] | None = None, certs: Path | None = None) -> None:
     """One warm worker (optional) and one SuperNode per client, all on loopback."""
     socks = [str(tmp / f"site{k}.sock") for k in range(num)]
-    if opts.warm_workers:
+    if opts.warm_workers and opts.isolation == "subprocess":
         for k, sock in enumerate(socks):
             kids.start(f"worker{k}", [sys.executable, "-m", "fedllm.federation.flower", "worker", "--socket", sock])
         for k, sock in enumerate(socks):
@@ -206,7 +210,7 @@ def start_sites(kids: Children, tmp: Path, port: int, num: int, opts: LaunchOpti
     for k, sock in enumerate(socks):
         node_port = free_port()
         node_cfg = f"partition-id={k} num-partitions={num}"
-        if opts.warm_workers:
+        if opts.warm_workers and opts.isolation == "subprocess":
             node_cfg += f' worker="{sock}"'
         if data_paths:
             node_cfg += f' data-path="{data_paths[k]}"'
@@ -219,12 +223,17 @@ def start_sites(kids: Children, tmp: Path, port: int, num: int, opts: LaunchOpti
                 raise RuntimeError(f"flwr supernode register failed:\n{register.stdout}\n{register.stderr}")
             security += ["--auth-supernode-private-key", str(key)]
         insecure = ["--allow-insecure"] if certs is None else []
+        secret = []
+        if opts.isolation == "process":  # only who holds it may acquire this site's tasks
+            write_secret(tmp / "keys" / f"site{k}.superexec")
+            secret = ["--superexec-auth-secret-file", str(tmp / "keys" / f"site{k}.superexec")]
         kids.start(f"supernode{k}", [sys.executable, "-m", "fedllm.federation.flower", "supernode", *insecure, *security, "--superlink", f"127.0.0.1:{port}",
                                      "--host", "127.0.0.1", "--port", str(node_port), "--isolation", opts.isolation,
-                                     "--node-config", node_cfg])
+                                     "--node-config", node_cfg, *secret])
         if opts.isolation == "process":
-            kids.start(f"superexec{k}", [exe("flower-superexec"), "--insecure",
-                                         "--runtime-api-address", f"127.0.0.1:{node_port}"])
+            runtime = ["--insecure", "--runtime-api-address", f"127.0.0.1:{node_port}", *secret]
+            kids.start(f"executor{k}", [sys.executable, "-m", "fedllm.federation.flower", "executor", *runtime]
+                       if opts.warm_workers else [exe("flower-superexec"), *runtime])
 
 
 def start_superlink(kids: Children, home: Path, certs: Path | None, deadline: float) -> int:

@@ -21,6 +21,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def write_secret(path: Path) -> bytes:
+    """Write a fresh 32-byte secret to ``path``, readable by this user only (mode 0600); return it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key
+
+
 def serve_worker(address: str) -> None:
     """Serve one site's ClientApp requests from this long-lived process until it is terminated.
 
@@ -31,12 +42,7 @@ def serve_worker(address: str) -> None:
     """
     from fedllm.federation.flower.site import handle_request  # noqa: PLC0415  (heavy: torch, the model)
 
-    key_path = Path(address + ".key")
-    key = secrets.token_bytes(32)
-    key_path.unlink(missing_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
+    key = write_secret(Path(address + ".key"))
     Path(address).unlink(missing_ok=True)
     with Listener(address, family="AF_UNIX", authkey=key) as listener:
         while True:
