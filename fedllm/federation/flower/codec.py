@@ -55,7 +55,7 @@ def unpack_state(record: ArrayRecord) -> StateDict:
         order = json.loads(json.loads(blob[8:8 + size])["__metadata__"]["order"])
     except (safetensors.SafetensorError, struct.error, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"the packed state is malformed ({type(e).__name__}: {e})") from None
-    if not isinstance(order, list) or sorted(map(str, order)) != sorted(tensors):
+    if not (isinstance(order, list) and all(isinstance(k, str) for k in order)) or sorted(order) != sorted(tensors):
         raise ValueError("the packed state's key order does not list exactly its tensors")
     return {k: tensors[k] for k in order}
 
