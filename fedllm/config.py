@@ -486,6 +486,9 @@ class EvalConfig:
     every: int = doc("evaluate every this many rounds (the last round always)", 1)
     client_holdout: float = doc("language models: fraction of each client's own examples held out (seeded) to "
                                 "score the models on that client's data; 0 disables", 0.0)
+    lora_error: bool = doc("LoRA with the mean: report lora_aggregation_error (what averaging the factors loses "
+                           "against averaging B_i A_i); it needs every client's factors of a round in server "
+                           "memory, so false lets the server fold the mean as updates arrive", True)
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "eval.batch_size", f"expected >= 1, got {self.batch_size}")

@@ -83,6 +83,42 @@ def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> StateDi
     return {k: a[k] + b[k] for k in a}
 
 
+class RunningSum:
+    """Σ wᵢ·stateᵢ folded one state at a time: a float64 accumulator per key, cast back at the end.
+
+    Each entry sees the same operations in the same order as :func:`weighted_sum` over the whole
+    list (``acc += w·x`` in float64, one state after another), so the result is bit-identical to
+    it while the states themselves can be dropped as they are folded: the server's memory for a
+    mean is one float64 copy of the state, whatever the number of clients.
+    """
+
+    def __init__(self) -> None:
+        self._acc: StateDict = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self.count = 0
+
+    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        if self.count and state.keys() != self._acc.keys():
+            check_same_keys(state, self._acc)
+        for key, value in state.items():
+            if not self.count:
+                self._acc[key] = torch.zeros_like(value, dtype=torch.float64)
+                self._dtypes[key] = value.dtype
+            self._acc[key] += float(weight) * value.to(torch.float64)
+        self.count += 1
+
+    def scale(self, factor: float) -> None:
+        """Multiply the sum so far by ``factor`` (in float64)."""
+        for acc in self._acc.values():
+            acc *= float(factor)
+
+    def result(self) -> StateDict:
+        """The sum, each entry in the dtype of the states folded."""
+        if not self.count:
+            raise ValueError("weighted_sum needs at least one state")
+        return {k: acc.to(self._dtypes[k]) for k, acc in self._acc.items()}
+
+
 def weighted_sum(states: Iterable[Mapping[str, torch.Tensor]], weights: Iterable[float]) -> StateDict:
     """Σ wᵢ·stateᵢ, accumulated in float64 then cast back to each tensor's dtype."""
     states, weights = list(states), list(weights)
@@ -90,13 +126,26 @@ def weighted_sum(states: Iterable[Mapping[str, torch.Tensor]], weights: Iterable
         raise ValueError("weighted_sum needs at least one state")
     if len(states) != len(weights):
         raise ValueError(f"{len(states)} states but {len(weights)} weights")
-    out: StateDict = {}
-    for key, ref in states[0].items():
-        acc = torch.zeros_like(ref, dtype=torch.float64)
-        for state, w in zip(states, weights):
-            acc += float(w) * state[key].to(torch.float64)
-        out[key] = acc.to(ref.dtype)
-    return out
+    total = RunningSum()
+    for state, w in zip(states, weights):
+        total.add(state, w)
+    return total.result()
+
+
+class ClientStates(dict[int, StateDict]):
+    """Per-client state dicts (SCAFFOLD controls, error-feedback residuals, personal factors) in
+    memory: the default for the algorithms, whose checkpoints clone every client.
+
+    :class:`fedllm.federation.store.DiskStates` is the same mapping on disk, whose checkpoint is a
+    reference to files written only for the clients of each round.
+    """
+
+    def state_dict(self) -> dict[int, StateDict]:
+        return {int(c): clone_state(s) for c, s in self.items()}
+
+    def load_state_dict(self, state: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        self.clear()
+        self.update({int(c): clone_state(s) for c, s in state.items()})
 
 
 def check_same_keys(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:

@@ -87,16 +87,15 @@ def test_scaffold_server_update_by_hand():
     # Prepare: N = 4 clients, all controls zero
     state = ScaffoldState({"w": torch.zeros(1)})
     # Execute: clients 0 and 2 report cᵢ⁺ = 2 and −1
-    deltas = state.server_update([0, 2], [{"w": torch.tensor([2.0])}, {"w": torch.tensor([-1.0])}], 4)
-    # Assert: c = 0 + (2/4)·mean(2, −1) = 0.25; control deltas are what was uploaded
+    state.server_update([0, 2], [{"w": torch.tensor([2.0])}, {"w": torch.tensor([-1.0])}], 4)
+    # Assert: c = 0 + (2/4)·mean(2, −1) = 0.25; the controls are stored as uploaded
     assert torch.allclose(state.c["w"], torch.tensor([0.25]))
-    assert torch.equal(deltas[0]["w"], torch.tensor([2.0]))
-    assert torch.equal(deltas[2]["w"], torch.tensor([-1.0]))
-    assert serialized_bytes(deltas[0]) > 0
-    # Execute: client 0 again, now cᵢ⁺ = 3 (Δc = 1)
-    deltas = state.server_update([0], [{"w": torch.tensor([3.0])}], 4)
+    assert torch.equal(state.client_control(0)["w"], torch.tensor([2.0]))
+    assert torch.equal(state.client_control(2)["w"], torch.tensor([-1.0]))
+    assert serialized_bytes(state.client_control(0)) > 0
+    # Execute: client 0 again, now cᵢ⁺ = 3 (Δc = 1), its controls as a generator (streamed)
+    state.server_update([0], (c for c in [{"w": torch.tensor([3.0])}]), 4)
     # Assert: c = 0.25 + (1/4)·1 = 0.5; client 1 never reported, so its control is still zero
-    assert torch.equal(deltas[0]["w"], torch.tensor([1.0]))
     assert torch.allclose(state.c["w"], torch.tensor([0.5]))
     assert torch.equal(state.client_control(1)["w"], torch.zeros(1))
     assert torch.equal(state.client_control(0)["w"], torch.tensor([3.0]))

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedllm.types import StateDict, add, clone_state, subtract
+from fedllm.types import ClientStates, StateDict, add, clone_state, subtract
 
 
 @dataclass(frozen=True)
@@ -280,8 +280,8 @@ class ErrorFeedback:
     Σ D(C(pₜ)) + e_T = Σ Δₜ exactly (up to float rounding).
     """
 
-    def __init__(self) -> None:
-        self.residuals: dict[int, StateDict] = {}
+    def __init__(self, residuals: ClientStates | None = None) -> None:
+        self.residuals = ClientStates() if residuals is None else residuals  # or a store on disk
 
     def compress(self, client_id: int, delta: StateDict, codec: Codec) -> Encoded:
         residual = self.residuals.get(client_id)
@@ -291,10 +291,10 @@ class ErrorFeedback:
         return enc
 
     def state_dict(self) -> dict[str, Any]:
-        return {"residuals": {int(c): clone_state(r) for c, r in self.residuals.items()}}
+        return {"residuals": self.residuals.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.residuals = {int(c): clone_state(r) for c, r in state["residuals"].items()}
+        self.residuals.load_state_dict(state["residuals"])
 
 
 CODECS: dict[str, Any] = {

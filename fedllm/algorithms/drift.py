@@ -17,14 +17,14 @@ stateful piece and checkpoints as plain tensors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedllm.algorithms.aggregate import client_weights, register_aggregator
-from fedllm.types import ClientUpdate, StateDict, weighted_sum
+from fedllm.types import ClientStates, ClientUpdate, RunningSum, StateDict, weighted_sum
 
 
 def _same_keys(what: str, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
@@ -132,59 +132,60 @@ def scaffold_client_control(c_i: Mapping[str, torch.Tensor], c: Mapping[str, tor
 class ScaffoldState:
     """The server control c and every client's control cᵢ (zeros until a client first reports).
 
-    ``template`` fixes the keys, shapes and dtypes (the trainable state); controls live on the CPU.
+    ``template`` fixes the keys, shapes and dtypes (the trainable state); controls live on the CPU,
+    in ``clients`` (in memory by default; the server passes a store on disk, loaded per client).
     """
 
-    def __init__(self, template: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, template: Mapping[str, torch.Tensor], clients: ClientStates | None = None) -> None:
         self.c: StateDict = {k: torch.zeros_like(v, device="cpu") for k, v in template.items()}
-        self.clients: dict[int, StateDict] = {}
+        self.clients = ClientStates() if clients is None else clients
 
     def client_control(self, client_id: int) -> StateDict:
         """cᵢ for ``client_id`` (zeros if it has never been updated)."""
         found = self.clients.get(client_id)
         return {k: v.clone() for k, v in (found or self._zeros()).items()}
 
-    def server_update(self, client_ids: Sequence[int], new_controls: Sequence[Mapping[str, torch.Tensor]],
-                      num_clients_total: int) -> dict[int, StateDict]:
-        """c ← c + (|S|/N)·mean(cᵢ⁺ − cᵢ); store each cᵢ⁺; return {client_id: cᵢ⁺ − cᵢ}.
+    def server_update(self, client_ids: Sequence[int], new_controls: Iterable[Mapping[str, torch.Tensor]],
+                      num_clients_total: int) -> None:
+        """c ← c + (|S|/N)·mean(cᵢ⁺ − cᵢ), and store each cᵢ⁺.
 
-        The returned control deltas are what a client would upload besides Δᵢ, so
-        ``serialized_bytes`` of each is SCAFFOLD's extra communication.
+        ``new_controls`` may be a generator: each control is folded into the sum and stored as it
+        comes, so the server never holds more than one client's control besides c.
         """
         ids = list(client_ids)
-        if len(ids) != len(new_controls):
-            raise ValueError(f"{len(ids)} client ids but {len(new_controls)} new controls")
         if len(set(ids)) != len(ids):
             raise ValueError(f"client ids must be unique, got {ids}")
         if num_clients_total < len(ids) or num_clients_total <= 0:
             raise ValueError(f"num_clients_total={num_clients_total} must be >= the {len(ids)} "
                              "participating clients and > 0")
-        deltas: dict[int, StateDict] = {}
-        for cid, new in zip(ids, new_controls):
+        total, controls = RunningSum(), iter(new_controls)
+        for cid in ids:
+            if (new := next(controls, None)) is None:
+                raise ValueError(f"{len(ids)} client ids but fewer new controls")
             _same_keys(f"SCAFFOLD control of client {cid}", self.c, new)
             new_cpu = {k: v.detach().to(device="cpu", dtype=self.c[k].dtype) for k, v in new.items()}
             old = self.clients.get(cid) or self._zeros()
-            deltas[cid] = {k: new_cpu[k] - old[k] for k in self.c}
-            self.clients[cid] = new_cpu
-        if ids:
             # (|S|/N) · mean over S  ==  (1/N) · sum over S
-            total = weighted_sum(list(deltas.values()), [1.0 / num_clients_total] * len(ids))
-            self.c = {k: self.c[k] + total[k] for k in self.c}
-        return deltas
+            total.add({k: new_cpu[k] - old[k] for k in self.c}, 1.0 / num_clients_total)
+            self.clients[cid] = new_cpu
+        if next(controls, None) is not None:
+            raise ValueError(f"{len(ids)} client ids but more new controls")
+        if ids:
+            step = total.result()
+            self.c = {k: self.c[k] + step[k] for k in self.c}
 
     def _zeros(self) -> StateDict:
         return {k: torch.zeros_like(v) for k, v in self.c.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"c": {k: v.clone() for k, v in self.c.items()},
-                "clients": {cid: {k: v.clone() for k, v in s.items()} for cid, s in self.clients.items()}}
+        return {"c": {k: v.clone() for k, v in self.c.items()}, "clients": self.clients.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != {"c", "clients"}:
             raise ValueError(f"ScaffoldState needs keys ['c', 'clients'], got {sorted(state)}")
         _same_keys("ScaffoldState c", self.c, state["c"])
         self.c = {k: v.clone() for k, v in state["c"].items()}
-        self.clients = {int(cid): {k: v.clone() for k, v in s.items()} for cid, s in state["clients"].items()}
+        self.clients.load_state_dict(state["clients"])
 
 
 # ---------------------------------------------------------------------------- FedNova

@@ -177,6 +177,13 @@ class DPAggregator:
         self.round += 1
         return out
 
+    def count_release(self) -> None:
+        """Client mode: one more round aggregated without calling the wrapper (a streamed mean of
+        uploads the clients already clipped and noised)."""
+        if self.cfg.mode != "client":
+            raise ValueError("only client-mode DP can aggregate without clipping at the server")
+        self.round += 1
+
     def noise_mean(self, mean: Mapping[str, torch.Tensor], count: float) -> tuple[StateDict, float]:
         """(mean + N(0, (σ·C/count)²), the std): the server's noise on the mean of ``count`` deltas
         already clipped to C — by this aggregator, or by the clients themselves under secure

@@ -23,6 +23,7 @@ from fedllm.algorithms.robust import build_aggregator
 from fedllm.algorithms.selection import ClientSampler, build_sampler
 from fedllm.algorithms.server_opt import build_server_update
 from fedllm.config import Recipe
+from fedllm.types import ClientStates
 
 
 def sampler(recipe: Recipe, sizes: Mapping[int, int]) -> ClientSampler:
@@ -136,13 +137,14 @@ def privacy(recipe: Recipe, inner: Aggregator, num_clients: int) -> Privacy | No
                    ledger(sigma) if local else None)
 
 
-def codec(recipe: Recipe) -> tuple[Codec, ErrorFeedback | None]:
-    """``compression.codec`` with its options, and error feedback where it applies (lossy codecs)."""
+def codec(recipe: Recipe, residuals: ClientStates | None = None) -> tuple[Codec, ErrorFeedback | None]:
+    """``compression.codec`` with its options, and error feedback where it applies (lossy codecs),
+    its residuals kept in ``residuals`` (in memory when None)."""
     c = recipe.compression
     kw: dict[str, Any] = {"topk": {"fraction": c.topk_fraction}}.get(c.codec, {})
     if c.codec in ("q8", "q4", "q2"):
         kw = {"seed": recipe.seed}
-    feedback = ErrorFeedback() if c.error_feedback and c.codec not in ("none", "fp16") else None
+    feedback = ErrorFeedback(residuals) if c.error_feedback and c.codec not in ("none", "fp16") else None
     return build_codec(c.codec, **kw), feedback
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fedllm.algorithms.selection import UniformSampler
@@ -220,7 +221,8 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
     recipe, fed = exp.recipe, exp.recipe.federation
     sizes = [len(exp.data.client_examples(k)) for k in range(recipe.partition.num_clients)]
     server = FederatedServer(recipe, exp.initial_state, sizes, exp.payload_bytes, exp.mask, exp.mask_bytes,
-                             uplink_on_site=exp.uplink_on_site)
+                             uplink_on_site=exp.uplink_on_site,
+                             state_dir=run_dir(recipe, "federated", out) / "client_state")
     writer, state, hooks, first = _resume_or_start(exp, server, out, hooks, resume)
     for rnd in range(first, fed.rounds + 1):
         hooks.on_round(rnd, fed.rounds)
@@ -255,8 +257,11 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
             save_checkpoint(checkpoint_dir(writer.path), ServerState(
                 round=rnd, global_state=state, server_state=server.state_dict(), rng_states=capture_rng(),
                 metrics_rows=writer.rows, fingerprint=recipe_fingerprint(recipe)), keep=recipe.checkpoint.keep)
-    personal = {k: server.personal_state(k, state) for k in sorted(server.personal)}
-    return _finish(exp, writer, state, personal=personal)
+    personal = ((k, server.personal_state(k, state)) for k in sorted(server.personal))  # one at a time
+    summary = _finish(exp, writer, state, personal=personal)
+    if not recipe.checkpoint.enabled:  # no checkpoint names the per-client files: nothing can resume from them
+        shutil.rmtree(writer.path / "client_state", ignore_errors=True)
+    return summary
 
 
 def _maybe_eval(exp: Experiment, state: StateDict, rnd: int,
@@ -345,10 +350,10 @@ def _mean(values: list[Any]) -> float | None:
 
 
 def _finish(exp: Experiment, writer: RunWriter, state: StateDict, extra: dict | None = None,
-            personal: dict[int, StateDict] | None = None) -> dict:
+            personal: Iterable[tuple[int, StateDict]] = ()) -> dict:
     if exp.recipe.output.save_adapter:
         exp.save_adapter(state, writer.path / "adapter")
-        for k, own in (personal or {}).items():  # federation.personalize: each client's own adapter
+        for k, own in personal:  # federation.personalize: each client's own adapter
             exp.save_adapter(own, writer.path / "personal" / f"client_{k}")
     # the numeric path this run's numbers came from (versions, CPU flags, the 4-bit kernel)
     if exp.recipe.privacy.enabled:  # who the epsilon holds against, for which mechanism

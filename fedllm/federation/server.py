@@ -28,6 +28,7 @@ import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,8 +53,19 @@ from fedllm.algorithms.secure import SecAggRound
 from fedllm.algorithms.selection import Availability
 from fedllm.config import Recipe
 from fedllm.federation import build
+from fedllm.federation.store import DiskStates
 from fedllm.federation.uplink import Uplink
-from fedllm.types import ClientUpdate, StateDict, add, clone_state, global_norm, serialized_bytes, subtract
+from fedllm.types import (
+    ClientStates,
+    ClientUpdate,
+    RunningSum,
+    StateDict,
+    add,
+    clone_state,
+    global_norm,
+    serialized_bytes,
+    subtract,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +168,12 @@ class FederatedServer:
     def __init__(self, recipe: Recipe, initial_state: StateDict, client_sizes: Sequence[int],
                  payload_bytes: Callable[[Mapping[str, torch.Tensor]], int] | None = None,
                  mask: Mapping[str, torch.Tensor] | None = None, mask_bytes: int = 0,
-                 uplink_on_site: bool = False) -> None:
+                 uplink_on_site: bool = False, state_dir: str | Path | None = None) -> None:
         self.recipe, r = recipe, recipe
+        # per-client state (SCAFFOLD controls, error-feedback residuals, personal B): on disk under
+        # ``state_dir`` (a run directory's client_state/), else in memory
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._stores: list[DiskStates] = []
         self.uplink_on_site = uplink_on_site  # sites noise and encode their updates themselves (Flower)
         fed, seed = r.federation, r.seed
         self.num_clients, self.per_round = len(client_sizes), r.clients_per_round
@@ -179,8 +195,8 @@ class FederatedServer:
         self.central: PrivacyLedger | None = dp.central if dp else None  # aggregate-only ε, when it differs
         self.dpsgd_epsilon: dict[int, float] = {}  # privacy.dpsgd: each client's per-example ε so far
         self.sigma = dp.sigma if dp else 0.0
-        self.scaffold = ScaffoldState(initial_state) if fed.algorithm == "scaffold" else None
-        self.uplink = Uplink(r, self.num_clients, self.payload_bytes, self.mask, self.dp)
+        self.scaffold = ScaffoldState(initial_state, self._store("scaffold")) if fed.algorithm == "scaffold" else None
+        self.uplink = Uplink(r, self.num_clients, self.payload_bytes, self.mask, self.dp, self._store("feedback"))
         h = r.hierarchy
         self.regions = _regions(self.num_clients, h.regions, h.by) if h.regions else []
         self.region_of = {k: i for i, members in enumerate(self.regions) for k in members}
@@ -198,16 +214,48 @@ class FederatedServer:
                             for k in range(self.num_clients)]
         # federation.personalize: shared_a — each client's own B factors (FedSA-LoRA), kept between rounds
         self.personal_keys = ([k for k in initial_state if ".lora_B" in k] if fed.personalize == "shared_a" else [])
-        self.personal: dict[int, StateDict] = {}
+        self.personal = self._store("personal")
+        self._controls = self._store("controls", keep=0)  # the round's uploaded cᵢ⁺, until it is applied
+        self.streams = self._streams()
         self._reset_round()
+
+    def _store(self, name: str, keep: int | None = None) -> ClientStates | DiskStates:
+        """Per-client state dicts: a :class:`DiskStates` folder of ``state_dir``, or in memory."""
+        if self.state_dir is None:
+            return ClientStates()
+        store = DiskStates(self.state_dir / name, self.recipe.checkpoint.keep if keep is None else keep)
+        self._stores.append(store)
+        return store
+
+    def _at_round(self, rnd: int) -> None:
+        for store in self._stores:  # files written from now on are this round's version
+            store.version = rnd
+
+    def _streams(self) -> bool:
+        """Whether the round's mean can be folded as updates arrive (see :meth:`_fold_arrival`).
+
+        Not when the rule needs every update at the end: robust aggregators and FedNova (their
+        memory is the round's updates), the relative norm bound (the round's median), colluding
+        attackers (built from the honest updates), secure aggregation (masked sums), server-side
+        DP (clipped first), hierarchical tiers, SVD LoRA aggregation, and LoRA's
+        ``lora_aggregation_error`` (``eval.lora_error``: every client's factors).
+        """
+        r, fed = self.recipe, self.recipe.federation
+        lora_error = self.has_lora and r.eval.lora_error
+        return (type(self.aggregator) is MeanAggregator and not r.privacy.secure_aggregation
+                and (self.dp is None or r.privacy.dp == "client") and fed.reject_norm_factor is None
+                and not self.regions and fed.lora_aggregation != "svd" and not lora_error
+                and not (self.uplink.attack is not None and self.uplink.attack.kind in COLLUDING))
 
     # ------------------------------------------------------------------ the round, client side
 
     def _reset_round(self) -> None:
-        self._arrived: list[ClientUpdate] = []
+        self._arrived: list[ClientUpdate] = []  # streaming: each without its delta (folded into _sum)
+        self._sum: RunningSum | None = None
+        self._weights: dict[int, float] = {}  # streaming: each planned client's weight in the mean
         self._masked: dict[int, dict[str, torch.Tensor]] = {}
         self._secagg: SecAggRound | None = None
-        self._controls: dict[int, StateDict] = {}
+        self._controls.clear()
         self._bytes_up = self._bytes_down = 0
         self._rejected: dict[int, str] = {}
         self._late: set[int] = set()  # secure aggregation: dropped after masking (this round)
@@ -224,6 +272,8 @@ class FederatedServer:
             for k in fate.stragglers:
                 steps.pop(k, None)
         plan = RoundPlan(rnd, sampled, steps, list(fate.dropped), list(fate.stragglers))
+        if self.streams and plan.training:
+            self._sum, self._weights = RunningSum(), self._planned_weights(plan.training)
         for k in sampled:  # every sampled client downloads the model, including those who then drop
             self._bytes_down += self._down_bytes[k] * (2 if self.scaffold is not None else 1)  # + SCAFFOLD's c
             if self.mask is not None and k not in self.has_mask:
@@ -237,6 +287,17 @@ class FederatedServer:
             self._secagg.advertise_keys()
             self._secagg.share_keys()
         return plan
+
+    def _mass(self, clients: Sequence[int]) -> int:
+        """The mean's denominator over ``clients``: their examples (weighted) or their count."""
+        return sum(self.client_sizes[k] for k in clients) if self.aggregator.weighted else len(clients)
+
+    def _planned_weights(self, clients: list[int]) -> dict[int, float]:
+        """Each client's weight in the mean if all of ``clients`` report: as
+        :func:`~fedllm.algorithms.aggregate.client_weights` computes it (the sizes the server knows
+        are the ones a valid report carries, :func:`check_counts`)."""
+        total = self._mass(clients)
+        return {k: (self.client_sizes[k] if self.aggregator.weighted else 1) / total for k in clients}
 
     def start_state(self, client_id: int, global_state: StateDict | None) -> StateDict:
         """The state client ``client_id`` starts from: its region's model or the global one, truncated
@@ -266,6 +327,7 @@ class FederatedServer:
     def upload(self, rnd: int, update: ClientUpdate, start: StateDict) -> None:
         """An update arrives: structure-checked first, then sent through the client's uplink."""
         k = update.client_id
+        self._at_round(rnd)
         known = self.client_sizes[k] if 0 <= k < self.num_clients else None
         reason = validate_update(update, self.template) or check_counts(update, known)
         if reason is not None:  # malformed (keys, shapes, dtypes, NaN/Inf, counts): rejected as it arrives
@@ -297,8 +359,28 @@ class FederatedServer:
         if sent.masked is not None:
             self._masked[k] = sent.masked
         self._bytes_up += sent.bytes_up
+        if self._sum is not None:
+            self._fold_arrival(rnd, sent.update)
+            return
         self._arrived.append(sent.update)
         self._starts[k] = start
+
+    def _fold_arrival(self, rnd: int, update: ClientUpdate) -> None:
+        """Streaming: the norm bound now, then Δᵢ folded into the round's sum with its planned
+        weight and dropped; what stays is the record without its delta.
+
+        Bit-identical to the held mean (:func:`~fedllm.algorithms.aggregate.mean_delta`, same
+        operations in the same order) when every planned client reports; otherwise
+        :meth:`_streamed_mean` rescales once (see there).
+        """
+        if (reason := norm_violation(update, self.recipe.federation.reject_norm)) is not None:
+            self._reject(rnd, update.client_id, reason)
+            return
+        if update.client_id not in self._weights or any(u.client_id == update.client_id for u in self._arrived):
+            self._reject(rnd, update.client_id, "not a client of this round, or a second update from it")
+            return
+        self._sum.add(update.delta, self._weights[update.client_id])
+        self._arrived.append(dataclasses.replace(update, delta={}))
 
     def _own_slots(self, update: ClientUpdate, start: StateDict) -> tuple[ClientUpdate, StateDict]:
         """The update as the server aggregates it, and the state it is measured from.
@@ -336,11 +418,13 @@ class FederatedServer:
     def finish_round(self, rnd: int, global_state: StateDict) -> tuple[StateDict, dict[str, Any]]:
         """Norm-check, aggregate and apply what arrived; the global state is unchanged if too few."""
         fed = self.recipe.federation
+        self._at_round(rnd)
         self._release_colluders(rnd)
         valid = []
         for u in self._arrived:
             # structure was checked on arrival; the bound applies to what the server received
-            reason = None if self._secagg is not None else norm_violation(u, fed.reject_norm)
+            # (streaming: checked before folding)
+            reason = None if self._secagg is not None or self._sum is not None else norm_violation(u, fed.reject_norm)
             if reason is None:
                 valid.append(u)
             else:
@@ -378,6 +462,7 @@ class FederatedServer:
         else:
             delta = self._aggregate(global_state, valid, metrics)
             new_state = self.server_opt.step(global_state, delta)
+        self._sum = None  # the folded sum is spent (or, if not applied, dropped with the round)
         why = global_change_problem(global_state, new_state, fed.max_change_ratio)
         if why is not None:  # the round is rejected, never the model: the global state stays as it was
             log.warning("round %d: %s; round rejected, global state unchanged", rnd, why)
@@ -390,7 +475,7 @@ class FederatedServer:
             metrics["lora_truncation_error"] = statistics.fmean(by_rank[rk] for rk in self.ranks.ranks)
         if self.scaffold is not None:
             ids = [u.client_id for u in valid if u.client_id in self._controls]
-            self.scaffold.server_update(ids, [self._controls[k] for k in ids], self.num_clients)
+            self.scaffold.server_update(ids, (self._controls[k] for k in ids), self.num_clients)
         self._charge()
         if self.recipe.selection.method == "power_of_choice":
             self.sampler.record_losses({u.client_id: u.train_loss for u in valid if math.isfinite(u.train_loss)})
@@ -407,11 +492,26 @@ class FederatedServer:
         return self.min_updates
 
     def _aggregate(self, global_state: StateDict, updates: list[ClientUpdate], metrics: dict) -> StateDict:
-        delta = self._combine(global_state, updates, metrics)
+        delta = self._streamed_mean(updates) if self._sum is not None else self._combine(global_state, updates, metrics)
         if self.recipe.federation.lora_aggregation == "frozen_a":
             # A stays at its shared init: DP noise or compression error never moves it
             delta = {k: torch.zeros_like(v) if ".lora_A" in k else v for k, v in delta.items()}
         return delta
+
+    def _streamed_mean(self, updates: list[ClientUpdate]) -> StateDict:
+        """The round's mean from the folded sum.
+
+        When clients of the plan did not report (failed, dropped, rejected) the sum was folded
+        with weights over the planned clients; one float64 rescale turns them into weights over the
+        valid ones: the result is then within one float64 rounding per entry of the held mean
+        (after the cast to float32, equal except where that rounding crosses a float32 boundary).
+        """
+        valid = [u.client_id for u in updates]
+        if sorted(valid) != sorted(self._weights):
+            self._sum.scale(self._mass(list(self._weights)) / self._mass(valid))
+        if self.dp is not None:  # client DP: the uploads were noised on the client; one more release
+            self.dp.count_release()
+        return self._sum.result()
 
     def _combine(self, global_state: StateDict, updates: list[ClientUpdate], metrics: dict) -> StateDict:
         fed = self.recipe.federation
@@ -435,7 +535,8 @@ class FederatedServer:
             report = getattr(self.aggregator, "last_report", None)  # what a robust rule excluded or clipped
             if report:
                 metrics["robust"] = report
-        if self.has_lora and self.recipe.robust.aggregator == "mean" and fed.algorithm != "fednova":
+        if (self.has_lora and self.recipe.robust.aggregator == "mean" and fed.algorithm != "fednova"
+                and self.recipe.eval.lora_error):
             # what averaging the factors loses against averaging the products B_i A_i
             metrics["lora_aggregation_error"] = lora_aggregate(global_state, updates, fed.lora_aggregation
                                                                if fed.lora_aggregation != "svd" else "factorwise",
@@ -541,7 +642,7 @@ class FederatedServer:
                                "region_examples": dict(self._region_examples),
                                "sync_clients": [[w, clone_state(c)] for w, c in self._sync_clients],
                                "dpsgd_epsilon": dict(self.dpsgd_epsilon),
-                               "personal": {k: clone_state(s) for k, s in self.personal.items()}}
+                               "personal": self.personal.state_dict()}
         for name in ("dp", "ledger", "central", "scaffold"):
             part = getattr(self, name)
             if part is not None:
@@ -560,7 +661,7 @@ class FederatedServer:
         self._region_examples = {int(i): int(n) for i, n in state["region_examples"].items()}
         self._sync_clients = [(float(w), clone_state(c)) for w, c in state["sync_clients"]]
         self.dpsgd_epsilon = {int(k): float(v) for k, v in state.get("dpsgd_epsilon", {}).items()}
-        self.personal = {int(k): clone_state(s) for k, s in state.get("personal", {}).items()}
+        self.personal.load_state_dict(state.get("personal", {}))
         for name in ("dp", "ledger", "central", "scaffold"):
             part = getattr(self, name)
             if name in state and part is not None:

@@ -33,7 +33,7 @@ from fedllm.algorithms.prune import masked_values, unmask_values
 from fedllm.algorithms.secure import SecAggRound
 from fedllm.config import Recipe
 from fedllm.federation import build
-from fedllm.types import ClientUpdate, StateDict, serialized_bytes
+from fedllm.types import ClientStates, ClientUpdate, StateDict, serialized_bytes
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,14 @@ class Uplink:
     """Attack simulation, SCAFFOLD control, client DP, compression and masking for one recipe."""
 
     def __init__(self, recipe: Recipe, num_clients: int, payload_bytes: Callable[[Mapping[str, torch.Tensor]], int],
-                 mask: Mapping[str, torch.Tensor] | None, dp: DPAggregator | None) -> None:
+                 mask: Mapping[str, torch.Tensor] | None, dp: DPAggregator | None,
+                 residuals: ClientStates | None = None) -> None:
         self.recipe = recipe
         self.payload_bytes = payload_bytes
         self.mask = dict(mask) if mask else None
         self.dp = dp
         self.attack, self.attackers = build.attack(recipe, num_clients)
-        self.codec, self.feedback = build.codec(recipe)
+        self.codec, self.feedback = build.codec(recipe, residuals)  # residuals: the server's store
 
     def send(self, rnd: int, update: ClientUpdate, scaffold: ScaffoldState | None = None,
              secagg: SecAggRound | None = None, on_site: bool = False,
