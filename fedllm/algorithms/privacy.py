@@ -162,27 +162,31 @@ class DPAggregator:
         if self.cfg.mode == "client":
             self.round += 1
             return self.inner(updates)
-        clip = self.clip
         norms = [global_norm(u.delta) for u in updates]
-        clipped = [dataclasses.replace(u, delta=clip_delta(u.delta, clip)[0]) for u in updates]
-        mean = self.inner(clipped)
+        clipped = [dataclasses.replace(u, delta=self.clip_update(u.delta)) for u in updates]
+        return self.release(self.inner(clipped), norms)
+
+    def clip_update(self, delta: Mapping[str, torch.Tensor]) -> StateDict:
+        """Server mode: one delta clipped to this round's C (a streaming server clips each on arrival)."""
+        return clip_delta(delta, self.clip)[0]
+
+    def release(self, mean: Mapping[str, torch.Tensor], norms: Sequence[float]) -> StateDict:
+        """One round of the mechanism on the mean of the clipped deltas whose unclipped norms are
+        ``norms``: server mode scales (Poisson), noises and adapts C; client mode (the clients
+        clipped and noised their own uploads) only counts the round."""
+        self.round += 1
+        if self.cfg.mode == "client":
+            return dict(mean)
+        count, clip = len(norms), self.clip
         if self.expected is not None:  # the sum over the expected count
-            mean = {k: v * (len(updates) / self.expected) for k, v in mean.items()}
-        out, std = self.noise_mean(mean, len(updates) if self.expected is None else self.expected)
+            mean = {k: v * (count / self.expected) for k, v in mean.items()}
+        out, std = self.noise_mean(mean, count if self.expected is None else self.expected)
         unclipped = sum(n <= clip for n in norms)
         if self.cfg.adaptive:
-            self._update_clip(unclipped, len(updates))
-        self.last_stats = {"clip": clip, "unclipped_fraction": unclipped / len(updates), "noise_std": std,
-                           "mean_update_norm": sum(norms) / len(norms)}
-        self.round += 1
+            self._update_clip(unclipped, count)
+        self.last_stats = {"clip": clip, "unclipped_fraction": unclipped / count, "noise_std": std,
+                           "mean_update_norm": sum(norms) / count}
         return out
-
-    def count_release(self) -> None:
-        """Client mode: one more round aggregated without calling the wrapper (a streamed mean of
-        uploads the clients already clipped and noised)."""
-        if self.cfg.mode != "client":
-            raise ValueError("only client-mode DP can aggregate without clipping at the server")
-        self.round += 1
 
     def noise_mean(self, mean: Mapping[str, torch.Tensor], count: float) -> tuple[StateDict, float]:
         """(mean + N(0, (σ·C/count)²), the std): the server's noise on the mean of ``count`` deltas

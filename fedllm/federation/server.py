@@ -17,7 +17,9 @@ privacy ledger. Under secure aggregation the server only ever holds masked tenso
 
 Everything stateful (optimizer moments, control variates, error-feedback residuals, sampler,
 DP clip, privacy ledger, regional models) is in :meth:`state_dict`, so a checkpointed run resumes
-to the same result. (~430 lines: the validation rules at the top are pure functions kept beside
+to the same result. Memory does not grow with the clients: where the rule is a mean the round's
+updates are folded as they arrive (:meth:`_fold_arrival`), and per-client state lives in a store
+on disk (:mod:`fedllm.federation.store`) whose index is what the checkpoint keeps. (~430 lines: the validation rules at the top are pure functions kept beside
 the one class that applies them.)
 """
 from __future__ import annotations
@@ -94,16 +96,18 @@ def norm_violation(update: ClientUpdate, max_norm: float | None) -> str | None:
     return None
 
 
-def relative_norm_violations(updates: Sequence[ClientUpdate], factor: float | None) -> dict[int, str]:
+def relative_norm_violations(updates: Sequence[ClientUpdate], factor: float | None,
+                             norms: Mapping[int, float] | None = None) -> dict[int, str]:
     """client -> why its norm exceeds ``factor`` x the round's median norm (``federation.reject_norm_factor``).
 
     A bound from the round's own updates: a client cannot poison the mean with one huge but finite
     update (3e38 moved the shared model to 1e38 before) whatever the absolute scale of honest updates.
     Needs three updates for the median to mean anything; fewer are left to the other checks.
+    ``norms``: each client's norm measured on arrival (a streamed round keeps no deltas).
     """
     if factor is None or len(updates) < 3:
         return {}
-    norms = {u.client_id: global_norm(u.delta) for u in updates}
+    norms = {u.client_id: norms[u.client_id] if norms is not None else global_norm(u.delta) for u in updates}
     median = statistics.median(norms.values())
     if median <= 0:  # most updates are exactly zero: no scale to be a multiple of (the guard's business)
         return {}
@@ -216,14 +220,18 @@ class FederatedServer:
         self.personal_keys = ([k for k in initial_state if ".lora_B" in k] if fed.personalize == "shared_a" else [])
         self.personal = self._store("personal")
         self._controls = self._store("controls", keep=0)  # the round's uploaded cᵢ⁺, until it is applied
+        # the relative norm bound decides at the end: folded updates are spooled so that an
+        # outlier (or a client that never reported) can be left out of the sum exactly
+        self._spool = (self._store("spool", keep=0, durable=False)
+                       if fed.reject_norm_factor is not None else None)
         self.streams = self._streams()
         self._reset_round()
 
-    def _store(self, name: str, keep: int | None = None) -> ClientStates | DiskStates:
+    def _store(self, name: str, keep: int | None = None, durable: bool = True) -> ClientStates | DiskStates:
         """Per-client state dicts: a :class:`DiskStates` folder of ``state_dir``, or in memory."""
         if self.state_dir is None:
             return ClientStates()
-        store = DiskStates(self.state_dir / name, self.recipe.checkpoint.keep if keep is None else keep)
+        store = DiskStates(self.state_dir / name, self.recipe.checkpoint.keep if keep is None else keep, durable)
         self._stores.append(store)
         return store
 
@@ -235,17 +243,14 @@ class FederatedServer:
         """Whether the round's mean can be folded as updates arrive (see :meth:`_fold_arrival`).
 
         Not when the rule needs every update at the end: robust aggregators and FedNova (their
-        memory is the round's updates), the relative norm bound (the round's median), colluding
-        attackers (built from the honest updates), secure aggregation (masked sums), server-side
-        DP (clipped first), hierarchical tiers, SVD LoRA aggregation, and LoRA's
+        memory is the round's updates), colluding attackers (built from the honest updates),
+        secure aggregation (masked tensors), hierarchical tiers, SVD LoRA aggregation, and LoRA's
         ``lora_aggregation_error`` (``eval.lora_error``: every client's factors).
         """
         r, fed = self.recipe, self.recipe.federation
-        lora_error = self.has_lora and r.eval.lora_error
-        return (type(self.aggregator) is MeanAggregator and not r.privacy.secure_aggregation
-                and (self.dp is None or r.privacy.dp == "client") and fed.reject_norm_factor is None
-                and not self.regions and fed.lora_aggregation != "svd" and not lora_error
-                and not (self.uplink.attack is not None and self.uplink.attack.kind in COLLUDING))
+        colluding = self.uplink.attack is not None and self.uplink.attack.kind in COLLUDING
+        return (type(self.aggregator) is MeanAggregator and not r.privacy.secure_aggregation and not self.regions
+                and fed.lora_aggregation != "svd" and not (self.has_lora and r.eval.lora_error) and not colluding)
 
     # ------------------------------------------------------------------ the round, client side
 
@@ -253,9 +258,12 @@ class FederatedServer:
         self._arrived: list[ClientUpdate] = []  # streaming: each without its delta (folded into _sum)
         self._sum: RunningSum | None = None
         self._weights: dict[int, float] = {}  # streaming: each planned client's weight in the mean
+        self._norms: dict[int, float] = {}  # streaming: each folded update's L2 norm
         self._masked: dict[int, dict[str, torch.Tensor]] = {}
         self._secagg: SecAggRound | None = None
         self._controls.clear()
+        if self._spool is not None:
+            self._spool.clear()
         self._bytes_up = self._bytes_down = 0
         self._rejected: dict[int, str] = {}
         self._late: set[int] = set()  # secure aggregation: dropped after masking (this round)
@@ -379,7 +387,13 @@ class FederatedServer:
         if update.client_id not in self._weights or any(u.client_id == update.client_id for u in self._arrived):
             self._reject(rnd, update.client_id, "not a client of this round, or a second update from it")
             return
-        self._sum.add(update.delta, self._weights[update.client_id])
+        self._norms[update.client_id] = global_norm(update.delta)
+        delta = update.delta
+        if self.dp is not None and self.recipe.privacy.dp == "server":  # clipped to this round's C
+            delta = self.dp.clip_update(delta)
+        self._sum.add(delta, self._weights[update.client_id])
+        if self._spool is not None:
+            self._spool[update.client_id] = delta
         self._arrived.append(dataclasses.replace(update, delta={}))
 
     def _own_slots(self, update: ClientUpdate, start: StateDict) -> tuple[ClientUpdate, StateDict]:
@@ -430,7 +444,8 @@ class FederatedServer:
             else:
                 self._reject(rnd, u.client_id, reason)
         if self._secagg is None:
-            outliers = relative_norm_violations(valid, fed.reject_norm_factor)
+            outliers = relative_norm_violations(valid, fed.reject_norm_factor,
+                                                self._norms if self._sum is not None else None)
             for k, reason in outliers.items():
                 self._reject(rnd, k, reason)
             valid = [u for u in valid if u.client_id not in outliers]
@@ -492,26 +507,37 @@ class FederatedServer:
         return self.min_updates
 
     def _aggregate(self, global_state: StateDict, updates: list[ClientUpdate], metrics: dict) -> StateDict:
-        delta = self._streamed_mean(updates) if self._sum is not None else self._combine(global_state, updates, metrics)
+        delta = (self._streamed_mean(updates, metrics) if self._sum is not None
+                 else self._combine(global_state, updates, metrics))
         if self.recipe.federation.lora_aggregation == "frozen_a":
             # A stays at its shared init: DP noise or compression error never moves it
             delta = {k: torch.zeros_like(v) if ".lora_A" in k else v for k, v in delta.items()}
         return delta
 
-    def _streamed_mean(self, updates: list[ClientUpdate]) -> StateDict:
+    def _streamed_mean(self, updates: list[ClientUpdate], metrics: dict) -> StateDict:
         """The round's mean from the folded sum.
 
         When clients of the plan did not report (failed, dropped, rejected) the sum was folded
-        with weights over the planned clients; one float64 rescale turns them into weights over the
-        valid ones: the result is then within one float64 rounding per entry of the held mean
-        (after the cast to float32, equal except where that rounding crosses a float32 boundary).
+        with weights over the planned clients. With the spool (``federation.reject_norm_factor``
+        set) the valid updates are folded again from it with their weights: the held mean's bits.
+        Without it one float64 rescale turns the weights into weights over the valid clients: then
+        within one float64 rounding per entry of the held mean (after the cast to float32, equal
+        except where that rounding crosses a float32 boundary).
         """
         valid = [u.client_id for u in updates]
-        if sorted(valid) != sorted(self._weights):
+        if sorted(valid) != sorted(self._weights) and self._spool is not None:
+            weights = self._planned_weights(valid)
+            self._sum = RunningSum()
+            for k in valid:  # in arrival order, as the held mean
+                self._sum.add(self._spool[k], weights[k])
+        elif sorted(valid) != sorted(self._weights):
             self._sum.scale(self._mass(list(self._weights)) / self._mass(valid))
-        if self.dp is not None:  # client DP: the uploads were noised on the client; one more release
-            self.dp.count_release()
-        return self._sum.result()
+        mean = self._sum.result()
+        if self.dp is None:
+            return mean
+        delta = self.dp.release(mean, [self._norms[k] for k in valid])  # server DP: noise; client DP: counted
+        metrics.update({f"dp_{k}": v for k, v in self.dp.last_stats.items()})
+        return delta
 
     def _combine(self, global_state: StateDict, updates: list[ClientUpdate], metrics: dict) -> StateDict:
         fed = self.recipe.federation

@@ -43,12 +43,14 @@ class DiskStates(MutableMapping[int, StateDict]):
 
     Set :attr:`version` (the round) before writing; a write of the same client in the same version
     replaces its file (a retried round attempt). ``keep``: versions kept besides the newest.
+    ``durable=False`` (a round's spool, which never outlives the round): files are neither fsynced
+    nor hashed.
     """
 
-    def __init__(self, root: str | Path, keep: int = 2) -> None:
+    def __init__(self, root: str | Path, keep: int = 2, durable: bool = True) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise ValueError(f"keep: expected an integer >= 0, got {keep!r}")
-        self.root, self.keep = Path(root), keep
+        self.root, self.keep, self.durable = Path(root), keep, durable
         self.version = 0
         self._files: dict[int, list[tuple[int, bytes]]] = {}  # client -> [(version, sha256)], oldest first
         self.bytes_written = 0  # every byte this store has written (the benchmark's checkpoint cost)
@@ -64,7 +66,7 @@ class DiskStates(MutableMapping[int, StateDict]):
         except OSError as exc:
             raise ValueError(f"{path}: {exc.strerror or exc}; the client-state store lost a file this run "
                              "needs (was the run directory changed by hand?)") from None
-        if hashlib.sha256(blob).digest() != digest:
+        if self.durable and hashlib.sha256(blob).digest() != digest:
             raise ValueError(f"{path}: its contents differ from what this run wrote (sha256 mismatch); "
                              "the file was truncated or changed")
         try:
@@ -75,10 +77,11 @@ class DiskStates(MutableMapping[int, StateDict]):
     def __setitem__(self, client_id: int, state: Mapping[str, torch.Tensor]) -> None:
         blob = _safetensors_save({k: v.detach().to("cpu").contiguous() for k, v in state.items()})
         self.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(self._path(client_id, self.version), blob)
+        path = self._path(client_id, self.version)
+        write_atomic(path, blob) if self.durable else path.write_bytes(blob)
         self.bytes_written += len(blob)
         entries = [e for e in self._files.get(client_id, []) if e[0] != self.version]
-        entries.append((self.version, hashlib.sha256(blob).digest()))
+        entries.append((self.version, hashlib.sha256(blob).digest() if self.durable else b""))
         for old, _ in entries[:-(self.keep + 1)]:
             self._path(client_id, old).unlink(missing_ok=True)
         self._files[client_id] = entries[-(self.keep + 1):]
