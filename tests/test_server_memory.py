@@ -217,3 +217,40 @@ def test_server_state_on_disk_resumes_bit_for_bit_and_checkpoints_grow_with_the_
         sd, _ = _round(resumed, rnd, sd, gen_d)
         assert all(torch.equal(sd[k], reference[rnd][k]) for k in state), f"round {rnd}"
     assert all(torch.equal(resumed.scaffold.c[k], memory.scaffold.c[k]) for k in state)
+
+
+def test_secure_aggregation_folds_the_masked_inputs_as_they_arrive():
+    from fedllm.algorithms.secure import MaskedSum, SecAggRound
+
+    gen = torch.Generator().manual_seed(5)
+    deltas = {k: _state(gen, 0.1) for k in range(5)}
+
+    def unmask(summed: bool, order):
+        rnd = SecAggRound(list(range(5)), 3, 62, 30, seed=7)
+        rnd.advertise_keys()
+        rnd.share_keys()
+        masked = {k: rnd.masked_input(k, deltas[k]) for k in range(5)}
+        if not summed:
+            return rnd.unmask({k: masked[k] for k in order if k != 4}, dtype=torch.float64)
+        total = MaskedSum(62)
+        for k in order:
+            if k != 4:  # client 4 dropped before sending
+                total.add(k, masked[k])
+        return rnd.unmask(total, dtype=torch.float64)
+
+    held = unmask(False, range(5))
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2]):  # integers mod 2^62: any arrival order, the same bits
+        folded = unmask(True, order)
+        assert all(torch.equal(folded[k], held[k]) for k in SHAPES)
+    # the server keeps the sum, not the masked tensors
+    recipe = load_recipe(TINY, ["partition.num_clients=4", "privacy.secure_aggregation=true"])
+    state = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    server = FederatedServer(recipe, state, [10] * 4)
+    new, metrics = _round(server, 1, state, gen)
+    assert metrics["applied"] and isinstance(server._masked, MaskedSum) and len(server._masked) == 4
+    total = MaskedSum(62)
+    total.add(0, {"w": torch.zeros(2, dtype=torch.int64)})
+    with pytest.raises(ValueError, match="different keys/shapes"):
+        total.add(1, {"w": torch.zeros(3, dtype=torch.int64)})
+    with pytest.raises(ValueError, match="second masked input"):
+        total.add(0, {"w": torch.zeros(2, dtype=torch.int64)})

@@ -174,6 +174,37 @@ def _modular(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], sign:
     return {k: (a[k] + sign * b[k]) & (2**modulus_bits - 1) for k in a}
 
 
+class MaskedSum:
+    """Σ y_u mod 2^b of the masked inputs received so far, and whose they are.
+
+    The masks cancel only in the sum, so a server can fold each masked input as it arrives and
+    drop it: the modular sum is exact and independent of the order (integers, not floats).
+    """
+
+    def __init__(self, modulus_bits: int) -> None:
+        self.modulus_bits = modulus_bits
+        self.ids: list[int] = []
+        self.layout: dict[str, torch.Size] = {}
+        self.total: dict[str, torch.Tensor] = {}
+
+    def add(self, client_id: int, masked: Mapping[str, torch.Tensor]) -> None:
+        layout = {k: t.shape for k, t in masked.items()}
+        if not self.ids:
+            self.layout, self.total = layout, {k: torch.zeros(s, dtype=torch.int64) for k, s in layout.items()}
+        elif layout != self.layout:
+            raise ValueError(f"masked input of client {client_id} has different keys/shapes than the others")
+        if client_id in self.ids:
+            raise ValueError(f"a second masked input from client {client_id}")
+        self.total = _modular(self.total, masked, +1, self.modulus_bits)
+        self.ids.append(client_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        return iter(self.ids)
+
+
 # ------------------------------------------------------------------------- messages
 
 
@@ -324,20 +355,19 @@ class SecAggServer:
                 inbox.setdefault(v, {})[u] = ct
         return inbox
 
-    def unmask(self, masked: Mapping[int, Mapping[str, torch.Tensor]],
+    def unmask(self, masked: Mapping[int, Mapping[str, torch.Tensor]] | MaskedSum,
                reveals: Iterable[RevealedShares], dtype: torch.dtype = torch.float32) -> StateDict:
-        """Σ_{u∈U3} x_u from the masked inputs and ≥ t survivors' shares."""
+        """Σ_{u∈U3} x_u from the masked inputs (or their :class:`MaskedSum`) and ≥ t survivors' shares."""
         reveals = list(reveals)
+        if not isinstance(masked, MaskedSum):
+            summed = MaskedSum(self.modulus_bits)
+            for u, y in masked.items():
+                summed.add(u, y)
+            masked = summed
         if min(len(masked), len(reveals)) < self.threshold:
             raise ValueError(f"secure aggregation needs >= threshold={self.threshold} masked inputs and "
                              f"responders; got {len(masked)} and {len(reveals)}")
-        first = next(iter(masked.values()))
-        layout = {k: t.shape for k, t in first.items()}
-        total = {k: torch.zeros(s, dtype=torch.int64) for k, s in layout.items()}
-        for u, y in masked.items():
-            if {k: t.shape for k, t in y.items()} != layout:
-                raise ValueError(f"masked input of client {u} has different keys/shapes than the others")
-            total = _modular(total, y, +1, self.modulus_bits)
+        layout, total = masked.layout, masked.total
         for u in masked:
             b_seed = self._reconstruct(u, reveals, "b").to_bytes(32, "big")
             total = _modular(total, prg_mask(b_seed, layout, self.modulus_bits), -1, self.modulus_bits)
@@ -415,7 +445,7 @@ class SecAggRound:
         self.bytes_up[client_id].masked = serialized_bytes(y)
         return y
 
-    def unmask(self, received: Mapping[int, Mapping[str, torch.Tensor]],
+    def unmask(self, received: Mapping[int, Mapping[str, torch.Tensor]] | MaskedSum,
                dropped_after_masking: Iterable[int] = (), dtype: torch.dtype = torch.float32) -> StateDict:
         """Phase 3: Σ x_u over the clients in ``received`` (Bonawitz's U3), as floats.
 

@@ -51,7 +51,7 @@ from fedllm.algorithms.privacy import (
     PrivacyLedger,
 )
 from fedllm.algorithms.robust import NormBound
-from fedllm.algorithms.secure import SecAggRound
+from fedllm.algorithms.secure import MaskedSum, SecAggRound
 from fedllm.algorithms.selection import Availability
 from fedllm.config import Recipe
 from fedllm.federation import build
@@ -244,8 +244,9 @@ class FederatedServer:
 
         Not when the rule needs every update at the end: robust aggregators and FedNova (their
         memory is the round's updates), colluding attackers (built from the honest updates),
-        secure aggregation (masked tensors), hierarchical tiers, SVD LoRA aggregation, and LoRA's
-        ``lora_aggregation_error`` (``eval.lora_error``: every client's factors).
+        hierarchical tiers, SVD LoRA aggregation, and LoRA's ``lora_aggregation_error``
+        (``eval.lora_error``: every client's factors). Secure aggregation has its own fold: the
+        masked inputs are summed (mod 2^62, exact) as they arrive (:class:`MaskedSum`).
         """
         r, fed = self.recipe, self.recipe.federation
         colluding = self.uplink.attack is not None and self.uplink.attack.kind in COLLUDING
@@ -259,7 +260,7 @@ class FederatedServer:
         self._sum: RunningSum | None = None
         self._weights: dict[int, float] = {}  # streaming: each planned client's weight in the mean
         self._norms: dict[int, float] = {}  # streaming: each folded update's L2 norm
-        self._masked: dict[int, dict[str, torch.Tensor]] = {}
+        self._masked = MaskedSum(SECAGG_MODULUS_BITS)  # secure aggregation: folded as the inputs arrive
         self._secagg: SecAggRound | None = None
         self._controls.clear()
         if self._spool is not None:
@@ -365,7 +366,7 @@ class FederatedServer:
         if sent.control is not None:
             self._controls[k] = sent.control
         if sent.masked is not None:
-            self._masked[k] = sent.masked
+            self._masked.add(k, sent.masked)
         self._bytes_up += sent.bytes_up
         if self._sum is not None:
             self._fold_arrival(rnd, sent.update)
@@ -542,8 +543,9 @@ class FederatedServer:
     def _combine(self, global_state: StateDict, updates: list[ClientUpdate], metrics: dict) -> StateDict:
         fed = self.recipe.federation
         if self._secagg is not None:
-            total = self._secagg.unmask({u.client_id: self._masked[u.client_id] for u in updates},
-                                        dropped_after_masking=self._late, dtype=torch.float64)
+            if sorted(u.client_id for u in updates) != sorted(self._masked):  # nothing is rejected after masking
+                raise RuntimeError("secure aggregation: the updates to aggregate are not the masked inputs summed")
+            total = self._secagg.unmask(self._masked, dropped_after_masking=self._late, dtype=torch.float64)
             mean = {k: v / len(updates) for k, v in total.items()}
             if self.dp is not None and self.recipe.privacy.dp == "server":  # clients clipped before masking
                 mean = self.dp.noise_secure_sum(mean, len(updates))
