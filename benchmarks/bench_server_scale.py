@@ -19,7 +19,8 @@ checkpoint writes (the checkpoint file plus the per-client files the store wrote
 Part 2 — in this process: 100 updates of the same adapter with random example counts; the
 weighted mean by fedllm (float64 accumulation, the same code the server folds with) against
 Flower's ``flwr.server.strategy.aggregate.aggregate`` (numpy) on the same arrays, and a memory
-floor: one pass reading every update once (``torch.sum`` of each tensor). Best of ``--repeat``.
+floor: one pass reading every update once (``torch.sum`` of each tensor, on as many threads as
+fedllm's fold uses: torch's intra-op count). Best of ``--repeat``.
 
     python benchmarks/bench_server_scale.py                       # both parts, ~5 min on 2 cores
     python benchmarks/bench_server_scale.py --part aggregate --repeat 7
@@ -141,9 +142,13 @@ def aggregate_part(layers: int, updates: int, repeat: int) -> dict:
     ours = mean_delta(ups, weighted=True)
     theirs = aggregate(arrays)
     agree = max(float(np.max(np.abs(ours[k].numpy() - t))) for k, t in zip(template, theirs))
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    pool = ThreadPoolExecutor(torch.get_num_threads())  # the floor reads on as many threads as fedllm folds
+    keys = list(template)
     times = {"fedllm": best(lambda: mean_delta(ups, weighted=True)),
              "flower": best(lambda: aggregate(arrays)),
-             "floor": best(lambda: [float(v.sum()) for u in ups for v in u.delta.values()])}
+             "floor": best(lambda: list(pool.map(lambda k: [float(u.delta[k].sum()) for u in ups], keys)))}
     nbytes = sum(v.numel() * v.element_size() for u in ups for v in u.delta.values())
     return {"updates": updates, "params": sum(v.numel() for v in template.values()), "bytes": nbytes,
             "seconds": times, "max_abs_difference_vs_flower": agree, "threads": torch.get_num_threads()}

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,7 +165,8 @@ def weighted_sum(states: Iterable[Mapping[str, torch.Tensor]], weights: Iterable
 
     Tile by tile (:data:`_TILE` entries of one key at a time, every state folded into it before the
     next tile) so that the accumulator stays in cache while the states stream past: the same
-    operations per entry, in the same order, as :class:`RunningSum` — the same bits.
+    operations per entry, in the same order, as :class:`RunningSum` — the same bits. Large sums
+    fold their tiles on torch's number of threads.
     """
     states, weights = list(states), [float(w) for w in weights]
     if not states:
@@ -171,24 +174,41 @@ def weighted_sum(states: Iterable[Mapping[str, torch.Tensor]], weights: Iterable
     if len(states) != len(weights):
         raise ValueError(f"{len(states)} states but {len(weights)} weights")
     out: StateDict = {}
+    jobs = []  # (tile of the float64 sum, the states' slices of it): independent, so they may run in parallel
     for key, ref in states[0].items():
         flats = [state[key].detach().reshape(-1) for state in states]
         acc = torch.zeros(ref.numel(), dtype=torch.float64, device=ref.device)
-        if ref.device.type == "cpu" and all(f.device.type == "cpu" and f.dtype in _NUMPY_FOLD for f in flats):
-            fold, total, arrays = _compiled_fold(), acc.numpy(), [f.numpy() for f in flats]
-            for start in range(0, ref.numel(), _TILE):
-                tile = total[start:start + _TILE]
-                for x, w in zip(arrays, weights):
-                    fold(tile, x[start:start + _TILE], w)
-        else:
-            scratch = torch.empty(min(_TILE, ref.numel()), dtype=torch.float64, device=ref.device)
-            for start in range(0, ref.numel(), _TILE):
-                stop = min(start + _TILE, ref.numel())
-                tile, tmp = acc[start:stop], scratch[:stop - start]
-                for flat, w in zip(flats, weights):
-                    _fold(tile, flat[start:stop], w, tmp)
-        out[key] = acc.view(ref.shape).to(ref.dtype)
-    return out
+        compiled = ref.device.type == "cpu" and all(f.device.type == "cpu" and f.dtype in _NUMPY_FOLD for f in flats)
+        total, arrays = (acc.numpy(), [f.numpy() for f in flats]) if compiled else (acc, flats)
+        for start in range(0, ref.numel(), _TILE):
+            jobs.append((compiled, total[start:start + _TILE], [x[start:start + _TILE] for x in arrays]))
+        out[key] = acc
+    pool = _fold_pool(os.getpid()) if len(jobs) > 1 and len(states) * sum(t.numel() for t in out.values()) >= _PARALLEL_FROM else None
+    list(pool.map(lambda job: _fold_tile(*job, weights), jobs) if pool else (_fold_tile(*j, weights) for j in jobs))
+    return {key: acc.view(states[0][key].shape).to(states[0][key].dtype) for key, acc in out.items()}
+
+
+_PARALLEL_FROM = 1 << 24  # entries × states from which the tiles are folded on several threads
+
+
+@functools.cache
+def _fold_pool(pid: int) -> ThreadPoolExecutor:
+    """Threads for :func:`weighted_sum`'s tiles (as many as torch's intra-op threads; the compiled
+    fold releases the GIL), one pool per process (``pid``: a forked child makes its own). Each tile
+    is one thread's alone: the bits do not depend on the split."""
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="fedllm-fold")
+
+
+def _fold_tile(compiled: bool, tile, slices, weights: list[float]) -> None:
+    """Every state's slice folded into one tile of the sum, in the states' order."""
+    if compiled:
+        fold = _compiled_fold()
+        for x, w in zip(slices, weights):
+            fold(tile, x, w)
+        return
+    scratch = torch.empty_like(tile)
+    for x, w in zip(slices, weights):
+        _fold(tile, x, w, scratch)
 
 
 class ClientStates(dict[int, StateDict]):

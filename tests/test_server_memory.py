@@ -75,6 +75,14 @@ def test_running_sum_is_weighted_sum_bit_for_bit(monkeypatch):
     want16 = {k: sum((float(w) * s[k].to(torch.float64) for s, w in zip(halves, weights)),
                      torch.zeros(SHAPES[k], dtype=torch.float64)).half() for k in SHAPES}
     assert all(torch.equal(weighted_sum(halves, weights)[k], want16[k]) for k in SHAPES)
+    # a sum large enough to fold its tiles on several threads: still the sequential bits
+    big = [{"w": torch.randn(1100, 1000, generator=gen), "b": torch.randn(70_000, generator=gen)} for _ in range(16)]
+    assert 16 * 1_170_000 >= types._PARALLEL_FROM
+    seq = RunningSum()
+    for st, w in zip(big, weights + weights[:6]):
+        seq.add(st, w)
+    par, ref = weighted_sum(big, weights + weights[:6]), seq.result()
+    assert all(torch.equal(par[k], ref[k]) for k in ref)
     with pytest.raises(KeyError):
         total.add({"a.weight": torch.zeros(6, 5)}, 1.0)
     with pytest.raises(ValueError, match="at least one"):
