@@ -1,6 +1,7 @@
 """Do two commits write the same numbers? Runs the pinned tiny recipes at both and compares run files.
 
     python benchmarks/same_numbers.py BASE [HEAD] [--recipes R ...] [--mode federated|centralized|local]
+                                      [--set group.field=value ...]
 
 Each commit is checked out into a temporary git worktree and run with this checkout's virtualenv
 (``PYTHONPATH`` points at the worktree, so its own ``fedllm`` is imported). For every recipe it
@@ -35,7 +36,7 @@ def _comparable(value):
     return value
 
 
-def run_at(commit: str, recipe: str, mode: str, out: Path) -> Path:
+def run_at(commit: str, recipe: str, mode: str, out: Path, extra: list[str] = ()) -> Path:
     """Run ``recipe`` as of ``commit``; returns the run directory."""
     tree = out / "tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(tree), commit],
@@ -43,7 +44,7 @@ def run_at(commit: str, recipe: str, mode: str, out: Path) -> Path:
     try:
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         cmd = [sys.executable, "-m", "fedllm.cli", "run", str(tree / recipe), "--mode", mode,
-               "--out", str(out / "runs"), *OVERRIDES]
+               "--out", str(out / "runs"), *OVERRIDES, *extra]
         done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{commit} {recipe}: exit {done.returncode}: {done.stderr.strip()[-400:]}")
@@ -84,14 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("head", nargs="?", default="HEAD", help="the commit after (default HEAD)")
     p.add_argument("--recipes", nargs="+", default=PINNED, help="recipes, relative to the repository root")
     p.add_argument("--mode", default="federated", choices=("federated", "centralized", "local"))
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="more overrides for every recipe at both commits (e.g. federation.rounds=3)")
     args = p.parse_args(argv)
     commits = {c: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", c], check=True,
                                  capture_output=True, text=True).stdout.strip() for c in (args.base, args.head)}
     bad = 0
     for recipe in args.recipes:
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-            before = files(run_at(args.base, recipe, args.mode, Path(a)))
-            after = files(run_at(args.head, recipe, args.mode, Path(b)))
+            before = files(run_at(args.base, recipe, args.mode, Path(a), args.set))
+            after = files(run_at(args.head, recipe, args.mode, Path(b), args.set))
         diff = first_difference(before, after)
         bad += diff is not None
         print(f"{recipe} ({args.mode}, {len(before['rows'])} rows): "

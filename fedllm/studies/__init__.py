@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
 import warnings
 from pathlib import Path
+from typing import Any
 
 
 def quiet_process() -> None:
@@ -41,6 +43,27 @@ def finished_run(path: Path, recipe) -> bool:
         return load_recipe(path / "config.yaml") == recipe
     except RecipeError:
         return False
+
+
+def parts_folder(out: Path, quick: bool) -> Path:
+    """Where a study's finished parts are recorded (quick ones apart, so they never replace full ones)."""
+    return out / ("parts_quick" if quick else "parts")
+
+
+def recorded(path: Path, recipe) -> dict[str, Any] | None:
+    """The part saved at ``path`` when its ``recipe`` field parses to a recipe equal to ``recipe``, else
+    None (fields added to fedllm since it ran take their defaults, which reproduce earlier runs)."""
+    import yaml  # noqa: PLC0415  (heavy imports only when running)
+
+    from fedllm.config import Recipe, RecipeError, build  # noqa: PLC0415
+
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return doc if build(Recipe, yaml.safe_load(doc.get("recipe", "")) or {}) == recipe else None
+    except (RecipeError, yaml.YAMLError, TypeError):
+        return None
 
 
 def replace_block(readme: Path, start: str, end: str, block: str) -> None:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedllm.studies import machine_line, quiet_process, replace_block, study_parser
+from fedllm.studies import machine_line, parts_folder, quiet_process, recorded, replace_block, study_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "studies" / "fmnist_signal.yaml"
@@ -84,26 +84,6 @@ def part_recipe(part: Part, quick: bool):
     return load_recipe(RECIPE, part_overrides(part, quick))
 
 
-def parts_folder(out: Path, quick: bool) -> Path:
-    """Where finished parts are recorded (quick ones apart, so they never replace full ones)."""
-    return out / ("parts_quick" if quick else "parts")
-
-
-def _recorded(path: Path, recipe) -> dict[str, Any] | None:
-    """The part's saved result when its recipe parses to an equal one, else None."""
-    import yaml  # noqa: PLC0415
-
-    from fedllm.config import Recipe, RecipeError, build  # noqa: PLC0415
-
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    try:
-        return doc if build(Recipe, yaml.safe_load(doc.get("recipe", "")) or {}) == recipe else None
-    except (RecipeError, yaml.YAMLError, TypeError):
-        return None
-
-
 def init_jsv(signal: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per-layer JSV of the state training starts from: ``after`` the isometric init, else ``before``."""
     return signal.get("after") or signal["before"]
@@ -123,7 +103,7 @@ def run_parts(parts: list[Part], out: Path, runs: Path, quick: bool) -> int:
     for part in parts:
         recipe = part_recipe(part, quick)
         target = folder / f"{part_name(*part)}.json"
-        if _recorded(target, recipe) is not None:
+        if recorded(target, recipe) is not None:
             continue
         t0, c0 = time.perf_counter(), time.process_time()
         RUNNERS[recipe.mode](make_experiment(recipe), out=str(runs))
@@ -158,7 +138,7 @@ def collect(out: Path, parts: list[Part], quick: bool) -> dict[str, Any]:
     """part name -> recorded part (only the parts recorded for today's recipe)."""
     results = {}
     for part in parts:
-        doc = _recorded(parts_folder(out, quick) / f"{part_name(*part)}.json", part_recipe(part, quick))
+        doc = recorded(parts_folder(out, quick) / f"{part_name(*part)}.json", part_recipe(part, quick))
         if doc is not None:
             results[part_name(*part)] = doc
     return results
