@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedllm.studies import machine_line, quiet_process, replace_block, study_parser
+from fedllm.studies import machine_line, parts_folder, quiet_process, recorded, replace_block, study_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "studies" / "fmnist_robust.yaml"
@@ -73,27 +73,6 @@ def part_recipe(defense: str, condition: str, seed: int, quick: bool):
     return load_recipe(RECIPE, part_overrides(defense, condition, seed, quick))
 
 
-def parts_folder(out: Path, quick: bool) -> Path:
-    """Where finished parts are recorded (quick ones apart, so they never replace full ones)."""
-    return out / ("parts_quick" if quick else "parts")
-
-
-def _recorded(path: Path, recipe) -> dict[str, Any] | None:
-    """The part's saved result when its recipe parses to an equal one, else None (fields added to
-    fedllm since it ran take their defaults, which reproduce earlier runs)."""
-    import yaml  # noqa: PLC0415
-
-    from fedllm.config import Recipe, RecipeError, build  # noqa: PLC0415
-
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    try:
-        return doc if build(Recipe, yaml.safe_load(doc.get("recipe", "")) or {}) == recipe else None
-    except (RecipeError, yaml.YAMLError, TypeError):
-        return None
-
-
 def run_parts(parts: list[tuple[str, str, int]], out: Path, runs: Path, quick: bool) -> None:
     """Run every part without a recorded result for its current recipe; record each as it ends."""
     from fedllm.config import dump_recipe  # noqa: PLC0415
@@ -106,7 +85,7 @@ def run_parts(parts: list[tuple[str, str, int]], out: Path, runs: Path, quick: b
     for defense, condition, seed in parts:
         recipe = part_recipe(defense, condition, seed, quick)
         target = folder / f"{part_name(defense, condition, seed)}.json"
-        if _recorded(target, recipe) is not None:
+        if recorded(target, recipe) is not None:
             continue
         t0, c0 = time.perf_counter(), time.process_time()
         run_federated(make_experiment(recipe), out=str(runs))
@@ -127,7 +106,7 @@ def collect(out: Path, parts: list[tuple[str, str, int]], quick: bool) -> dict[s
     """defense -> condition -> seed -> recorded part (only the parts recorded for today's recipe)."""
     results: dict[str, dict[str, dict[int, Any]]] = {}
     for defense, condition, seed in parts:
-        doc = _recorded(parts_folder(out, quick) / f"{part_name(defense, condition, seed)}.json",
+        doc = recorded(parts_folder(out, quick) / f"{part_name(defense, condition, seed)}.json",
                         part_recipe(defense, condition, seed, quick))
         if doc is not None:
             results.setdefault(defense, {}).setdefault(condition, {})[seed] = doc
