@@ -94,6 +94,8 @@ VARIANTS = {"uniform": ["federation.weighted=false"], "weighted": ["federation.w
             "server_dp_adaptive": ["privacy.dp=server", "privacy.noise_multiplier=0.5", "privacy.clip=0.05",
                                    "privacy.adaptive_clip=true"],
             "client_dp": ["privacy.dp=client", "privacy.noise_multiplier=0.5", "privacy.clip=0.05"],
+            "fednova": ["federation.algorithm=fednova", "federation.reject_norm_factor=null"],  # spools anyway
+            "fednova_weighted": ["federation.algorithm=fednova", "federation.weighted=true"],
             "scaffold_topk": ["federation.algorithm=scaffold", "compression.codec=topk", "compression.topk_fraction=0.3",
                               "compression.error_feedback=true", "server.optimizer=fedadam", "server.lr=0.01"]}
 
@@ -142,7 +144,7 @@ def test_a_folded_round_with_failed_and_rejected_clients(weighted, bound, tmp_pa
 
 def test_the_mean_is_held_where_the_rule_needs_every_update():
     state = {k: torch.zeros(s) for k, s in SHAPES.items()}
-    for overrides in (["robust.aggregator=median"], ["federation.algorithm=fednova"],
+    for overrides in (["robust.aggregator=median"],
                       ["privacy.secure_aggregation=true"], ["hierarchy.regions=2"]):
         recipe = load_recipe(TINY, ["partition.num_clients=6", *overrides])
         assert not FederatedServer(recipe, state, [10] * 6).streams, overrides
@@ -262,3 +264,23 @@ def test_secure_aggregation_folds_the_masked_inputs_as_they_arrive():
         total.add(1, {"w": torch.zeros(3, dtype=torch.int64)})
     with pytest.raises(ValueError, match="second masked input"):
         total.add(0, {"w": torch.zeros(2, dtype=torch.int64)})
+
+
+def test_fednova_folds_and_refolds_exactly_when_a_client_runs_other_steps():
+    # FedNova's coefficients need every client's step count: planned ones are folded with, and a
+    # client that reports other steps (a straggler, a short dataset) makes the server fold again
+    # from the spool with the coefficients that hold — the held FedNova's bits either way
+    sizes = [5 + 3 * k for k in range(10)]
+    folding, holding, state = _pair(["partition.num_clients=10", "federation.fraction=0.6",
+                                     "federation.algorithm=fednova", "federation.reject_norm_factor=null"], sizes)
+    assert folding._spool is not None
+    planned = folding.begin_round(1).training
+    holding.begin_round(1)
+    gen = torch.Generator().manual_seed(6)
+    for i, k in enumerate(planned):
+        delta = _state(gen, 0.01)
+        upd = ClientUpdate(k, delta, sizes[k], 1 if i == 2 else 3, 1.0)
+        folding.upload(1, upd, state)
+        holding.upload(1, upd, state)
+    (s1, _), (s2, _) = folding.finish_round(1, state), holding.finish_round(1, state)
+    assert all(torch.equal(s1[k], s2[k]) for k in SHAPES)

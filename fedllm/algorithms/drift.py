@@ -193,14 +193,18 @@ class ScaffoldState:
 
 def fednova_aggregate(updates: Sequence[ClientUpdate], weighted: bool = True) -> StateDict:
     """Δ = τ_eff Σ pᵢ Δᵢ/τᵢ, τ_eff = Σ pᵢ τᵢ, with pᵢ = nᵢ/n (or 1/K) and τᵢ = local_steps."""
+    return weighted_sum([u.delta for u in updates], fednova_coefficients(updates, weighted))
+
+
+def fednova_coefficients(updates: Sequence[ClientUpdate], weighted: bool = True) -> list[float]:
+    """Each update's coefficient τ_eff pᵢ/τᵢ in FedNova's sum (from the counts alone)."""
     p = client_weights(updates, weighted)
     for u in updates:
         if u.local_steps <= 0:
             raise ValueError(f"FedNova: client {u.client_id} reports local_steps={u.local_steps}; "
                              "expected > 0")
     tau_eff = sum(pi * u.local_steps for pi, u in zip(p, updates))
-    coefficients = [tau_eff * pi / u.local_steps for pi, u in zip(p, updates)]
-    return weighted_sum([u.delta for u in updates], coefficients)
+    return [tau_eff * pi / u.local_steps for pi, u in zip(p, updates)]
 
 
 @register_aggregator("fednova", options=lambda recipe: {"weighted": recipe.federation.is_weighted})

@@ -89,6 +89,14 @@ def sampling_scheme(recipe: Recipe) -> str:
     return "full"  # round_robin (deterministic), importance (size-weighted): no amplification claimed
 
 
+def local_steps(recipe: Recipe, num_examples: int) -> int:
+    """Optimizer steps a client runs per round: ``train.local_steps``, or whole epochs over its data."""
+    t = recipe.train
+    if t.local_epochs is not None:
+        return max(1, math.ceil(num_examples / t.batch_size)) * t.local_epochs
+    return t.local_steps
+
+
 def privacy_claim(recipe: Recipe) -> dict[str, Any]:
     """Who the run's ε holds against, and for which mechanism (written to ``summary.json``)."""
     p = recipe.privacy

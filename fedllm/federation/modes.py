@@ -26,6 +26,7 @@ from fedllm.config import RecipeError, one_line
 from fedllm.errors import IntegrityError
 from fedllm.experiments.base import Experiment
 from fedllm.federation import build
+from fedllm.federation.build import local_steps
 from fedllm.federation.checkpoint import (
     ServerState,
     capture_rng,
@@ -133,14 +134,6 @@ def _with_loggers(exp: Experiment, writer: RunWriter, hooks: Hooks) -> Hooks:
         inner(k)
 
     return Hooks(hooks.on_round, on_client)
-
-
-def local_steps(recipe, num_examples: int) -> int:
-    """Optimizer steps a client runs per round: ``train.local_steps``, or whole epochs over its data."""
-    t = recipe.train
-    if t.local_epochs is not None:
-        return max(1, math.ceil(num_examples / t.batch_size)) * t.local_epochs
-    return t.local_steps
 
 
 def _draw_key(rnd: int, attempt: int) -> int:

@@ -35,14 +35,16 @@ from typing import Any
 
 import torch
 
-from fedllm.algorithms.aggregate import MeanAggregator, mean_delta
+from fedllm.algorithms.aggregate import MeanAggregator, client_weights, mean_delta
 from fedllm.algorithms.attacks import COLLUDING, collude
 from fedllm.algorithms.cclip import CenteredClipping
 from fedllm.algorithms.drift import (
     Correction,
     DriftTerm,
+    FedNovaAggregator,
     Proximal,
     ScaffoldState,
+    fednova_coefficients,
     scaffold_correction,
 )
 from fedllm.algorithms.lora_agg import RankLayout, aggregation_error, lora_aggregate, lora_pairs
@@ -222,8 +224,9 @@ class FederatedServer:
         self._controls = self._store("controls", keep=0)  # the round's uploaded cᵢ⁺, until it is applied
         # the relative norm bound decides at the end: folded updates are spooled so that an
         # outlier (or a client that never reported) can be left out of the sum exactly
+        # (FedNova too: its coefficients are final only once every client's step count is in)
         self._spool = (self._store("spool", keep=0, durable=False)
-                       if fed.reject_norm_factor is not None else None)
+                       if fed.reject_norm_factor is not None or fed.algorithm == "fednova" else None)
         self.streams = self._streams()
         self._reset_round()
 
@@ -242,15 +245,16 @@ class FederatedServer:
     def _streams(self) -> bool:
         """Whether the round's mean can be folded as updates arrive (see :meth:`_fold_arrival`).
 
-        Not when the rule needs every update at the end: robust aggregators and FedNova (their
-        memory is the round's updates), colluding attackers (built from the honest updates),
+        Not when the rule needs every update at the end: robust aggregators (their memory is the
+        round's updates), colluding attackers (built from the honest updates),
         hierarchical tiers, SVD LoRA aggregation, and LoRA's ``lora_aggregation_error``
         (``eval.lora_error``: every client's factors). Secure aggregation has its own fold: the
         masked inputs are summed (mod 2^62, exact) as they arrive (:class:`MaskedSum`).
         """
         r, fed = self.recipe, self.recipe.federation
         colluding = self.uplink.attack is not None and self.uplink.attack.kind in COLLUDING
-        return (type(self.aggregator) is MeanAggregator and not r.privacy.secure_aggregation and not self.regions
+        return (type(self.aggregator) in (MeanAggregator, FedNovaAggregator) and not r.privacy.secure_aggregation
+                and not self.regions
                 and fed.lora_aggregation != "svd" and not (self.has_lora and r.eval.lora_error) and not colluding)
 
     # ------------------------------------------------------------------ the round, client side
@@ -282,7 +286,7 @@ class FederatedServer:
                 steps.pop(k, None)
         plan = RoundPlan(rnd, sampled, steps, list(fate.dropped), list(fate.stragglers))
         if self.streams and plan.training:
-            self._sum, self._weights = RunningSum(), self._planned_weights(plan.training)
+            self._sum, self._weights = RunningSum(), self._planned_weights(plan)
         for k in sampled:  # every sampled client downloads the model, including those who then drop
             self._bytes_down += self._down_bytes[k] * (2 if self.scaffold is not None else 1)  # + SCAFFOLD's c
             if self.mask is not None and k not in self.has_mask:
@@ -301,12 +305,21 @@ class FederatedServer:
         """The mean's denominator over ``clients``: their examples (weighted) or their count."""
         return sum(self.client_sizes[k] for k in clients) if self.aggregator.weighted else len(clients)
 
-    def _planned_weights(self, clients: list[int]) -> dict[int, float]:
-        """Each client's weight in the mean if all of ``clients`` report: as
-        :func:`~fedllm.algorithms.aggregate.client_weights` computes it (the sizes the server knows
-        are the ones a valid report carries, :func:`check_counts`)."""
-        total = self._mass(clients)
-        return {k: (self.client_sizes[k] if self.aggregator.weighted else 1) / total for k in clients}
+    def _coefficients(self, records: Sequence[ClientUpdate]) -> dict[int, float]:
+        """client -> its update's coefficient in the round's sum, from the counts alone (the mean's
+        weights, or FedNova's τ_eff pᵢ/τᵢ), exactly as the held aggregator computes them."""
+        ids = [u.client_id for u in records]
+        if isinstance(self.aggregator, FedNovaAggregator):
+            return dict(zip(ids, fednova_coefficients(records, self.aggregator.weighted)))
+        return dict(zip(ids, client_weights(records, self.aggregator.weighted)))
+
+    def _planned_weights(self, plan: RoundPlan) -> dict[int, float]:
+        """Each client's coefficient if the whole plan reports as planned: the sizes the server
+        knows (the ones a valid report carries, :func:`check_counts`) and the steps it asked for."""
+        speed = self.recipe.faults.straggler_speed
+        steps = {k: build.local_steps(self.recipe, self.client_sizes[k]) for k in plan.training}
+        steps = {k: max(1, math.floor(n * speed)) if k in plan.stragglers else n for k, n in steps.items()}
+        return self._coefficients([ClientUpdate(k, {}, self.client_sizes[k], steps[k], 0.0) for k in plan.training])
 
     def start_state(self, client_id: int, global_state: StateDict | None) -> StateDict:
         """The state client ``client_id`` starts from: its region's model or the global one, truncated
@@ -518,20 +531,22 @@ class FederatedServer:
     def _streamed_mean(self, updates: list[ClientUpdate], metrics: dict) -> StateDict:
         """The round's mean from the folded sum.
 
-        When clients of the plan did not report (failed, dropped, rejected) the sum was folded
-        with weights over the planned clients. With the spool (``federation.reject_norm_factor``
-        set) the valid updates are folded again from it with their weights: the held mean's bits.
-        Without it one float64 rescale turns the weights into weights over the valid clients: then
-        within one float64 rounding per entry of the held mean (after the cast to float32, equal
-        except where that rounding crosses a float32 boundary).
+        The sum was folded with the coefficients of the plan (every planned client reporting its
+        known size and the steps it was asked for). When the valid updates' own counts give other
+        coefficients (a client failed, was rejected, or ran other steps), with the spool
+        (``federation.reject_norm_factor`` set, or FedNova) the valid updates are folded again from
+        it: the held aggregator's bits. Without it (the mean only) one float64 rescale turns the
+        weights into weights over the valid clients: then within one float64 rounding per entry of
+        the held mean (after the cast to float32, equal except where that rounding crosses a
+        float32 boundary).
         """
         valid = [u.client_id for u in updates]
-        if sorted(valid) != sorted(self._weights) and self._spool is not None:
-            weights = self._planned_weights(valid)
+        actual = self._coefficients(updates)  # from the counts the valid updates reported
+        if actual != self._weights and self._spool is not None:
             self._sum = RunningSum()
-            for k in valid:  # in arrival order, as the held mean
-                self._sum.add(self._spool[k], weights[k])
-        elif sorted(valid) != sorted(self._weights):
+            for k in valid:  # in arrival order, as the held aggregator
+                self._sum.add(self._spool[k], actual[k])
+        elif actual != self._weights:  # the mean without a spool: only the set of clients differs
             self._sum.scale(self._mass(list(self._weights)) / self._mass(valid))
         mean = self._sum.result()
         if self.dp is None:
