@@ -97,6 +97,12 @@ def local_steps(recipe: Recipe, num_examples: int) -> int:
     return t.local_steps
 
 
+def client_steps(recipe: Recipe, num_examples: int, straggler: bool = False) -> int:
+    """The steps a client is asked for in a round: :func:`local_steps`, a straggler's share of them."""
+    steps = local_steps(recipe, num_examples)
+    return max(1, math.floor(steps * recipe.faults.straggler_speed)) if straggler else steps
+
+
 def privacy_claim(recipe: Recipe) -> dict[str, Any]:
     """Who the run's ε holds against, and for which mechanism (written to ``summary.json``)."""
     p = recipe.privacy

@@ -149,13 +149,10 @@ def _train_clients(exp: Experiment, server: FederatedServer, plan, state: StateD
     (:func:`~fedllm.federation.guard.check_progress`).
     """
     losses, counts, arrived = [], {"failed_clients": 0}, []
-    speed = exp.recipe.faults.straggler_speed
     for k in plan.training:
         hooks.on_client(k)
         examples = exp.data.client_examples(k)
-        steps = local_steps(exp.recipe, len(examples))
-        if k in plan.stragglers:
-            steps = max(1, math.floor(steps * speed))
+        steps = build.client_steps(exp.recipe, len(examples), k in plan.stragglers)
         start = server.start_state(k, state)
         try:
             upd = exp.fit(k, examples, start, rnd, steps, grad_term=server.grad_term(k, start))

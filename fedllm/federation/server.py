@@ -19,8 +19,8 @@ Everything stateful (optimizer moments, control variates, error-feedback residua
 DP clip, privacy ledger, regional models) is in :meth:`state_dict`, so a checkpointed run resumes
 to the same result. Memory does not grow with the clients: where the rule is a mean the round's
 updates are folded as they arrive (:meth:`_fold_arrival`), and per-client state lives in a store
-on disk (:mod:`fedllm.federation.store`) whose index is what the checkpoint keeps. (~430 lines: the validation rules at the top are pure functions kept beside
-the one class that applies them.)
+on disk (:mod:`fedllm.federation.store`) whose index is what the checkpoint keeps. (The validation
+rules at the top are pure functions kept beside the one class that applies them.)
 """
 from __future__ import annotations
 
@@ -91,9 +91,10 @@ class RoundPlan:
         return sorted(self.steps)
 
 
-def norm_violation(update: ClientUpdate, max_norm: float | None) -> str | None:
-    """Why ``update`` exceeds the norm bound ``max_norm`` (``federation.reject_norm``), or None."""
-    if max_norm is not None and (norm := global_norm(update.delta)) > max_norm:
+def norm_violation(update: ClientUpdate, max_norm: float | None, norm: float | None = None) -> str | None:
+    """Why ``update`` exceeds the norm bound ``max_norm`` (``federation.reject_norm``), or None
+    (``norm``: its L2 norm, when already measured)."""
+    if max_norm is not None and (norm := global_norm(update.delta) if norm is None else norm) > max_norm:
         return f"L2 norm {norm:.4g} exceeds federation.reject_norm={max_norm}"
     return None
 
@@ -316,10 +317,8 @@ class FederatedServer:
     def _planned_weights(self, plan: RoundPlan) -> dict[int, float]:
         """Each client's coefficient if the whole plan reports as planned: the sizes the server
         knows (the ones a valid report carries, :func:`check_counts`) and the steps it asked for."""
-        speed = self.recipe.faults.straggler_speed
-        steps = {k: build.local_steps(self.recipe, self.client_sizes[k]) for k in plan.training}
-        steps = {k: max(1, math.floor(n * speed)) if k in plan.stragglers else n for k, n in steps.items()}
-        return self._coefficients([ClientUpdate(k, {}, self.client_sizes[k], steps[k], 0.0) for k in plan.training])
+        return self._coefficients([ClientUpdate(k, {}, self.client_sizes[k], build.client_steps(
+            self.recipe, self.client_sizes[k], k in plan.stragglers), 0.0) for k in plan.training])
 
     def start_state(self, client_id: int, global_state: StateDict | None) -> StateDict:
         """The state client ``client_id`` starts from: its region's model or the global one, truncated
@@ -391,17 +390,17 @@ class FederatedServer:
         """Streaming: the norm bound now, then Δᵢ folded into the round's sum with its planned
         weight and dropped; what stays is the record without its delta.
 
-        Bit-identical to the held mean (:func:`~fedllm.algorithms.aggregate.mean_delta`, same
-        operations in the same order) when every planned client reports; otherwise
-        :meth:`_streamed_mean` rescales once (see there).
+        Bit-identical to the held aggregator (same operations in the same order) when every
+        planned client reports as planned; otherwise :meth:`_streamed_mean` folds again or rescales.
         """
-        if (reason := norm_violation(update, self.recipe.federation.reject_norm)) is not None:
+        norm = global_norm(update.delta)
+        if (reason := norm_violation(update, self.recipe.federation.reject_norm, norm)) is not None:
             self._reject(rnd, update.client_id, reason)
             return
-        if update.client_id not in self._weights or any(u.client_id == update.client_id for u in self._arrived):
+        if update.client_id not in self._weights or update.client_id in self._norms:
             self._reject(rnd, update.client_id, "not a client of this round, or a second update from it")
             return
-        self._norms[update.client_id] = global_norm(update.delta)
+        self._norms[update.client_id] = norm
         delta = update.delta
         if self.dp is not None and self.recipe.privacy.dp == "server":  # clipped to this round's C
             delta = self.dp.clip_update(delta)
