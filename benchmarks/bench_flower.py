@@ -57,8 +57,9 @@ def run_one(config: str, recipe, out: str) -> dict:
 
         run_simulation(recipe, out)
     else:
-        opts = LaunchOptions(isolation="process" if config.endswith("-process") else "subprocess",
-                             warm_workers=config != "deploy-cold", timeout_s=1800)
+        isolation = "process" if config.endswith("-process") else "subprocess"
+        opts = LaunchOptions(isolation=isolation, warm_workers=config != "deploy-cold", timeout_s=1800,
+                             allow_insecure=isolation == "subprocess")  # loopback only: see docs/deploy.md
         run_deployment(recipe, out, opts)
     wall = time.perf_counter() - t0
     rows = [r for r in read_metrics(run_dir(recipe, "federated", out)) if r["round"] > 0]

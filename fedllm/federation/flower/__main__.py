@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
         python -m fedllm.federation.flower superlink --public HOST:PORT [flower-superlink args]
         python -m fedllm.federation.flower supernode [flower-supernode args]
+        python -m fedllm.federation.flower secret FILE                   # a site's SuperExec secret (0600)
         python -m fedllm.federation.flower executor --runtime-api-address 127.0.0.1:PORT \
             --superexec-auth-secret-file FILE --insecure                 # a site's long-lived ClientApp
         python -m fedllm.federation.flower worker --socket PATH          # a site's warm worker
@@ -44,11 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--app-dir", required=True, help="folder to write (pyproject.toml)")
     a.add_argument("--out", required=True, help="run directories' root on the coordinator (absolute)")
     a.add_argument("--timeout-s", type=float, default=600.0, help="longest wait for one client's reply")
-    sl = sub.add_parser("superlink", help="the coordinator's SuperLink: Fleet API public, Control API on loopback")
+    sc = sub.add_parser("secret", help="write a fresh SuperExec secret file (32 random bytes, mode 0600)")
+    sc.add_argument("path", help="the file to create (refused if it exists)")
+    # no abbreviations: an abbreviated flag is Flower's to read, never taken for one of fedllm's
+    sl = sub.add_parser("superlink", allow_abbrev=False,
+                        help="the coordinator's SuperLink: Fleet API public, Control API on loopback")
     sl.add_argument("--public", required=True, help="HOST:PORT where sites reach the Fleet API (e.g. 0.0.0.0:9092)")
-    sn = sub.add_parser("supernode", help="a site's SuperNode that runs only fedllm's apps")
+    sl.add_argument("--max-request-mb", type=float, default=32.0,
+                    help="largest request body the public port reads, in MiB (above: 413, connection closed); "
+                         "Flower sends at most 5 MiB array chunks, a compressed update unchunked")
+    sl.add_argument("--max-requests-per-s", type=float, default=200.0,
+                    help="requests per second per client IP on the public port (above: 503, which Flower retries)")
+    sl.add_argument("--max-signature-age-s", type=float, default=10.0,
+                    help="oldest SuperNode signature accepted, in seconds (Flower alone: 305); keep clocks in sync")
+    sn = sub.add_parser("supernode", allow_abbrev=False, help="a site's SuperNode that runs only fedllm's apps")
     for q in (sl, sn):
-        q.add_argument("--allow-insecure", action="store_true", help="accept --insecure (loopback tests only)")
+        q.add_argument("--allow-insecure", action="store_true",
+                       help="accept --insecure and --isolation subprocess (loopback tests only)")
     args, flower_args = p.parse_known_args(argv)
     if flower_args and args.command not in ("superlink", "supernode"):
         p.error(f"unrecognized arguments: {' '.join(flower_args)}")
@@ -70,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = FlowerRunConfig(dump_recipe(recipe), str(Path(args.out).resolve()), args.timeout_s)
         print(write_app(Path(args.app_dir), cfg) / "pyproject.toml")
         return 0
+    if args.command == "secret":
+        return _secret(args.path)
     if args.command == "superlink":
-        from fedllm.federation.flower.gate import serve_superlink  # noqa: PLC0415
-
-        serve_superlink(flower_args, args.public, insecure_ok=args.allow_insecure)
-        return 0
+        return _superlink(args, flower_args)
     if args.command == "supernode":
         from fedllm.federation.flower.gate import serve_supernode  # noqa: PLC0415
 
@@ -91,6 +103,39 @@ def main(argv: list[str] | None = None) -> int:
     from fedllm.federation.flower.worker import serve_worker  # noqa: PLC0415
 
     serve_worker(args.socket)
+    return 0
+
+
+def _secret(path: str) -> int:
+    """Write a site's SuperExec secret file (32 random bytes, mode 0600); never over an existing one."""
+    from fedllm.federation.flower.worker import write_secret  # noqa: PLC0415
+
+    if os.path.lexists(path):
+        print(f"fedllm: error: {path} exists; a running site and its executor may share it "
+              "(remove it first to replace it)", file=sys.stderr)
+        return 2
+    write_secret(Path(path))
+    print(path)
+    return 0
+
+
+def _superlink(args: argparse.Namespace, flower_args: list[str]) -> int:
+    """fedllm's SuperLink with the public listener's caps from the command line."""
+    from fedllm.federation.flower.gate import serve_superlink  # noqa: PLC0415
+    from fedllm.federation.flower.limits import MIB, PublicLimits  # noqa: PLC0415
+
+    try:
+        if not 0 < args.max_request_mb < 1 << 20:
+            raise ValueError(f"--max-request-mb: expected a size in MiB above 5 (Flower's array chunks), "
+                             f"got {args.max_request_mb}")
+        cap = int(args.max_request_mb * MIB)
+        limits = PublicLimits(max_request_bytes=cap, rate_per_s=args.max_requests_per_s,
+                              max_signature_age_s=args.max_signature_age_s,
+                              max_inflight_bytes=max(PublicLimits.max_inflight_bytes, 4 * cap))
+    except (ValueError, OverflowError) as exc:
+        print(f"fedllm: error: superlink: {exc}", file=sys.stderr)
+        return 2
+    serve_superlink(flower_args, args.public, insecure_ok=args.allow_insecure, limits=limits)
     return 0
 
 

@@ -17,9 +17,17 @@ fedllm therefore starts both ends itself (``python -m fedllm.federation.flower s
   listener only (``--host 127.0.0.1 --port ...``), where the operator runs ``flwr supernode
   register`` and ``flwr run``. TLS and SuperNode authentication are on unless ``--insecure`` is
   given. The Control API also refuses to start any app that is not fedllm's (:func:`fab_problem`).
+  The public listener caps each request's size, rate and signature age before Flower reads it
+  (:mod:`fedllm.federation.flower.limits`), and an environment that would make Flower open
+  another API is refused (:mod:`fedllm.federation.flower.flags`).
 - :func:`serve_supernode` runs Flower's SuperNode with the same check on every app it is sent:
   a FAB that is not fedllm's is answered with Flower's own "FAB could not be verified" error and
-  none of its code is installed or run.
+  none of its code is installed or run. Its Runtime API stays on loopback in process isolation,
+  where only a holder of the SuperExec secret (fedllm's executor) can take the site's tasks;
+  Flower's default subprocess isolation, whose Runtime API has no authentication, is refused.
+
+Both parse Flower's arguments with Flower's own parser before checking them, so ``--flag=value``
+and abbreviations mean what Flower will take them to mean.
 
 A fedllm app (what :func:`fedllm.federation.flower.launch.write_app` writes) carries no code: its
 FAB is a ``pyproject.toml`` naming the *installed* ``fedllm.federation.flower.apps`` objects, no
@@ -35,11 +43,10 @@ Control API's ``start_run`` handler, the SuperNode's message loop and its fixed 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import io
-import ipaddress
 import logging
+import os
 import sys
 import time
 import types
@@ -51,6 +58,18 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: flwr brings tomli
     import tomli as tomllib
+
+from fedllm.federation.flower.flags import (
+    env_problem,
+    is_loopback,
+    parse_flower,
+    split_address,
+    superlink_listeners,
+    superlink_problem,
+    supernode_listeners,
+    supernode_problem,
+)
+from fedllm.federation.flower.limits import PublicLimits, guarded
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +115,6 @@ def fab_problem(content: bytes) -> str | None:
     if unknown:
         return f"its run config has keys {unknown[:5]} besides {sorted(RUN_CONFIG_KEYS)}"
     return None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    with contextlib.suppress(ValueError):
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    return False
 
 
 def fleet_only(app: ASGIApp) -> ASGIApp:
@@ -158,46 +169,62 @@ def pin_control_api() -> None:
     control_handlers.start_run = start_run
 
 
-def serve_superlink(flower_args: list[str], public: str, insecure_ok: bool = False) -> None:
+def serve_superlink(flower_args: list[str], public: str, insecure_ok: bool = False,
+                    limits: PublicLimits | None = None) -> None:
     """Flower's SuperLink with the Fleet API on ``public`` and everything else on loopback only.
 
-    ``flower_args`` are ``flower-superlink``'s own arguments; their ``--host``/``--port`` are the
-    loopback listener (Control + Runtime + Fleet), and ``--host`` must be a loopback address.
-    ``--insecure`` is refused unless ``insecure_ok`` (``--allow-insecure``: loopback tests only),
-    and ``--enable-supernode-auth`` is required with TLS.
+    ``flower_args`` are ``flower-superlink``'s own arguments, parsed by Flower's own parser and
+    checked on the result (:func:`~fedllm.federation.flower.flags.superlink_problem`): their
+    ``--host``/``--port`` are the loopback listener (Control + Runtime + Fleet) and ``--host`` must
+    be a loopback address; ``--insecure`` is refused unless ``insecure_ok`` (``--allow-insecure``:
+    loopback tests only); ``--enable-supernode-auth`` is required with TLS; an environment that
+    would make Flower open another API (:data:`~fedllm.federation.flower.flags.OPENING_ENV`) is
+    refused. The public listener takes each request through ``limits``' caps before Flower reads it.
     """
     import uvicorn  # noqa: PLC0415
     from flwr.superlink.main import create_app  # noqa: PLC0415
 
     fs = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the package re-exports a function by that name
 
-    _require(fs, "_parse_superlink_lifespan_config", "SuperLinkLifespan")
+    _require(fs, "_parse_superlink_lifespan_config", "_parse_args_run_superlink", "SuperLinkLifespan")
+    limits = limits or PublicLimits()
     public_host, public_port = split_address(public, "--public")
-    if "--insecure" in flower_args and not insecure_ok:
-        raise SystemExit("fedllm superlink: --insecure sends every update in clear text; "
-                         "give the TLS files (--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile)")
-    if "--insecure" not in flower_args and "--enable-supernode-auth" not in flower_args:
-        raise SystemExit("fedllm superlink: expected --enable-supernode-auth (only registered sites may connect)")
+    ns = parse_flower("superlink", flower_args)
+    problem = env_problem(os.environ) or superlink_problem(ns, insecure_ok)
+    if problem is not None:
+        raise SystemExit(f"fedllm superlink: {problem}")
     saved, sys.argv = sys.argv, ["flower-superlink", *flower_args]
     try:
         config = fs._parse_superlink_lifespan_config()  # noqa: SLF001  (Flower's own argument checks)
     finally:
         sys.argv = saved
-    if not is_loopback(config.host):
-        raise SystemExit(f"fedllm superlink: --host {config.host} would expose the Control and Runtime APIs; "
-                         "expected a loopback address (the public address is --public)")
-    if config.simulation:
-        raise SystemExit("fedllm superlink: --simulation is not a deployment")
+    if not is_loopback(config.host) or config.simulation:  # the same parser: cannot differ from the checks
+        raise SystemExit(f"fedllm superlink: Flower read --host {config.host}; expected a loopback address")
     pin_control_api()
     app = create_app(config, fs.SuperLinkLifespan)
     tls = {"ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile}
     private = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, access_log=True,
                                             workers=1, **tls))
-    outside = uvicorn.Server(uvicorn.Config(fleet_only(app), host=public_host, port=public_port, lifespan="off",
-                                            access_log=True, workers=1, **tls))
-    logger.info("fedllm superlink: Fleet API on %s:%s; Control and Runtime on %s:%s only",
-                public_host, public_port, config.host, config.port)
+    front = guarded(fleet_only(app), limits, _key_registered(app) if config.enable_supernode_auth else None)
+    outside = uvicorn.Server(uvicorn.Config(front, host=public_host, port=public_port, lifespan="off",
+                                            access_log=True, workers=1, limit_concurrency=limits.max_connections,
+                                            **tls))
+    logger.info("fedllm superlink: %s; caps per request: %s bytes, %g requests/s per client IP, node-auth "
+                "signatures at most %g s old", superlink_listeners(ns, public),
+                f"{limits.max_request_bytes:,}", limits.rate_per_s, limits.max_signature_age_s)
     asyncio.run(_serve_both(private, outside))
+
+
+def _key_registered(app: Any) -> Callable[[bytes], Awaitable[bool]]:
+    """Whether a SuperNode public key is registered with this SuperLink (asked off the event loop)."""
+
+    def lookup(public_key: bytes) -> bool:
+        return app.state.linkstate_factory.state().get_node_id_by_public_key(public_key) is not None
+
+    async def registered(public_key: bytes) -> bool:
+        return await asyncio.to_thread(lookup, public_key)
+
+    return registered
 
 
 async def _serve_both(private: Any, outside: Any) -> None:
@@ -213,13 +240,6 @@ async def _serve_both(private: Any, outside: Any) -> None:
     for task in done:
         if task.exception() is not None:
             raise task.exception()
-
-
-def split_address(address: str, what: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SystemExit(f"fedllm: {what}: expected HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
 
 
 def pin_supernode_apps() -> None:
@@ -317,31 +337,25 @@ def quicken_object_pulls(first: float = PULL_RETRY_S[0], cap: float = PULL_RETRY
         defaults["initial_backoff"], defaults["backoff_cap"] = first, cap
 
 
-def _flag_value(args: list[str], flag: str) -> str | None:
-    """The value given to ``flag`` in ``args`` (``--flag V`` or ``--flag=V``), or None."""
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
 def serve_supernode(flower_args: list[str], insecure_ok: bool = False) -> None:
-    """Flower's ``flower-supernode`` (its own arguments) that runs only fedllm's apps."""
+    """Flower's ``flower-supernode`` (its own arguments) that runs only fedllm's apps.
+
+    The arguments are parsed by Flower's own parser and checked on the result
+    (:func:`~fedllm.federation.flower.flags.supernode_problem`): TLS and a node key, and the
+    Runtime API on loopback in process isolation with a SuperExec secret file (0600), so only the
+    site's executor can take its tasks. Subprocess isolation (Flower's default), whose Runtime API
+    takes any local process, is refused unless ``insecure_ok`` (``--allow-insecure``: loopback tests).
+    """
     from flwr.supernode.cli.flower_supernode import flower_supernode  # noqa: PLC0415
 
-    if "--insecure" in flower_args and not insecure_ok:
-        raise SystemExit("fedllm supernode: --insecure sends this site's updates in clear text; "
-                         "give --root-certificates (the coordinator's CA certificate)")
-    if "--insecure" not in flower_args and "--auth-supernode-private-key" not in flower_args:
-        raise SystemExit("fedllm supernode: expected --auth-supernode-private-key (the site's registered key)")
-    if _flag_value(flower_args, "--isolation") == "process" and "--superexec-auth-secret-file" not in flower_args:
-        raise SystemExit("fedllm supernode: --isolation process expected --superexec-auth-secret-file (a secret file "
-                         "shared with this site's executor): without it any local process could take its tasks")
+    ns = parse_flower("supernode", flower_args)
+    problem = supernode_problem(ns, insecure_ok)
+    if problem is not None:
+        raise SystemExit(f"fedllm supernode: {problem}")
     pin_supernode_apps()
     quicken_supernode_loop()
     quicken_object_pulls()
+    logger.info("fedllm supernode: %s", supernode_listeners(ns))
     saved, sys.argv = sys.argv, ["flower-supernode", *flower_args]
     try:
         flower_supernode()

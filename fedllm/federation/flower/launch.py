@@ -52,6 +52,9 @@ class LaunchOptions:
     log_dir: str | None = None  # keep the processes' logs here (default: a temporary folder)
     tls: bool = True  # TLS on the SuperLink (a throw-away CA and server certificate for 127.0.0.1)
     node_auth: bool = True  # SuperNode authentication: one ECDSA key per site, registered with flwr
+    # pass --allow-insecure to fedllm's SuperNodes: needed for isolation="subprocess", whose Runtime API
+    # takes any local process (benchmarks and tests on a machine of one's own only)
+    allow_insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.isolation not in ("subprocess", "process"):
@@ -60,6 +63,10 @@ class LaunchOptions:
             raise ValueError(f"LaunchOptions.timeout_s: expected a positive number of seconds, got {self.timeout_s}")
         if not 0.01 <= self.poll_interval_s <= 60:
             raise ValueError(f"LaunchOptions.poll_interval_s: expected in [0.01, 60], got {self.poll_interval_s}")
+        if self.isolation == "subprocess" and not self.allow_insecure:
+            raise ValueError("LaunchOptions.isolation='subprocess': the SuperNodes' Runtime API would take any "
+                             "local process as a site's ClientApp; set allow_insecure=True (a machine of one's "
+                             "own only) or use isolation='process'")
         if self.tls != self.node_auth:
             raise ValueError("LaunchOptions: tls and node_auth go together (Flower's node authentication needs "
                              f"TLS; fedllm's SuperLink requires node authentication with TLS), got tls={self.tls}, "
@@ -222,7 +229,7 @@ def start_sites(kids: Children, tmp: Path, port: int, num: int, opts: LaunchOpti
             if register.returncode != 0:
                 raise RuntimeError(f"flwr supernode register failed:\n{register.stdout}\n{register.stderr}")
             security += ["--auth-supernode-private-key", str(key)]
-        insecure = ["--allow-insecure"] if certs is None else []
+        insecure = ["--allow-insecure"] if certs is None or opts.allow_insecure else []
         secret = []
         if opts.isolation == "process":  # only who holds it may acquire this site's tasks
             write_secret(tmp / "keys" / f"site{k}.superexec")
@@ -236,10 +243,12 @@ def start_sites(kids: Children, tmp: Path, port: int, num: int, opts: LaunchOpti
                        if opts.warm_workers else [exe("flower-superexec"), *runtime])
 
 
-def start_superlink(kids: Children, home: Path, certs: Path | None, deadline: float) -> int:
+def start_superlink(kids: Children, home: Path, certs: Path | None, deadline: float,
+                    fedllm_args: tuple[str, ...] = ()) -> int:
     """fedllm's SuperLink on two free loopback ports; ``home``'s flwr connection goes to the Control port.
 
-    Returns the public (Fleet-only) port, the one the sites connect to.
+    ``fedllm_args`` are fedllm's own superlink flags (``--max-request-mb``, ...). Returns the public
+    (Fleet-only) port, the one the sites connect to.
     """
     public, control = free_port(), free_port()
     home.mkdir(parents=True, exist_ok=True)
@@ -249,7 +258,8 @@ def start_superlink(kids: Children, home: Path, certs: Path | None, deadline: fl
     flower = [*_link_args(certs), *([] if certs is None else ["--enable-supernode-auth"]),
               "--host", "127.0.0.1", "--port", str(control), "--disable-runtime-dependency-installation"]
     kids.start("superlink", [sys.executable, "-m", "fedllm.federation.flower", "superlink",
-                             "--public", f"127.0.0.1:{public}", *([] if certs else ["--allow-insecure"]), *flower])
+                             "--public", f"127.0.0.1:{public}", *fedllm_args, *([] if certs else ["--allow-insecure"]),
+                             *flower])
     kids.wait_until(lambda: port_open(control) and port_open(public), f"the SuperLink on ports {public}/{control}",
                     deadline, ["superlink"])
     return public

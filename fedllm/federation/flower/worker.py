@@ -3,7 +3,10 @@
 Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message in both isolation
 modes; a ClientApp whose node config names a ``worker`` socket forwards each request to this
 process (:func:`forward_to_worker`) instead of loading the model itself. Started as
-``python -m fedllm.federation.flower worker --socket PATH`` (docs/deploy.md).
+``python -m fedllm.federation.flower worker --socket PATH``. It serves subprocess isolation, whose
+Runtime API has no authentication, so fedllm's SuperNode runs that mode only behind
+``--allow-insecure`` (benchmarks on a machine of one's own); a deployment uses process isolation
+and :mod:`fedllm.federation.flower.executor` (docs/deploy.md).
 """
 
 from __future__ import annotations
