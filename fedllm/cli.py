@@ -21,7 +21,6 @@ import errno
 import logging
 import os
 import sys
-import uuid
 import warnings
 from pathlib import Path
 
@@ -137,66 +136,6 @@ def _use_command(args) -> int:
     return chat_command(args.run_dir, args.max_new_tokens)
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-
-
-def _run_modes(recipe, modes: list[str], out: str | None, resume: bool = False,
-               invocation: str | None = None) -> dict[str, dict]:
-    from fedllm.experiments import make_experiment
-    from fedllm.federation.modes import RUNNERS, Hooks
-    from fedllm.federation.progress import StepProgress
-    from fedllm.metrics.report import write_report
-
-    summaries = {}
-    with _progress() as progress:
-        setup = progress.add_task("loading model and data", total=None)
-        exp = make_experiment(recipe)
-        progress.remove_task(setup)
-        steps = StepProgress(progress)
-        exp.step_callbacks.append(steps)
-        for mode in modes:
-            rounds = progress.add_task(f"{mode}: rounds", total=recipe.federation.rounds)
-            hooks = Hooks(on_round=lambda r, total, t=rounds: progress.update(t, completed=r - 1),
-                          on_client=lambda k, m=mode: steps.label(f"{m}: client {k} steps"))
-            kwargs = {"resume": True} if resume and mode == "federated" else {}
-            summaries[mode] = RUNNERS[mode](exp, out, hooks, **kwargs)
-            if invocation is not None:  # which `fedllm compare` this mode's files come from
-                _stamp(_mode_dir(recipe, mode, out), summaries[mode], invocation)
-            progress.update(rounds, completed=recipe.federation.rounds)
-            write_report(_mode_dir(recipe, mode, out), recipe.output.plots)
-    return summaries
-
-
-def _stamp(run: Path, summary: dict, invocation: str) -> None:
-    from fedllm.federation.rundir import write_json_atomic
-
-    summary["invocation"] = invocation
-    write_json_atomic(run / "summary.json", summary)
-
-
-def _run_flower(recipe, out: str | None, resume: bool) -> dict:
-    """The federated mode on Flower's simulation runtime (fedllm.federation.flower), then its report."""
-    from fedllm.federation.flower.run_config import TELEMETRY_OFF  # light: no flwr yet
-
-    for k, v in TELEMETRY_OFF.items():  # before flwr is imported (it reads them at import), and for Ray
-        os.environ.setdefault(k, v)
-    from fedllm.federation.flower.simulation import run_simulation
-    from fedllm.metrics.report import write_report
-
-    summary = run_simulation(recipe, out, resume=resume)
-    write_report(_mode_dir(recipe, "federated", out), recipe.output.plots)
-    return summary
-
-
-def _mode_dir(recipe, mode: str, out: str | None) -> Path:
-    from fedllm.federation.rundir import run_dir
-
-    return run_dir(recipe, mode, out)
-
-
 def _print_table(summaries: dict[str, dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -283,26 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             return _validate(recipe, args)
-        if args.command == "run":
-            mode = args.mode or recipe.mode
-            if args.resume and mode != "federated":
-                raise RecipeError("--resume", f"only federated runs checkpoint; mode is {mode!r}")
-            if args.engine:
-                recipe = load_recipe(args.recipe, [*args.overrides, f"federation.engine={args.engine}"])
-            if recipe.federation.engine == "flower" and mode == "federated":
-                summaries = {mode: _run_flower(recipe, args.out, args.resume)}
-            else:
-                summaries = _run_modes(recipe, [mode], args.out, args.resume)
-        else:
-            from fedllm.federation.modes import MODES
-            from fedllm.metrics.report import write_comparison
+        from fedllm import api  # run and compare are the Python API's (fedllm.run / fedllm.compare)
 
-            root = Path(args.out or recipe.output.dir) / recipe.name
-            for old in ("comparison.md", "comparison.json", "comparison.png"):  # never beside half-new modes
-                (root / old).unlink(missing_ok=True)
-            summaries = _run_modes(recipe, list(MODES), args.out, invocation=uuid.uuid4().hex[:12])
-            write_comparison(root, list(MODES), recipe.output.plots)
-            print(f"comparison: {root / 'comparison.md'}")
+        if args.command == "run":
+            result = api.run(args.recipe, *args.overrides, out=args.out, mode=args.mode, resume=args.resume,
+                             engine=args.engine)
+            summaries = {result.mode: result.summary}
+        else:
+            comparison = api.compare(args.recipe, *args.overrides, out=args.out)
+            summaries = {m: r.summary for m, r in comparison.runs.items()}
+            print(f"comparison: {comparison.dir / 'comparison.md'}")
         _print_table(summaries)
         return _verdict(summaries)
     except RecipeError as exc:

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import yaml
 
+from fedllm.errors import read_regular_text
+
 log = logging.getLogger(__name__)
 
 def one_line(text: str) -> str:
@@ -221,6 +223,14 @@ class FederationConfig:
     max_change_ratio: float | None = doc(
         "reject a round (keep the global state) whose new global state differs from the old one by more "
         "than this many times the old state's L2 norm (skipped while that norm is 0; null disables)", 10.0)
+    max_client_examples: int = doc(
+        "most training examples one client may report (at discovery and in each reply); a count that is "
+        "not an integer in [1, this] leaves the site out of the run, its rounds count as failed clients", 10_000_000)
+    max_client_weight: float | None = doc(
+        "largest share of a round's example-weighted mean (FedAvg, FedNova's p_i, svd LoRA) one client can "
+        "carry: weights above c = max(this, 1/K) are set to c and the rest shared by the others in proportion "
+        "to their weights, repeated until none exceeds c (sum stays 1; rounds where none exceeds c keep their "
+        "weights bit for bit; docs/deploy.md); null: weights as counted", None)
     mu: float = doc("FedProx proximal coefficient", 0.01)
     lora_aggregation: Literal["factorwise", "svd", "frozen_a", "exact"] = doc(
         "factorwise: average dA and dB (the paper's); svd: average B_i A_i and keep its best rank-r "
@@ -231,6 +241,9 @@ class FederationConfig:
         "none: every client starts each round from the global adapter; shared_a: FedSA-LoRA's selective "
         "aggregation (A factors shared, each client keeps its own B and starts from it; the server's B is "
         "the clients' average, evaluated beside the personal models). Needs eval.client_holdout > 0", "none")
+    fused_clients: bool = doc(
+        "language models: train a round's clients together, one forward and backward of the shared base over "
+        "their concatenated batches, each example through its own client's LoRA factors (same updates)", False)
 
     def __post_init__(self) -> None:
         require(1 <= self.rounds <= 100_000, "federation.rounds", f"expected in [1, 100000], got {self.rounds}")
@@ -246,6 +259,11 @@ class FederationConfig:
         if self.max_change_ratio is not None:
             require(math.isfinite(self.max_change_ratio) and self.max_change_ratio > 0, "federation.max_change_ratio",
                     f"expected a positive number (a multiple of the global state's norm), got {self.max_change_ratio}")
+        require(1 <= self.max_client_examples <= 2 ** 53, "federation.max_client_examples",
+                f"expected an integer in [1, 2^53], got {self.max_client_examples}")
+        if self.max_client_weight is not None:
+            require(0 < self.max_client_weight <= 1, "federation.max_client_weight",
+                    f"expected a share in (0, 1], got {self.max_client_weight}")
         if self.lora_aggregation == "exact":  # it is the best rank-r re-factorization, not exact
             log.warning("federation.lora_aggregation: 'exact' is now called 'svd' (the best rank-r "
                         "factorization of the mean product); using svd")
@@ -451,8 +469,17 @@ class TrainConfig:
                           "accumulate_grad_batches); local_steps counts optimizer steps", 1)
     gradient_checkpointing: bool = doc("language models: recompute activations in the backward pass instead of "
                                        "keeping them (less memory, about a third more time)", False)
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = doc(
-        "language models: Lightning precision of client training: 32, bf16-mixed (CPU or CUDA), 16-mixed (CUDA)", "32")
+    precision: Literal["32", "bf16", "bf16-mixed", "16-mixed"] = doc(
+        "language models: client training numerics: 32 (exact fp32), bf16 (the 4-bit base dequantizes to bf16 and "
+        "every matmul runs in bf16 under autocast, LoRA weights and AdamW state stay fp32; needs AVX512-BF16/AMX "
+        "or a bf16 GPU; evaluation stays fp32), bf16-mixed (Lightning's autocast only), 16-mixed (CUDA)", "32")
+    head_positions: Literal["auto", "all", "labeled"] = doc(
+        "language models: training runs the LM head on every position (all: HF's model(**batch).loss) or only on "
+        "the positions that have a label (labeled: the same loss up to float rounding, less work); auto: labeled "
+        "under precision bf16, all otherwise", "auto")
+    length_bucketing: int = doc(
+        "language models: 0 off; n > 0: each seeded shuffle of a client's examples is cut into pools of n batches, "
+        "each pool sorted by length into batches (less padding; changes which examples share a batch)", 0)
     schedule: Literal["constant", "cosine", "linear"] = doc(
         "language models: learning rate across rounds by global step (round - 1) x steps + step, on top of the "
         "per-client warm-up: constant, cosine or linear decay towards 0 at the end of the last round", "constant")
@@ -466,6 +493,8 @@ class TrainConfig:
         require(self.max_grad_norm >= 0, "train.max_grad_norm", f"expected >= 0, got {self.max_grad_norm}")
         require(0 <= self.momentum < 1, "train.momentum", f"expected in [0, 1), got {self.momentum}")
         require(1 <= self.grad_accum <= 1024, "train.grad_accum", f"expected in [1, 1024], got {self.grad_accum}")
+        require(0 <= self.length_bucketing <= 100_000, "train.length_bucketing",
+                f"expected 0 (off) or a pool size in batches in [1, 100000], got {self.length_bucketing}")
         if self.local_epochs is not None:
             require(1 <= self.local_epochs <= 10_000, "train.local_epochs", f"expected in [1, 10000], got {self.local_epochs}")
 
@@ -619,11 +648,13 @@ def _task_data(r: Recipe) -> Problem:
 
 def _lm_only(r: Recipe) -> Problem:
     t, default = r.train, TrainConfig()
-    for knob in ("grad_accum", "gradient_checkpointing", "precision", "schedule"):
+    for knob in ("grad_accum", "gradient_checkpointing", "precision", "schedule", "head_positions", "length_bucketing"):
         if r.model.task == "vision" and getattr(t, knob) != getattr(default, knob):
             return f"train.{knob}", f"implemented for the language-model client; expected {getattr(default, knob)!r} here"
     if r.privacy.dpsgd and t.grad_accum > 1:
         return "train.grad_accum", "DP-SGD's per-example clip and noise are per optimizer step: use grad_accum: 1"
+    if r.privacy.dpsgd and t.precision == "bf16":
+        return "train.precision", "DP-SGD's per-example gradients (Opacus) train on the exact fp32 path: use 32"
     if r.model.task == "vision" and r.eval.client_holdout > 0:
         return "eval.client_holdout", "per-client held-out evaluation is implemented for language models"
     if r.model.task == "vision" and r.federation.lora_aggregation != "factorwise":
@@ -795,6 +826,30 @@ def _engine(r: Recipe) -> Problem:
     return flower_problem(r) if r.federation.engine == "flower" else None
 
 
+def fused_problem(r: Recipe) -> Problem:
+    """What ``federation.fused_clients`` cannot train in one pass (:mod:`fedllm.client.fused`)."""
+    if not r.federation.fused_clients:
+        return None
+    t = r.train
+    for name, on, reason in (
+        ("model.task", r.model.task != "lm", "fusing routes each example through its client's LoRA factors; "
+         "vision models have none"),
+        ("privacy.dpsgd", r.privacy.dpsgd, "DP-SGD clips per-example gradients through Opacus' hooks on one "
+         "adapter; train the clients one after another"),
+        ("lora.method", r.lora.method != "lora", "DoRA's magnitude vector is not routed per client"),
+        ("lora.target_modules", bool({"lm_head", "embed_tokens"} & set(r.lora.target_modules)),
+         "only the decoder's linear layers are routed per client"),
+        ("train.gradient_checkpointing", t.gradient_checkpointing, "recomputing activations would redraw "
+         "the clients' dropout masks from the wrong streams"),
+        ("train.precision", t.precision != "32", "the fused loop trains on the exact fp32 path (precision: 32)"),
+        ("federation.engine", r.federation.engine != "inprocess", "Flower's clients train on their own sites"),
+        ("output.loggers", bool(r.output.loggers), "step losses are logged per client fit; a fused fit has none"),
+    ):
+        if on:
+            return name, f"federation.fused_clients cannot fuse this ({reason})"
+    return None
+
+
 def _excludes_something(r: Recipe) -> Problem:
     """A robust aggregator that cannot exclude anything at this round size is a mean in disguise."""
     rob, m = r.robust, r.clients_per_round
@@ -805,7 +860,7 @@ def _excludes_something(r: Recipe) -> Problem:
 
 
 COMPATIBILITY = (_task_data, _lm_only, _vision_only, _aggregator, _privacy, _adapters, _collusion, _hierarchy,
-                 _engine, _excludes_something)
+                 _engine, _excludes_something, fused_problem)
 
 
 # ----------------------------------------------------------------------------- generic loading
@@ -839,6 +894,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
         raise RecipeError(where, f"expected {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
+        if _is_number(value) and value not in typing.get_args(tp) and str(value) in typing.get_args(tp):
+            return str(value)  # `precision=32` (an override or unquoted YAML) reads 32 as an int: its text names it
         if value in typing.get_args(tp):
             return value
         near = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
@@ -864,6 +921,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
         return value
     raise RecipeError(where, f"expected {_type_name(tp)}, got {_show(value)}")
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float scalar (not a bool): what YAML makes of an unquoted ``32`` or ``0.5``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-4, 2E5, .5e3: no dot needed
@@ -926,10 +988,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a recipe file into a mapping, with one-line errors for missing or malformed files."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(str(path), "recipe file not found")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:  # a FIFO or a device is refused unread (NotRegularFile, an OSError), never waited on
+        values = yaml.safe_load(read_regular_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""

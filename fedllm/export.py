@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from fedllm.config import Recipe, RecipeError, load_recipe
+from fedllm.errors import read_regular_text
 
 # Public hub names of the built-in language-model presets (the weights fedllm reads locally).
 PUBLIC_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -55,7 +56,7 @@ def open_run(run_dir: str | Path) -> tuple[Recipe, Path]:
     from fedllm.models.files import safetensors_problem
 
     try:
-        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        config = json.loads(read_regular_text(adapter / "adapter_config.json"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         config = None
     if not isinstance(config, dict):
@@ -104,7 +105,7 @@ def _write_adapter(adapter: Path, out: Path, recipe: Recipe, identity: dict[str,
     for f in adapter.iterdir():
         if f.is_file() and f.name not in ("adapter_config.json", "README.md"):
             shutil.copy2(f, out / f.name)
-    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    config = json.loads(read_regular_text(adapter / "adapter_config.json"))
     config["base_model_name_or_path"] = identity["base_model_name_or_path"]
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out / "README.md").write_text(_model_card(identity["base_model_name_or_path"], recipe), encoding="utf-8")
@@ -174,7 +175,7 @@ def _final_eval_loss(run: Path) -> float | None:
     if not summary.is_file():
         return None
     try:
-        final = json.loads(summary.read_text(encoding="utf-8")).get("final") or {}
+        final = json.loads(read_regular_text(summary)).get("final") or {}
         loss = final.get("eval_loss")
     except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
         raise RecipeError(str(summary), "not the summary fedllm writes (a JSON object with final.eval_loss)") from None

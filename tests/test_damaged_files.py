@@ -516,3 +516,101 @@ def test_a_full_disk_while_appending_metrics_stops_the_run_in_one_line(toy_cli, 
     _one_line(err, str(run / "metrics.jsonl"), "no space left on device")
     assert not (run / "summary.json").exists()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # rounds 0 and 1
+
+
+# ----------------------------------------------------------------------------- FIFOs and devices (issue 32)
+
+
+def _within(seconds: float, args: list[str]) -> tuple[int, str]:
+    """``_cli(args)`` on a thread that must finish within ``seconds`` (a FIFO read would block forever)."""
+    import threading
+
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(_cli(args)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive() and got, f"fedllm {args[0]} did not finish within {seconds} s (blocked on a FIFO?)"
+    return got[0]
+
+
+def test_open_regular_refuses_fifos_devices_and_folders_unread(tmp_path):
+    from fedllm.errors import NotRegularFile, read_regular
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO"), (Path("/dev/null"), "a character device"), (tmp_path, "a directory")):
+        with pytest.raises(NotRegularFile, match=f"{kind}, not a regular file"):
+            read_regular(path)
+    (tmp_path / "f").write_bytes(b"ok")
+    assert read_regular(tmp_path / "f") == b"ok"
+
+
+def _lm_run_dir(tmp_path) -> Path:
+    run = tmp_path / "tiny" / "federated"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_recipe(load_recipe(TINY)), encoding="utf-8")
+    (run / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    return run
+
+
+def test_export_of_an_adapter_that_is_a_fifo_is_one_line_within_a_second(tmp_path):
+    run = _lm_run_dir(tmp_path)
+    os.mkfifo(run / "adapter" / "adapter_model.safetensors")
+    args = ["export", str(run), "--out", str(tmp_path / "x")]
+    _within(300.0, args)  # the first call imports what export needs (a minute on a busy machine)
+    code, err = _within(1.0, args)
+    assert code == EXIT_BAD_INPUT
+    _one_line(err, str(run / "adapter" / "adapter_model.safetensors"), "a FIFO, not a regular file")
+
+
+@pytest.mark.parametrize("name", ["summary.json", "config.yaml"])
+def test_report_on_a_run_file_that_is_a_fifo_is_one_line_within_a_second(tmp_path, name):
+    run = _run_dir(tmp_path, GOOD)
+    os.mkfifo(run / name)
+    _within(300.0, ["report", str(run)])  # the first call imports what report needs
+    code, err = _within(1.0, ["report", str(run)])
+    assert code == EXIT_BAD_INPUT
+    _one_line(err, str(run / name), "a FIFO, not a regular file")
+
+
+def test_a_recipe_that_is_a_fifo_is_one_line_within_a_second(tmp_path):
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    _within(300.0, ["validate", str(fifo)])  # the first call imports what validate needs
+    code, err = _within(1.0, ["validate", str(fifo)])
+    assert code == EXIT_BAD_INPUT
+    _one_line(err, str(fifo), "a FIFO, not a regular file")
+
+
+def test_a_checkpoint_or_partition_json_that_is_a_fifo_is_refused_unread(tmp_path):
+    recipe, run = _toy_run(tmp_path)
+    newest = ck.list_checkpoints(ck.checkpoint_dir(run))[-1][1]
+    newest.unlink()
+    os.mkfifo(newest)
+    with pytest.raises(ck.CheckpointError, match="a FIFO, not a regular file"):
+        ck.read_checkpoint(newest)
+    (run / "partition.json").unlink()
+    os.mkfifo(run / "partition.json")
+    with pytest.raises(RecipeError, match=r"partition\.json: not readable JSON"):
+        run_federated(ToyExperiment(recipe), out=str(tmp_path), resume=True)
+
+
+def test_a_fifo_as_data_under_the_flower_engine_is_one_line_before_flower_starts(tmp_path):
+    """In a subprocess, as a user runs it: exit 2, one line, nothing from Flower or Ray before it."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("flwr")
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "fedllm.cli", "run", str(TINY), "data.builtin=null",
+                           f"data.path={fifo}", "partition.method=iid", "partition.column=null",
+                           "--engine", "flower", "--out", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-2000:]
+    output = (done.stdout + done.stderr).strip()
+    assert output.count("\n") == 0 and output.startswith("fedllm: error: "), output[-2000:]
+    assert str(fifo) in output and "FIFO" in output and "flwr" not in output.lower()
+    assert not (tmp_path / "runs").exists() and time.monotonic() - t0 < 300

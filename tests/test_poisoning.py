@@ -104,9 +104,11 @@ def test_a_non_finite_aggregate_rejects_the_round_and_keeps_the_model():
 
 
 def test_two_clients_one_liar_the_change_bound_rejects_the_round(tmp_path):
-    """Two clients leave the median rule without a median; the bound on the global change holds."""
+    """With the norm rules off (no median of two, no history: reject_norm_factor null), the bound on
+    the global change still holds. (With them on, the liar alone is left out: test_site_bounds.py.)"""
     # Prepare: a LoRA toy (its A factors give the global state a norm), client 0 sends 3e38
-    recipe = toy_recipe(partition={"method": "iid", "num_clients": 2}, federation={"rounds": 2})
+    recipe = toy_recipe(partition={"method": "iid", "num_clients": 2},
+                        federation={"rounds": 2, "reject_norm_factor": None})
     exp = Liar(recipe, lambda u: dataclasses.replace(u, delta={k: torch.full_like(v, 3e38)
                                                                 for k, v in u.delta.items()}), lora=True)
     start = {k: v.clone() for k, v in exp.initial_state.items()}

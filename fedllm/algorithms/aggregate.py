@@ -89,8 +89,9 @@ def aggregators() -> dict[str, Registered]:
     return dict(_AGGREGATORS)
 
 
-def client_weights(updates: Sequence[ClientUpdate], weighted: bool) -> list[float]:
-    """Weights summing to 1: by number of examples when ``weighted``, else uniform (1/K)."""
+def client_weights(updates: Sequence[ClientUpdate], weighted: bool, max_weight: float | None = None) -> list[float]:
+    """Weights summing to 1: by number of examples when ``weighted``, else uniform (1/K); with
+    ``max_weight`` no one weight exceeds it (:func:`cap_weights`)."""
     if not updates:
         raise ValueError("cannot aggregate zero updates")
     if not weighted:
@@ -98,7 +99,33 @@ def client_weights(updates: Sequence[ClientUpdate], weighted: bool) -> list[floa
     total = sum(u.num_examples for u in updates)
     if total <= 0:
         raise ValueError("weighted aggregation needs a positive total number of examples")
-    return [u.num_examples / total for u in updates]
+    return cap_weights([u.num_examples / total for u in updates], max_weight)
+
+
+def cap_weights(weights: Sequence[float], cap: float | None) -> list[float]:
+    """``weights`` (summing to 1) with none above ``cap``: the excess of a clipped weight goes to
+    the unclipped ones in proportion to their weights (water-filling), so the sum stays 1.
+
+    The cap a round can honour is at least 1/K (K equal shares), so the cap applied is
+    ``max(cap, 1/K)``. Weights already within it are returned unchanged, the same floats: the
+    cap is a no-op (bit for bit) for every round where no client holds more than ``cap``. The
+    loop ends within K passes (each pass clips at least one more weight or stops).
+    """
+    weights = [float(w) for w in weights]
+    if cap is None or not weights:
+        return weights
+    cap = max(float(cap), 1.0 / len(weights))
+    if max(weights) <= cap:
+        return weights
+    clipped: set[int] = set()
+    while True:
+        free = [i for i in range(len(weights)) if i not in clipped]
+        rest = sum(weights[i] for i in free)
+        share = (1.0 - cap * len(clipped)) / rest if rest > 0 else 0.0
+        over = {i for i in free if weights[i] * share > cap}
+        if not over:
+            return [cap if i in clipped else weights[i] * share for i in range(len(weights))]
+        clipped |= over
 
 
 def mean_delta(updates: Sequence[ClientUpdate], weighted: bool = False) -> StateDict:
@@ -106,15 +133,17 @@ def mean_delta(updates: Sequence[ClientUpdate], weighted: bool = False) -> State
     return weighted_sum([u.delta for u in updates], client_weights(updates, weighted))
 
 
-@register_aggregator("mean", options=lambda recipe: {"weighted": recipe.federation.is_weighted})
+@register_aggregator("mean", options=lambda recipe: {"weighted": recipe.federation.is_weighted,
+                                                     "max_weight": recipe.federation.max_client_weight})
 class MeanAggregator:
-    """The plain (optionally example-weighted) mean of the client deltas."""
+    """The plain (optionally example-weighted) mean of the client deltas; ``max_weight``: no client's
+    weight above that share of the round (``federation.max_client_weight``, :func:`cap_weights`)."""
 
-    def __init__(self, weighted: bool = False) -> None:
-        self.weighted = weighted
+    def __init__(self, weighted: bool = False, max_weight: float | None = None) -> None:
+        self.weighted, self.max_weight = weighted, max_weight
 
     def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
-        return mean_delta(updates, self.weighted)
+        return weighted_sum([u.delta for u in updates], client_weights(updates, self.weighted, self.max_weight))
 
 
 class ApplyDelta:

@@ -196,9 +196,11 @@ def fednova_aggregate(updates: Sequence[ClientUpdate], weighted: bool = True) ->
     return weighted_sum([u.delta for u in updates], fednova_coefficients(updates, weighted))
 
 
-def fednova_coefficients(updates: Sequence[ClientUpdate], weighted: bool = True) -> list[float]:
-    """Each update's coefficient τ_eff pᵢ/τᵢ in FedNova's sum (from the counts alone)."""
-    p = client_weights(updates, weighted)
+def fednova_coefficients(updates: Sequence[ClientUpdate], weighted: bool = True,
+                         max_weight: float | None = None) -> list[float]:
+    """Each update's coefficient τ_eff pᵢ/τᵢ in FedNova's sum (from the counts alone); ``max_weight``
+    caps each pᵢ first (``federation.max_client_weight``)."""
+    p = client_weights(updates, weighted, max_weight)
     for u in updates:
         if u.local_steps <= 0:
             raise ValueError(f"FedNova: client {u.client_id} reports local_steps={u.local_steps}; "
@@ -207,12 +209,14 @@ def fednova_coefficients(updates: Sequence[ClientUpdate], weighted: bool = True)
     return [tau_eff * pi / u.local_steps for pi, u in zip(p, updates)]
 
 
-@register_aggregator("fednova", options=lambda recipe: {"weighted": recipe.federation.is_weighted})
+@register_aggregator("fednova", options=lambda recipe: {"weighted": recipe.federation.is_weighted,
+                                                        "max_weight": recipe.federation.max_client_weight})
 class FedNovaAggregator:
     """FedNova's normalized averaging as an :class:`~fedllm.algorithms.aggregate.Aggregator`."""
 
-    def __init__(self, weighted: bool = True) -> None:
-        self.weighted = weighted
+    def __init__(self, weighted: bool = True, max_weight: float | None = None) -> None:
+        self.weighted, self.max_weight = weighted, max_weight
 
     def __call__(self, updates: Sequence[ClientUpdate]) -> StateDict:
-        return fednova_aggregate(updates, self.weighted)
+        return weighted_sum([u.delta for u in updates],
+                            fednova_coefficients(updates, self.weighted, self.max_weight))

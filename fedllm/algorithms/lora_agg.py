@@ -131,18 +131,20 @@ def _check_frozen_a(updates: Sequence[ClientUpdate], pairs: list[tuple[str, str]
 
 def lora_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], mode: str,
                    weighted: bool = False,
-                   starts: Sequence[Mapping[str, torch.Tensor]] | None = None) -> tuple[StateDict, float]:
+                   starts: Sequence[Mapping[str, torch.Tensor]] | None = None,
+                   max_weight: float | None = None) -> tuple[StateDict, float]:
     """(aggregated delta, aggregation error) of the clients' LoRA deltas under ``mode``.
 
     ``starts[i]``: the state client i trained from (its rank's truncation of the global state under
-    heterogeneous ranks); the global state itself when omitted.
+    heterogeneous ranks); the global state itself when omitted. ``max_weight``: the cap on one
+    client's share (``federation.max_client_weight``, :func:`~fedllm.algorithms.aggregate.cap_weights`).
     """
     starts = [global_state] * len(updates) if starts is None else list(starts)
     if len(starts) != len(updates):
         raise ValueError(f"{len(updates)} updates but {len(starts)} start states")
     if mode not in MODES:
         raise ValueError(f"unknown LoRA aggregation mode {mode!r}; expected one of {list(MODES)}")
-    w = client_weights(updates, weighted)
+    w = client_weights(updates, weighted, max_weight)
     for u in updates:
         if u.delta.keys() != global_state.keys():
             raise ValueError(f"client {u.client_id}'s delta keys differ from the global state's")

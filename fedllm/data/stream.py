@@ -33,6 +33,7 @@ from fedllm.data.text import (
     tokenize,
     topic_label,
 )
+from fedllm.errors import open_regular
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -67,7 +68,7 @@ def _map(filename: str) -> tuple[mmap.mmap, pa.Table]:
     can hand its pages back): the map and the zero-copy table over it."""
     import pyarrow as pa  # noqa: PLC0415
 
-    with open(filename, "rb") as f:
+    with open_regular(filename) as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     return mapped, pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(mapped))).read_all()
 

@@ -21,7 +21,7 @@ import torch
 
 from fedllm.config import DataConfig, RecipeError
 from fedllm.data.coralmap import coralmap_records
-from fedllm.errors import IntegrityError
+from fedllm.errors import IntegrityError, read_regular
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -65,7 +65,7 @@ class StreamedRowError(RecipeError, IntegrityError):
 
 def _read_text(path: Path) -> str:
     """The file as UTF-8 text (a BOM is dropped); an encoding error names its line."""
-    data = path.read_bytes()
+    data = read_regular(path)  # checked on the opened file: a FIFO swapped in after the stat is refused too
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -167,6 +167,20 @@ def _read_dir(path: Path) -> Rows:
 
     rows = [dict(r) for r in one_split(datasets.load_from_disk(str(path)))]
     return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
+
+
+def check_data_path(cfg: DataConfig) -> None:
+    """Raise the one-line RecipeError for a ``data.path`` that is a FIFO, socket or device (reading
+    would block or never end), without reading it: engines that start other processes first (the
+    Flower simulation, Ray) call this before they start anything."""
+    if cfg.builtin is None and cfg.path is not None:
+        try:
+            mode = Path(cfg.path).stat().st_mode
+        except OSError:
+            return  # missing or unreadable: the loader names it
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # a FIFO would block the read forever
+            raise RecipeError(str(cfg.path), "not a regular file or directory (a FIFO, socket or device); "
+                              "expected a data file or a datasets directory")
 
 
 def _read_file(path: Path) -> Rows:

@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from fedllm.config import Recipe, RecipeError
+from fedllm.errors import read_regular
 from fedllm.federation.rundir import row_problem, write_atomic
 from fedllm.types import StateDict
 
@@ -258,7 +259,7 @@ def read_checkpoint(path: str | Path) -> ServerState:
     """One checkpoint file, verified; :class:`CheckpointError` when it is torn or corrupt."""
     path = Path(path)
     try:
-        blob = path.read_bytes()
+        blob = read_regular(path)
     except OSError as exc:
         raise CheckpointError(f"{path}: {exc.strerror or exc}") from None
     state = decode(blob, str(path))

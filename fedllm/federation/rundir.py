@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import Recipe, RecipeError, dump_recipe
+from fedllm.errors import open_regular, read_regular_text
 from fedllm.federation.runlog import RunLoggers
 
 REQUIRED_METRICS = ("round", "mode", "train_loss", "eval_loss", "perplexity", "bleu", "round_time_s",
@@ -171,7 +172,7 @@ def same_split(path: Path, partition: dict[str, Any]) -> bool:
     if not saved.exists():
         return False
     try:
-        recorded = json.loads(saved.read_text(encoding="utf-8"))
+        recorded = json.loads(read_regular_text(saved))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise RecipeError(str(saved), "not readable JSON; expected the split the run recorded (run without "
                           "--resume to start over)") from None
@@ -232,7 +233,7 @@ def row_problem(row: Any) -> str | None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    with (path / "metrics.jsonl").open(encoding="utf-8") as fh:
+    with open_regular(path / "metrics.jsonl", "r", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 

@@ -118,12 +118,62 @@ def relative_norm_violations(updates: Sequence[ClientUpdate], factor: float | No
             for k, n in norms.items() if n > factor * median}
 
 
-def check_counts(update: ClientUpdate, expected_examples: int | None) -> str | None:
-    """Why the counts a client reports cannot be used to weigh its update, or None."""
+NORM_HISTORY = 32  # accepted norms kept for rounds with too few updates for their own median
+
+
+def few_norm_violations(norms: Mapping[int, float], factor: float | None, history: Sequence[float],
+                        state_norm: float, max_change_ratio: float | None) -> dict[int, str]:
+    """client -> why its norm is an outlier in a round of 1 or 2 updates (no median of its own).
+
+    The reference is the median of the norms accepted in earlier applied rounds (``history``, the
+    last :data:`NORM_HISTORY`), times ``federation.reject_norm_factor``; before any round was
+    applied, the absolute bound is K x ``federation.max_change_ratio`` x the global state's norm
+    for K updates: an update that, at an equal share of the mean, would alone move the model by
+    more than the round's change bound allows (unless the updates cancel, a round that bound
+    rejected whole before). So with two sites, one that sends 3e38 every round is left out and the
+    other's update is applied, instead of the whole round being rejected by the change bound every
+    round. No bound (no history, a zero state norm or the rules switched off): the round's other
+    checks decide.
+    """
+    if factor is None or not norms or len(norms) >= 3:
+        return {}
+    reference = statistics.median(history) if history else 0.0
+    if reference > 0:
+        bound, why = factor * reference, (f"federation.reject_norm_factor={factor:g} x the median {reference:.4g} "
+                                          "of the norms accepted in earlier rounds")
+    elif max_change_ratio is not None and state_norm > 0:
+        bound = len(norms) * max_change_ratio * state_norm
+        why = (f"{len(norms)} x federation.max_change_ratio={max_change_ratio:g} x the global state's norm "
+               f"{state_norm:.4g} ({len(norms)} update{'s' if len(norms) > 1 else ''}, no round applied yet)")
+    else:
+        return {}
+    return {k: f"L2 norm {n:.4g} exceeds {why}" for k, n in norms.items() if not n <= bound}
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+
+
+def check_counts(update: ClientUpdate, expected_examples: int | None, max_examples: int = 10_000_000) -> str | None:
+    """Why the counts a client reports cannot be used to weigh its update, or None.
+
+    Counts are integers (never a bool, a float or a string) in range: steps 1 .. 10^7, examples
+    1 .. ``max_examples`` (``federation.max_client_examples``), and the examples the server knows;
+    a reported DP-SGD ε is a number >= 0 (inf is a valid ε: it only makes the run's claim worse).
+    """
+    for name, value in (("local_steps", update.local_steps), ("num_examples", update.num_examples)):
+        if type(value) is not int:
+            return f"reported {name}={value!r:.40}; expected an integer"
     if update.local_steps < 1 or update.local_steps > 10_000_000:
         return f"reported local_steps={update.local_steps}; expected 1 .. 10000000"
-    if update.num_examples < 1:
-        return f"reported num_examples={update.num_examples}; expected >= 1"
+    if update.num_examples < 1 or (expected_examples is None and update.num_examples > max_examples):
+        return f"reported num_examples={update.num_examples}; expected 1 .. {max_examples}"
+    eps = update.metrics.get("dpsgd_epsilon", 0.0)  # DP-SGD's per-example ε, of which the server keeps the max
+    if isinstance(eps, (bool, str, bytes)) or not _number(eps) >= 0:
+        return f"reported dpsgd_epsilon={eps!r:.40}; expected a number >= 0"
     if expected_examples is not None and update.num_examples != expected_examples:
         return (f"reported num_examples={update.num_examples}, but the server knows {expected_examples} "
                 "for this client")
@@ -226,8 +276,11 @@ class FederatedServer:
         # the relative norm bound decides at the end: folded updates are spooled so that an
         # outlier (or a client that never reported) can be left out of the sum exactly
         # (FedNova too: its coefficients are final only once every client's step count is in)
+        # (a weight cap too: the capped weights of the valid clients are not a rescale of the planned)
         self._spool = (self._store("spool", keep=0, durable=False)
-                       if fed.reject_norm_factor is not None or fed.algorithm == "fednova" else None)
+                       if fed.reject_norm_factor is not None or fed.algorithm == "fednova"
+                       or fed.max_client_weight is not None else None)
+        self.norm_history: list[float] = []  # norms accepted in the last applied rounds (few_norm_violations)
         self.streams = self._streams()
         self._reset_round()
 
@@ -309,10 +362,10 @@ class FederatedServer:
     def _coefficients(self, records: Sequence[ClientUpdate]) -> dict[int, float]:
         """client -> its update's coefficient in the round's sum, from the counts alone (the mean's
         weights, or FedNova's τ_eff pᵢ/τᵢ), exactly as the held aggregator computes them."""
-        ids = [u.client_id for u in records]
+        ids, cap = [u.client_id for u in records], self.aggregator.max_weight
         if isinstance(self.aggregator, FedNovaAggregator):
-            return dict(zip(ids, fednova_coefficients(records, self.aggregator.weighted)))
-        return dict(zip(ids, client_weights(records, self.aggregator.weighted)))
+            return dict(zip(ids, fednova_coefficients(records, self.aggregator.weighted, cap)))
+        return dict(zip(ids, client_weights(records, self.aggregator.weighted, cap)))
 
     def _planned_weights(self, plan: RoundPlan) -> dict[int, float]:
         """Each client's coefficient if the whole plan reports as planned: the sizes the server
@@ -350,7 +403,8 @@ class FederatedServer:
         k = update.client_id
         self._at_round(rnd)
         known = self.client_sizes[k] if 0 <= k < self.num_clients else None
-        reason = validate_update(update, self.template) or check_counts(update, known)
+        reason = validate_update(update, self.template) or check_counts(update, known,
+                                                                        self.recipe.federation.max_client_examples)
         if reason is not None:  # malformed (keys, shapes, dtypes, NaN/Inf, counts): rejected as it arrives
             self._reject(rnd, k, reason)
             return
@@ -456,9 +510,13 @@ class FederatedServer:
                 valid.append(u)
             else:
                 self._reject(rnd, u.client_id, reason)
-        if self._secagg is None:
-            outliers = relative_norm_violations(valid, fed.reject_norm_factor,
-                                                self._norms if self._sum is not None else None)
+        norms: dict[int, float] = {}  # each valid update's L2 norm (the secure sum's are never seen)
+        if self._secagg is None and fed.reject_norm_factor is not None:
+            norms = {u.client_id: self._norms[u.client_id] if self._sum is not None else global_norm(u.delta)
+                     for u in valid}
+            outliers = (relative_norm_violations(valid, fed.reject_norm_factor, norms) if len(norms) >= 3
+                        else few_norm_violations(norms, fed.reject_norm_factor, self.norm_history,
+                                                 global_norm(global_state) if norms else 0.0, fed.max_change_ratio))
             for k, reason in outliers.items():
                 self._reject(rnd, k, reason)
             valid = [u for u in valid if u.client_id not in outliers]
@@ -507,6 +565,8 @@ class FederatedServer:
         self._charge()
         if self.recipe.selection.method == "power_of_choice":
             self.sampler.record_losses({u.client_id: u.train_loss for u in valid if math.isfinite(u.train_loss)})
+        if norms:  # the scale of accepted updates, for later rounds with too few for a median
+            self.norm_history = (self.norm_history + [norms[u.client_id] for u in valid])[-NORM_HISTORY:]
         return new_state, self._round_metrics(metrics)
 
     def _charge(self) -> None:
@@ -569,7 +629,8 @@ class FederatedServer:
             delta = self.dp(updates)
             metrics.update({f"dp_{k}": v for k, v in self.dp.last_stats.items()})
         elif fed.lora_aggregation == "svd" and self.has_lora:
-            delta, err = lora_aggregate(global_state, updates, "svd", fed.is_weighted, self._starts_of(updates))
+            delta, err = lora_aggregate(global_state, updates, "svd", fed.is_weighted, self._starts_of(updates),
+                                        fed.max_client_weight)
             metrics["lora_aggregation_error"] = err
             return delta
         else:
@@ -582,7 +643,8 @@ class FederatedServer:
             # what averaging the factors loses against averaging the products B_i A_i
             metrics["lora_aggregation_error"] = lora_aggregate(global_state, updates, fed.lora_aggregation
                                                                if fed.lora_aggregation != "svd" else "factorwise",
-                                                               fed.is_weighted, self._starts_of(updates))[1]
+                                                               fed.is_weighted, self._starts_of(updates),
+                                                               fed.max_client_weight)[1]
         return delta
 
     def _starts_of(self, updates: list[ClientUpdate]) -> list[StateDict] | None:
@@ -684,6 +746,7 @@ class FederatedServer:
                                "region_examples": dict(self._region_examples),
                                "sync_clients": [[w, clone_state(c)] for w, c in self._sync_clients],
                                "dpsgd_epsilon": dict(self.dpsgd_epsilon),
+                               "norm_history": list(self.norm_history),
                                "personal": self.personal.state_dict()}
         for name in ("dp", "ledger", "central", "scaffold"):
             part = getattr(self, name)
@@ -703,6 +766,7 @@ class FederatedServer:
         self._region_examples = {int(i): int(n) for i, n in state["region_examples"].items()}
         self._sync_clients = [(float(w), clone_state(c)) for w, c in state["sync_clients"]]
         self.dpsgd_epsilon = {int(k): float(v) for k, v in state.get("dpsgd_epsilon", {}).items()}
+        self.norm_history = [float(n) for n in state.get("norm_history", [])][-NORM_HISTORY:]
         self.personal.load_state_dict(state.get("personal", {}))
         for name in ("dp", "ledger", "central", "scaffold"):
             part = getattr(self, name)

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _safetensors_load
 from safetensors.torch import save as _safetensors_save
 
+from fedllm.errors import read_regular
 from fedllm.federation.rundir import write_atomic
 from fedllm.types import StateDict
 
@@ -62,7 +63,7 @@ class DiskStates(MutableMapping[int, StateDict]):
         version, digest = self._files[client_id][-1]  # KeyError: never written
         path = self._path(client_id, version)
         try:
-            blob = path.read_bytes()
+            blob = read_regular(path)
         except OSError as exc:
             raise ValueError(f"{path}: {exc.strerror or exc}; the client-state store lost a file this run "
                              "needs (was the run directory changed by hand?)") from None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import RecipeError
+from fedllm.errors import read_regular_text
 from fedllm.federation.rundir import naming, write_json_atomic, write_text_atomic
 from fedllm.metrics.cost import cost_to_accuracy
 from fedllm.metrics.runfiles import finite, read_rows, read_summary, read_targets
@@ -160,16 +161,15 @@ def _limits(ax, panel: Panel, series: dict[str, list[dict]]) -> None:
 def figure(series: dict[str, list[dict]], title: str):
     """The matplotlib figure of :func:`panels` for runs ``{name: metrics rows}``: one shared
     legend (with each run's final eval loss or accuracy), labelled axes, integer round ticks."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    # a pyplot-free Figure: no backend is chosen or switched, so a notebook's inline figures keep working
+    # after a run wrote its plots (forcing Agg here used to turn them off for the whole kernel)
+    from matplotlib.figure import Figure
 
     shown = panels(series)
     ncols = min(len(shown), 3)
     nrows = -(-len(shown) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows + 0.9), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(4.6 * ncols, 3.3 * nrows + 0.9), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     flat = list(axes.flat)
     for ax, panel in zip(flat, shown):
         _draw(ax, panel, series)
@@ -195,14 +195,9 @@ def figure(series: dict[str, list[dict]], title: str):
 
 
 def _plot(series: dict[str, list[dict]], out: Path, title: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = figure(series, title)
-    try:
-        with naming(out):
-            fig.savefig(out, dpi=110)
-    finally:
-        plt.close(fig)
+    fig = figure(series, title)  # not registered with pyplot: nothing to close
+    with naming(out):
+        fig.savefig(out, dpi=110)
 
 
 def write_report(path: Path, plots: bool = True) -> Path:
@@ -280,7 +275,7 @@ def _invocation(run: Path) -> str | None:
     if not summary.exists():
         return None
     try:
-        values = json.loads(summary.read_text(encoding="utf-8"))
+        values = json.loads(read_regular_text(summary))
     except (OSError, ValueError, RecursionError):
         return None
     invocation = values.get("invocation") if isinstance(values, dict) else None

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from fedllm.config import RecipeError
+from fedllm.errors import read_regular, read_regular_text
 from fedllm.federation.rundir import is_count, is_number, row_problem
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def read_rows(path: Path, warn: bool = True) -> list[dict[str, Any]]:
     """The checked rows of ``path/metrics.jsonl`` (see the module docstring)."""
     file = path / "metrics.jsonl"
     try:
-        data = file.read_bytes()
+        data = read_regular(file)
     except OSError as exc:
         raise RecipeError(str(file), f"could not be read ({exc.strerror or exc})") from None
     lines = data.split(b"\n")
@@ -68,7 +69,7 @@ def read_summary(path: Path) -> dict[str, Any]:
     if not file.exists():
         return {}
     try:
-        summary = json.loads(file.read_text(encoding="utf-8"))
+        summary = json.loads(read_regular_text(file))
     except OSError as exc:
         raise RecipeError(str(file), f"could not be read ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -92,7 +93,7 @@ def read_targets(path: Path) -> list[float]:
     if not file.exists():
         return []
     try:
-        values = yaml.safe_load(file.read_text(encoding="utf-8"))
+        values = yaml.safe_load(read_regular_text(file))
     except OSError as exc:
         raise RecipeError(str(file), f"could not be read ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError):

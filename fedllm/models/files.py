@@ -26,6 +26,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from fedllm.errors import open_regular
+
 log = logging.getLogger(__name__)
 
 MANIFEST = ".fedllm-cache.json"
@@ -38,8 +40,8 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2
 def safetensors_problem(path: Path) -> str | None:
     """Why ``path`` is not a complete safetensors file (None when its header and size agree)."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
+        with open_regular(path) as fh:  # a FIFO would block the read forever
+            size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) < 8:
                 return f"not a safetensors file: {size} bytes, too short for its 8-byte header length"

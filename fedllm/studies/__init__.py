@@ -1,4 +1,4 @@
-"""Studies whose measured tables go into the README and docs/ (each: python -m fedllm.studies.<name>)."""
+"""Studies whose measured tables go into docs/ (each: python -m fedllm.studies.<name>; its page: docs/results/)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ def quiet_process() -> None:
 
 
 def study_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
-    """The arguments every resumable study takes: where its parts and runs go, report-only, README block."""
+    """The arguments every resumable study takes: where its parts and runs go, report-only, the docs page's block."""
     parser = argparse.ArgumentParser(prog=f"python -m fedllm.studies.{name}", description=(doc or "").split("\n")[0])
     parser.add_argument("--out", default=f"docs/{name}_study", help="folder for parts/, the .json, .md and .png")
     parser.add_argument("--runs", default=f"runs/{name}_study", help="folder for the run directories")
     parser.add_argument("--report-only", action="store_true", help="run nothing; report the recorded parts")
-    parser.add_argument("--readme", help=f"also replace this README's {name}-study block")
+    parser.add_argument("--readme", help=f"also replace the {name}-study block of this Markdown page (docs/results/{name}.md)")
     return parser
 
 

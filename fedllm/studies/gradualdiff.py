@@ -18,10 +18,10 @@ then writes the report from every finished part it finds (``--report-only``)::
     nice -n 19 python -m fedllm.studies.gradualdiff --out docs/gradualdiff_study [--quick]
         [--seeds 0,1] [--local-seeds 0] [--spread-partition iid] [--partition iid] [--part P:S:MODE ...]
         [--report-only]
-        [--readme README.md]
+        [--readme docs/results/gradualdiff.md]
 
 Writes ``gradualdiff_study.json`` (every round of every part), ``gradualdiff_study.md`` (tables) and
-one ``loss_<partition>.png`` per partition to ``--out``; ``--readme`` replaces the README's block
+one ``loss_<partition>.png`` per partition to ``--out``; ``--readme`` replaces that page's block (docs/results/gradualdiff.md: the study's docs page)
 between the ``gradualdiff-study`` markers with the tables rendered from that JSON.
 """
 
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", action="append", type=parse_part, default=[],
                         help="run only PARTITION:SEED:MODE (repeatable), e.g. iid:0:federated")
     parser.add_argument("--report-only", action="store_true", help="run nothing; report the finished parts")
-    parser.add_argument("--readme", help="also replace this README's gradualdiff-study block")
+    parser.add_argument("--readme", help="also replace the gradualdiff-study block of this Markdown page (docs/results/gradualdiff.md)")
     args = parser.parse_args(argv)
     quiet_process()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -57,10 +57,10 @@ Each finished point is kept as ``<out>/parts/<point>.json`` (``parts_quick/`` fo
 each finished trial as its run directory under ``--runs``: a point whose recipe and search are
 unchanged is not run again, and a point interrupted mid-way re-reads its finished trials::
 
-    nice -n 19 python -m fedllm.studies.parallelism --out docs/parallelism_study --readme README.md
+    nice -n 19 python -m fedllm.studies.parallelism --out docs/parallelism_study --readme docs/results/parallelism.md
     nice -n 19 python -m fedllm.studies.parallelism --shard 0/2 &  nice -n 19 python -m fedllm.studies.parallelism --shard 1/2
     python -m fedllm.studies.parallelism --part centralized:64:0.9 --part federated:8:0
-    python -m fedllm.studies.parallelism --report-only --readme README.md
+    python -m fedllm.studies.parallelism --report-only --readme docs/results/parallelism.md
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ points of clean at 20 % attackers, for every attack. Each finished part is kept 
 ``<out>/parts/<part>.json`` (its recipe and rows), which is what the tables read; a part whose
 recipe is unchanged is not run again, so the study can be completed over several sessions::
 
-    nice -n 19 python -m fedllm.studies.robustness --out docs/robustness_study --readme README.md
+    nice -n 19 python -m fedllm.studies.robustness --out docs/robustness_study --readme docs/results/robustness.md
     python -m fedllm.studies.robustness --part bulyan:alie20:0       # one part
-    python -m fedllm.studies.robustness --report-only --readme README.md
+    python -m fedllm.studies.robustness --report-only --readme docs/results/robustness.md
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ parts, ``after`` it for isometric ones), the accuracy after every round and the 
 Each finished part is kept as ``<out>/parts/<part>.json``; a part whose recipe is unchanged is not
 run again, so the study can be completed over several sessions::
 
-    nice -n 19 python -m fedllm.studies.signal --out docs/signal_study --readme README.md
+    nice -n 19 python -m fedllm.studies.signal --out docs/signal_study --readme docs/results/signal.md
     python -m fedllm.studies.signal --models lenet300100 --seeds 0,1      # a subset
     python -m fedllm.studies.signal --part lenet300100:0.98:snip:isometry:0
-    python -m fedllm.studies.signal --report-only --readme README.md
+    python -m fedllm.studies.signal --report-only --readme docs/results/signal.md
 """
 
 from __future__ import annotations

@@ -152,13 +152,25 @@ def check_reply_size(content: RecordDict, limit: int) -> None:
                          "model can take; not decoded")
 
 
+def _reported(u: Mapping, key: str, kind: type, default: object = None) -> int | float:
+    """The reply's ``key`` as a number of ``kind``: an ``int`` stays an int (never a float such as
+    1e20, nor a bool); a float may be any float (a loss can be NaN). ``ValueError`` names the key."""
+    value = u.get(key, default)
+    if type(value) is not kind and not (kind is float and type(value) is int):
+        raise ValueError(f"the reply's {key}={value!r:.40}: expected {'an integer' if kind is int else 'a number'}")
+    return value
+
+
 def records_to_update(content: RecordDict) -> ClientUpdate:
+    """A site's reply as the typed update; every count it reports must be an integer (the server's
+    :func:`~fedllm.federation.server.check_counts` then bounds it), else ``ValueError``."""
     for key in ("delta", "update"):
         if key not in content:
             raise ValueError(f"reply lacks the {key!r} record; expected fedllm's ClientUpdate records")
     u = content["update"]
     metrics = dict(content["metrics"]) if "metrics" in content else {}
-    return ClientUpdate(client_id=int(u["client-id"]), delta=unpack_state(content["delta"]),
-                        num_examples=int(u["num-examples"]), local_steps=int(u["local-steps"]),
-                        train_loss=float(u["train-loss"]), bytes_up=int(u["bytes-up"]), metrics=metrics,
-                        grad_steps=int(u["grad-steps"]) if int(u.get("grad-steps", -1)) >= 0 else None)
+    grad_steps = _reported(u, "grad-steps", int, -1)
+    return ClientUpdate(client_id=_reported(u, "client-id", int), delta=unpack_state(content["delta"]),
+                        num_examples=_reported(u, "num-examples", int), local_steps=_reported(u, "local-steps", int),
+                        train_loss=float(_reported(u, "train-loss", float)), bytes_up=_reported(u, "bytes-up", int),
+                        metrics=metrics, grad_steps=grad_steps if grad_steps >= 0 else None)

@@ -24,7 +24,7 @@ from fedllm.algorithms.compress import Encoded
 from fedllm.algorithms.drift import DriftTerm
 from fedllm.client.evaluate import EvalResult
 from fedllm.config import Recipe, RecipeError, flower_problem
-from fedllm.experiments import Experiment, ExperimentData, make_experiment
+from fedllm.experiments import Experiment, ExperimentData, FitJob, fit_each, make_experiment
 from fedllm.federation import build
 from fedllm.federation.flower.codec import (
     TrainRequest,
@@ -59,18 +59,56 @@ def exchange(grid: Grid, messages: list[Message], timeout_s: float, poll_s: floa
 
 @dataclass(frozen=True)
 class Site:
-    """A connected SuperNode as the server knows it."""
+    """A connected SuperNode as the server knows it; ``problem``: why it is left out of the run
+    (its report could not be used), its client then failing every round it is sampled."""
 
     node_id: int
     num_examples: int
     own_data: bool
+    problem: str | None = None
 
 
-def discover_sites(grid: Grid, num_clients: int, timeout_s: float) -> dict[int, Site]:
+def site_count(value: Any, name: str, top: int) -> str | None:
+    """Why ``value``, a count a site reported as ``name``, cannot be used, or None.
+
+    An integer in 1 .. ``top`` (``federation.max_client_examples``): never a float (1e20, or even
+    12.0: fedllm's own sites send integers, so anything else is not one of them), a bool, NaN,
+    inf or a string. Flower's records keep an int an int, so nothing honest is refused.
+    """
+    if type(value) is not int or not 1 <= value <= top:
+        return f"reported {name}={value!r:.40}; expected an integer in 1 .. {top} (federation.max_client_examples)"
+    return None
+
+
+def _site_of(reply: Message, num_clients: int, max_examples: int) -> tuple[int | None, Site | None]:
+    """(client id, site) from a discovery reply; (None, None) when it names no client of this run."""
+    src = reply.metadata.src_node_id
+    if reply.has_error():  # the site's own failure (its data, its model): the operator must see it
+        raise RuntimeError(f"node {src} failed to join: {reply.error.reason}")
+    rec = reply.content.get(NODE_RECORD) if hasattr(reply.content, "get") else None
+    cid = rec.get("partition-id") if hasattr(rec, "get") else None
+    if type(cid) is not int or not 0 <= cid < num_clients:
+        log.warning("flower: node %s answered discovery with partition-id=%.40r; expected an integer in "
+                    "0 .. %d; node ignored", src, cid, num_clients - 1)
+        return None, None
+    n, own = rec.get("num-examples"), rec.get("own-data")
+    problem = site_count(n, "num-examples", max_examples) or (
+        None if type(own) is bool else f"reported own-data={own!r:.40}; expected true or false")
+    if problem is not None:
+        log.warning("flower: node %s (client %d) %s; this site is left out of the run (its rounds count as "
+                    "failed clients)", src, cid, problem)
+        return cid, Site(src, 1, False, problem)
+    return cid, Site(src, n, own)
+
+
+def discover_sites(grid: Grid, num_clients: int, timeout_s: float,
+                   max_examples: int = 10_000_000) -> dict[int, Site]:
     """fedllm client id -> its site, asking each connected node which client it serves.
 
     Each node answers with its ``partition-id`` and its number of training examples (the site
-    loads its model and data meanwhile); two nodes claiming one id is an error.
+    loads its model and data meanwhile). A report the server cannot use never ends the run
+    (:func:`site_count`): a site with a bad count, or a client two nodes claim, is left out
+    (kept with its ``problem``); a node naming no client of this run is ignored.
     """
     deadline, found, asked = time.monotonic() + timeout_s, {}, set()
     while len(found) < num_clients:
@@ -85,14 +123,13 @@ def discover_sites(grid: Grid, num_clients: int, timeout_s: float) -> dict[int, 
         asked.update(new)
         msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
         for reply in exchange(grid, msgs, left):
-            src = reply.metadata.src_node_id
-            if reply.has_error():
-                raise RuntimeError(f"node {src} failed to join: {reply.error.reason}")
-            rec = reply.content[NODE_RECORD]
-            cid = int(rec["partition-id"])
-            if cid in found:
-                raise ValueError(f"nodes {found[cid].node_id} and {src} both claim partition-id={cid}")
-            found[cid] = Site(src, int(rec["num-examples"]), bool(rec["own-data"]))
+            cid, site = _site_of(reply, num_clients, max_examples)
+            if site is not None and cid in found:
+                why = f"nodes {found[cid].node_id} and {site.node_id} both claim partition-id={cid}"
+                log.warning("flower: %s; client %d is left out of the run", why, cid)
+                site = Site(found[cid].node_id, 1, False, why)
+            if site is not None:
+                found[cid] = site
     return found
 
 
@@ -117,7 +154,8 @@ class _SiteSizes:
         if not any(s.own_data for s in self._sites.values()):
             return self._data.partition_json()  # the same slices of the recipe's corpus as in-process
         return {"source": "per-site data (never sent to the server)",
-                "clients": {str(k): {"node_id": s.node_id, "num_examples": s.num_examples}
+                "clients": {str(k): {"node_id": s.node_id, "num_examples": s.num_examples,
+                                     **({"left_out": s.problem} if s.problem else {})}
                             for k, s in sorted(self._sites.items())},
                 "eval": self._data.partition_json().get("eval", [])}
 
@@ -175,10 +213,16 @@ class RemoteExperiment:
         """The coordinator's numeric path (it evaluates; the sites train on their own machines)."""
         return self._exp.runtime_info()
 
+    def fit_many(self, jobs: list[FitJob], rnd: int, on_client=None) -> list[ClientUpdate | Exception]:
+        """Each client on its own site, one after another (:meth:`fit`)."""
+        return fit_each(self, jobs, rnd, on_client)
+
     def fit(self, client_id: int, examples: Any, start: StateDict, rnd: int, steps: int,
             grad_term: DriftTerm | None = None) -> ClientUpdate:
         """Train on client ``client_id``'s site; raise if it fails or does not answer in time."""
         site = self.sites[client_id]
+        if site.problem is not None:
+            raise ValueError(f"client {client_id} (node {site.node_id}) was left out at discovery: {site.problem}")
         msg = Message(TrainRequest(rnd, client_id, start, steps, grad_term).to_records(),
                       dst_node_id=site.node_id, message_type=MessageType.TRAIN, group_id=str(rnd))
         t0 = time.perf_counter()
@@ -190,10 +234,35 @@ class RemoteExperiment:
         if reply.has_error():
             raise RuntimeError(f"client {client_id} (node {site.node_id}): {reply.error.reason}")
         check_reply_size(reply.content, self.reply_limit)
-        upd, enc = records_to_update(reply.content), records_to_encoded(reply.content)
+        try:
+            upd, enc = records_to_update(reply.content), records_to_encoded(reply.content)
+        except ValueError as exc:
+            raise ValueError(f"client {client_id} (node {site.node_id}): {exc}") from None
         if upd.client_id != client_id:
             raise ValueError(f"round {rnd}: the node of client {client_id} answered as client {upd.client_id}")
-        return upd if enc is None else self._decoded(upd, enc)
+        if not 0 <= upd.bytes_up <= self.reply_limit:  # the site's own count of what it sent
+            raise ValueError(f"client {client_id} (node {site.node_id}) reported bytes-up={upd.bytes_up}; "
+                             f"expected 0 .. {self.reply_limit}")
+        upd = upd if enc is None else self._decoded(upd, enc)
+        if (why := self._trained_nothing(upd)) is not None:
+            raise ValueError(f"client {client_id} (node {site.node_id}) {why}; left out of this round")
+        return upd
+
+    def _trained_nothing(self, upd: ClientUpdate) -> str | None:
+        """Why a site's update shows no training (the engine's guard would end the whole run for it).
+
+        In-process, an update with no gradient or an all-zero delta means this machine's numeric
+        path is broken, and :func:`fedllm.federation.guard.check_progress` ends the run. A site's
+        report of it is that one site's failure (or a site's way to stop every run): its client
+        fails the round instead, and a run where every site does so applies no round and says so.
+        """
+        if self.recipe.train.lr <= 0 or self.recipe.train.noop_guard == "warn":
+            return None
+        if upd.grad_steps == 0 and upd.local_steps > 0:
+            return f"reported grad-steps=0 for {upd.local_steps} local steps (no parameter received a gradient)"
+        if upd.is_finite() and all(not bool(t.ne(0).any()) for t in upd.delta.values()):
+            return "sent an update that is exactly zero"
+        return None
 
     def _decoded(self, upd: ClientUpdate, enc: Encoded) -> ClientUpdate:
         """The update a site sent as the codec's payload, as the server reads it."""
@@ -208,6 +277,6 @@ def serve(grid: Grid, cfg: FlowerRunConfig) -> dict[str, Any]:
     if problem is not None:
         raise RecipeError(*problem)
     exp = make_experiment(recipe)
-    sites = discover_sites(grid, recipe.partition.num_clients, cfg.timeout_s)
+    sites = discover_sites(grid, recipe.partition.num_clients, cfg.timeout_s, recipe.federation.max_client_examples)
     log.info("flower: clients -> nodes %s", {k: s.node_id for k, s in sorted(sites.items())})
     return run_federated(RemoteExperiment(exp, grid, sites, cfg.timeout_s), cfg.out, resume=cfg.resume)
