@@ -10,6 +10,8 @@ of the two sides alternates from one repetition to the next; the best repetition
 
     python benchmarks/bench_client_throughput.py [--tiny] [--steps 6] [--repeats 3] [--eval-examples 64]
     python benchmarks/bench_client_throughput.py --profile       # torch.profiler table of one demo round
+    python benchmarks/bench_client_throughput.py --bf16          # train.precision bf16 vs the exact path
+    python benchmarks/bench_client_throughput.py --bf16 --profile --steps 2   # profiler tables of both
 
 Targets: fedllm >= 0.95 x the plain loop's tokens/s, for training and for evaluation.
 """
@@ -67,8 +69,8 @@ def fedllm_eval(exp, examples, batch_size: int) -> tuple[float, int]:
     return out
 
 
-def paired(label: str, sides: dict, repeats: int, tokens: int) -> dict[str, float]:
-    """Best-of-``repeats`` tokens/s of each side, alternating which goes first."""
+def paired(label: str, sides: dict, repeats: int, tokens: int, target: float = 0.95) -> dict[str, float]:
+    """Best-of-``repeats`` tokens/s of each side, alternating which goes first; ratio = second / first."""
     best = {name: 0.0 for name in sides}
     order = list(sides)
     for rep in range(repeats):
@@ -76,10 +78,43 @@ def paired(label: str, sides: dict, repeats: int, tokens: int) -> dict[str, floa
             t0 = time.perf_counter()
             sides[name]()
             best[name] = max(best[name], tokens / (time.perf_counter() - t0))
-    ratio = best["fedllm"] / best["plain"]
-    print(f"{label:10s} plain {best['plain']:8.1f} tok/s   fedllm {best['fedllm']:8.1f} tok/s   "
-          f"ratio {ratio:.3f}  ({'meets' if ratio >= 0.95 else 'MISSES'} >= 0.95)", flush=True)
+    (a, b), ratio = order, best[order[1]] / best[order[0]]
+    print(f"{label:10s} {a} {best[a]:8.1f} tok/s   {b} {best[b]:8.1f} tok/s   "
+          f"ratio {ratio:.3f}  ({'meets' if ratio >= target else 'MISSES'} >= {target})", flush=True)
     return {**best, "ratio": ratio}
+
+
+def bf16_vs_exact(args) -> None:
+    """``train.precision: bf16`` against the exact fp32 path on the study recipe: one model, the same
+    seeded batches, order alternated; the relative difference of the two Δ is printed beside the ratio."""
+    import dataclasses  # noqa: PLC0415
+
+    from fedllm.config import load_recipe  # noqa: PLC0415
+    from fedllm.experiments.lm import LMExperiment  # noqa: PLC0415
+    from fedllm.models.precision import check_precision  # noqa: PLC0415
+
+    extra = ["model.preset=tiny"] if args.tiny else []
+    exp = LMExperiment(load_recipe(STUDY, [*extra, "federation.rounds=1", "data.eval_size=16", *args.set]))
+    exact = exp.recipe
+    fast = dataclasses.replace(exact, train=dataclasses.replace(exact.train, precision="bf16"))
+    check_precision("bf16", "cuda" if exp.accelerator == "gpu" else "cpu")
+    examples, start = exp.data.client_examples(0), exp.initial_state
+
+    def fit(recipe):
+        exp.recipe = recipe
+        return exp.fit(0, examples, start, 1, args.steps)
+
+    tokens = trained_tokens(exp, examples, 1, args.steps)
+    print(f"{exact.model.preset} ({exact.model.quantization}), LoRA r {exact.lora.r} on "
+          f"{len(exact.lora.target_modules)} modules; {args.steps} steps of batch {exact.train.batch_size} "
+          f"= {tokens} tokens; torch threads {torch.get_num_threads()}", flush=True)
+    a, b = fit(exact), fit(fast)  # warm-up of both, and the Δ difference
+    num = sum(float((a.delta[k] - b.delta[k]).norm() ** 2) for k in a.delta) ** 0.5
+    den = sum(float(v.norm() ** 2) for v in a.delta.values()) ** 0.5
+    print(f"Δ: ||Δ_bf16 − Δ_exact|| / ||Δ_exact|| = {num / den:.3e}; train loss exact {a.train_loss:.5f} "
+          f"bf16 {b.train_loss:.5f}", flush=True)
+    paired("training", {"exact": lambda: fit(exact), "bf16": lambda: fit(fast)}, args.repeats, tokens, target=2.0)
+    exp.recipe = exact
 
 
 def throughput(args) -> None:
@@ -133,6 +168,29 @@ def profile(args) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
+def profile_steps(args) -> None:
+    """``--profile --bf16``: torch.profiler tables of a study-recipe client fit, exact then bf16."""
+    import dataclasses  # noqa: PLC0415
+
+    from torch.profiler import ProfilerActivity  # noqa: PLC0415
+    from torch.profiler import profile as torch_profile
+
+    from fedllm.config import load_recipe  # noqa: PLC0415
+    from fedllm.experiments.lm import LMExperiment  # noqa: PLC0415
+
+    extra = ["model.preset=tiny"] if args.tiny else []
+    exp = LMExperiment(load_recipe(STUDY, [*extra, "federation.rounds=1", "data.eval_size=16", *args.set]))
+    examples, start, exact = exp.data.client_examples(0), exp.initial_state, exp.recipe
+    for name in ("32", "bf16"):
+        exp.recipe = dataclasses.replace(exact, train=dataclasses.replace(exact.train, precision=name))
+        exp.fit(0, examples, start, 1, 1)  # warm-up
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            exp.fit(0, examples, start, 1, args.steps)
+        print(f"--- precision {name}: {args.steps} steps", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows), flush=True)
+    exp.recipe = exact
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="the tiny in-process llama instead of SmolLM2 in NF4")
@@ -140,11 +198,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eval-examples", type=int, default=64)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown of one demo round")
+    ap.add_argument("--bf16", action="store_true", help="train.precision bf16 vs the exact path (study recipe)")
+    ap.add_argument("--set", nargs="*", default=[], help="recipe overrides for --bf16 (e.g. train.length_bucketing=8)")
     ap.add_argument("--rows", type=int, default=18, help="profiler table rows")
     args = ap.parse_args()
     quiet()
-    if args.profile:
+    if args.profile and args.bf16:
+        profile_steps(args)
+    elif args.profile:
         profile(args)
+    elif args.bf16:
+        bf16_vs_exact(args)
     else:
         throughput(args)
 

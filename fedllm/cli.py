@@ -136,6 +136,20 @@ def _use_command(args) -> int:
     return chat_command(args.run_dir, args.max_new_tokens)
 
 
+def _print_ratios(root) -> None:
+    """``fedllm compare``: federated / centralized and local / federated perplexity, paired intervals."""
+    import json  # noqa: PLC0415
+
+    from fedllm.metrics.report import ratio_lines  # noqa: PLC0415
+
+    try:
+        table = json.loads((root / "comparison.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for line in ratio_lines(table if isinstance(table, dict) else {}):
+        print(line.removeprefix("- "))
+
+
 def _print_table(summaries: dict[str, dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -232,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             comparison = api.compare(args.recipe, *args.overrides, out=args.out)
             summaries = {m: r.summary for m, r in comparison.runs.items()}
             print(f"comparison: {comparison.dir / 'comparison.md'}")
+            _print_ratios(comparison.dir)
         _print_table(summaries)
         return _verdict(summaries)
     except RecipeError as exc:

@@ -144,6 +144,10 @@ class DataConfig:
     max_length: int = doc("truncate tokenized examples to this many tokens", 256)
     max_examples: int | None = doc("use at most this many examples (seeded subsample)", None)
     eval_size: int = doc("held-out evaluation examples (taken before partitioning)", 32)
+    validation_fraction: float = doc(
+        "language models: fraction of each client's training examples moved (seeded, per client) into a validation "
+        "split that every mode scores (val_loss) for the best round, early stopping and LR selection; never the "
+        "held-out split; 0 disables", 0.0)
     bad_rows: Literal["error", "skip"] = doc("a row with a missing/empty field: stop with its line, or skip and count", "error")
     streaming: bool = doc("keep the rows memory-mapped (Arrow via `datasets`) and tokenize each one when a client "
                           "reads it, so memory does not grow with the data: data.path a .parquet file, a directory "
@@ -166,6 +170,8 @@ class DataConfig:
                 raise RecipeError("data.template", f"expected only {{prompt}} and {{system}} fields "
                                   f"(write {{{{ }}}} for a literal brace), got {type(exc).__name__}: {exc}") from None
         require(self.eval_size >= 1, "data.eval_size", f"expected >= 1, got {self.eval_size}")
+        require(0 <= self.validation_fraction <= 0.5, "data.validation_fraction",
+                f"expected a fraction in [0, 0.5], got {self.validation_fraction}")
         if self.max_examples is not None:
             require(self.max_examples >= 2, "data.max_examples", f"expected >= 2, got {self.max_examples}")
         require(0 <= self.open_data <= 1_000_000, "data.open_data", f"expected in [0, 1000000], got {self.open_data}")
@@ -452,13 +458,17 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_steps: int = doc("optimizer steps each client runs per round", 10)
+    local_steps: int = doc("optimizer steps each client runs per round (exclusive with local_epochs: leave it at "
+                           "its default, 10, when local_epochs is set)", 10)
     batch_size: int = doc("examples per step", 4)
     optimizer: Literal["auto", "adamw", "sgd"] = doc(
         "client optimizer: adamw, sgd (with momentum), or auto (adamw for language models, sgd for vision)", "auto")
     lr: float = doc("learning rate", 2e-4)
     momentum: float = doc("sgd momentum (adamw ignores it)", 0.0)
-    local_epochs: int | None = doc("train this many epochs over the client's data each round instead of local_steps", None)
+    local_epochs: float | None = doc(
+        "passes over the data per round instead of local_steps (a fraction such as 0.25 runs that share of a pass): federated, each sampled client passes its share this "
+        "many times; centralized, the pooled data of the round's clients; local, each client its own data "
+        "ceil(E x ceil(ceil(n / batch_size) / grad_accum)) optimizer steps; rows then carry `epochs`)", None)
     weight_decay: float = doc("weight decay: AdamW's decoupled decay, or SGD's L2 penalty on the gradient", 0.001)
     warmup_ratio: float = doc("fraction of a client's steps with linear warm-up", 0.03)
     max_grad_norm: float = doc("gradient clipping norm (0 disables)", 0.3)
@@ -496,7 +506,10 @@ class TrainConfig:
         require(0 <= self.length_bucketing <= 100_000, "train.length_bucketing",
                 f"expected 0 (off) or a pool size in batches in [1, 100000], got {self.length_bucketing}")
         if self.local_epochs is not None:
-            require(1 <= self.local_epochs <= 10_000, "train.local_epochs", f"expected in [1, 10000], got {self.local_epochs}")
+            require(0 < self.local_epochs <= 10_000, "train.local_epochs", f"expected in (0, 10000], got {self.local_epochs}")
+            require(self.local_steps == TrainConfig.local_steps, "train.local_steps",
+                    f"set either train.local_steps ({self.local_steps}) or train.local_epochs ({self.local_epochs}), "
+                    "not both: with local_epochs the steps follow from each client's data")
 
     def optimizer_for(self, task: str) -> Literal["adamw", "sgd"]:
         """The optimizer a client of ``task`` ("lm" or "vision") builds; ``auto`` keeps each task's
@@ -513,6 +526,9 @@ class EvalConfig:
     max_new_tokens: int = doc("tokens generated per BLEU prompt", 48)
     targets: list[float] = doc("vision: test accuracies x for NRA@x, CCA@x, CTA@x in the summary", [])
     every: int = doc("evaluate every this many rounds (the last round always)", 1)
+    patience: int | None = doc("early stopping: stop after this many evaluations without a new lowest val_loss "
+                               "(needs data.validation_fraction > 0; local mode: each client on its own); "
+                               "null: train every round", None)
     client_holdout: float = doc("language models: fraction of each client's own examples held out (seeded) to "
                                 "score the models on that client's data; 0 disables", 0.0)
     lora_error: bool = doc("LoRA with the mean: report lora_aggregation_error (what averaging the factors loses "
@@ -528,6 +544,8 @@ class EvalConfig:
         for x in self.targets:
             require(0 < x <= 1, "eval.targets", f"expected accuracies in (0, 1], got {x}")
         require(1 <= self.every <= 100_000, "eval.every", f"expected >= 1, got {self.every}")
+        if self.patience is not None:
+            require(1 <= self.patience <= 100_000, "eval.patience", f"expected >= 1 or null, got {self.patience}")
 
 
 @dataclass(frozen=True)
@@ -657,6 +675,12 @@ def _lm_only(r: Recipe) -> Problem:
         return "train.precision", "DP-SGD's per-example gradients (Opacus) train on the exact fp32 path: use 32"
     if r.model.task == "vision" and r.eval.client_holdout > 0:
         return "eval.client_holdout", "per-client held-out evaluation is implemented for language models"
+    if r.model.task == "vision" and r.data.validation_fraction > 0:
+        return "data.validation_fraction", "the validation split is implemented for language models"
+    if r.eval.patience is not None and r.data.validation_fraction <= 0:
+        return "eval.patience", "early stopping watches val_loss: set data.validation_fraction > 0 (e.g. 0.1)"
+    if r.eval.patience is not None and r.federation.engine == "flower":
+        return "eval.patience", "early stopping is implemented for the in-process engine (federation.engine: inprocess)"
     if r.model.task == "vision" and r.federation.lora_aggregation != "factorwise":
         return "federation.lora_aggregation", "LoRA aggregation modes need a LoRA model (vision models have no adapters)"
     return None

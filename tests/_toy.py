@@ -32,6 +32,7 @@ import torch
 from fedllm.algorithms.drift import DriftTerm
 from fedllm.client.evaluate import EvalResult
 from fedllm.config import Recipe, build
+from fedllm.experiments.base import fit_each
 from fedllm.models.quant import kernel_info
 from fedllm.types import ClientUpdate, StateDict, clone_state, serialized_bytes
 
@@ -137,6 +138,10 @@ class ToyExperiment:
         return ((self._predict(state, self.data.x[idx]) - self.data.y[idx]) ** 2).mean()
 
     # ------------------------------------------------------------------ the protocol
+
+    def fit_many(self, jobs: list, rnd: int, on_client=None) -> list:
+        """The clients of a round one after another (the sequential implementation)."""
+        return fit_each(self, jobs, rnd, on_client)
 
     def fit(self, client_id: int, examples: list[int], start: StateDict, rnd: int, steps: int,
             grad_term: DriftTerm | None = None) -> ClientUpdate:

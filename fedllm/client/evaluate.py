@@ -27,6 +27,9 @@ class EvalResult:
     samples: list[dict]
     accuracy: float | None = None  # classifiers only
     eval_loss_se: float | None = None  # standard error of eval_loss over examples (language models)
+    example_sums: list[float] | None = None  # per example: summed response-token NLL (eval split order)
+    example_counts: list[int] | None = None  # per example: response tokens (the paired ratio's weights)
+    val_loss: float | None = None  # data.validation_fraction: the same NLL on the validation split
 
 
 @torch.no_grad()
@@ -123,4 +126,4 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int, bleu_sa
     finally:
         model.train(was_training)
     return EvalResult(eval_loss=loss, perplexity=math.exp(min(loss, 700.0)), bleu=bleu, samples=samples,
-                      eval_loss_se=loss_standard_error(sums, counts))
+                      eval_loss_se=loss_standard_error(sums, counts), example_sums=sums, example_counts=counts)

@@ -54,7 +54,9 @@ class FitStats:
     grad_steps: int
 
 
-PRECISION = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}  # train.precision -> Lightning's
+# train.precision -> Lightning's; bf16 is bf16-mixed's autocast over a base that also computes in bf16
+# (fedllm.models.precision; the LM module switches the 4-bit layers for the fit)
+PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
 
 
 def make_trainer(steps: int, max_grad_norm: float, callbacks: list, accelerator: str, accumulate: int = 1,

@@ -6,6 +6,7 @@ One model object per process serves every client: the callback swaps only the tr
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import lightning as L
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 from fedllm.client.fit import add_grad_term
 from fedllm.config import TrainConfig
 from fedllm.data.text import Example, collate
+from fedllm.models.precision import base_compute, resolve_head_positions, train_dtype, uniform_dropout
 from fedllm.models.quant import check_exact_kernels
 from fedllm.models.state import TrainableState
 from fedllm.types import StateDict, subtract
@@ -42,6 +44,29 @@ def round_schedule(kind: str, rnd: int, rounds: int, step: int, steps: int) -> f
     raise ValueError(f"unknown schedule {kind!r}")
 
 
+IGNORE_INDEX = -100  # HF's label for "no loss here" (prompt and padding tokens)
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], labeled_only: bool = False) -> torch.Tensor:
+    """The mean next-token cross-entropy over the labelled positions of ``batch``.
+
+    ``labeled_only=False`` is HF's ``model(**batch).loss`` itself (logits at every position). With
+    ``labeled_only=True`` the decoder runs as before but the LM head (for SmolLM2 a 576 x 49152
+    matmul per position) runs only on the positions whose shifted label is not -100, and the
+    cross-entropy is taken in fp32 with HF's reduction (the mean over those positions): the same
+    loss up to float rounding (tests/test_fast_path.py states the tolerance), less work wherever
+    prompts or padding carry no label. Shared by every LM client loop (sequential and fused).
+    """
+    if not labeled_only:
+        return model(**batch).loss
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE_INDEX
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep], ignore_index=IGNORE_INDEX)
+
+
 class CausalLMModule(L.LightningModule):
     """Trains the (shared, peft-wrapped) model's trainable parameters with ``train.optimizer``.
 
@@ -62,12 +87,22 @@ class CausalLMModule(L.LightningModule):
         self.warmup_steps = math.ceil(train.warmup_ratio * total_steps)
         self.grad_term = grad_term  # e.g. FedProx's μ(θ − θ_g): f(named params) -> {name: tensor}
         self.losses: list[float] = []
+        self.labeled_only = resolve_head_positions(train.head_positions, train.precision) == "labeled"
+        self._compute = contextlib.ExitStack()  # the base's bf16 compute for this fit (precision: bf16)
 
     def on_fit_start(self) -> None:
         check_exact_kernels(self.model)  # a packed 4-bit layer has no backward: never train on one
+        self._compute.enter_context(base_compute(self.model, train_dtype(self.train_cfg.precision)))
+        self._compute.enter_context(uniform_dropout(self.model, self.train_cfg.precision == "bf16"))
+
+    def on_fit_end(self) -> None:
+        self._compute.close()  # back to the loaded compute dtype: evaluation stays exact
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._compute.close()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        loss = causal_lm_loss(self.model, batch, self.labeled_only)
         self.losses.append(float(loss.detach()))
         return loss
 
@@ -114,8 +149,38 @@ class FederatedRoundCallback(StopOnNonFinite):
         self.delta = subtract(pl_module.state.get(), self.global_state)
 
 
-def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int) -> DataLoader:
-    """A seeded, shuffling loader (same seed -> same batch order on every run)."""
+class LengthBuckets(torch.utils.data.Sampler):
+    """``train.length_bucketing``: seeded batches of similar length (less padding per batch).
+
+    Each pass shuffles the examples (seeded), cuts the order into pools of ``pool`` batches, sorts
+    each pool by length (stable) and cuts it into batches, then shuffles the batch order, so every
+    example is still seen once a pass and a batch's examples are no longer an iid draw. The
+    length-grouped sampler of HF's Trainer (``group_by_length``) does the same with mega-batches.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, pool: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.pool = lengths, batch_size, pool
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.gen).tolist()
+        size, batches = self.pool * self.batch_size, []
+        for i in range(0, len(order), size):
+            chunk = sorted(order[i:i + size], key=lambda j: self.lengths[j])
+            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.gen).tolist():
+            yield batches[b]
+
+
+def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int, bucketing: int = 0) -> DataLoader:
+    """A seeded, shuffling loader (same seed -> same batch order on every run); ``bucketing`` > 0
+    groups examples of similar length (:class:`LengthBuckets`, pools of that many batches)."""
+    if bucketing > 0:
+        sampler = LengthBuckets([len(e.input_ids) for e in examples], batch_size, bucketing, seed)
+        return DataLoader(examples, batch_sampler=sampler, collate_fn=lambda b: collate(b, pad_id), num_workers=0)
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(examples, batch_size=batch_size, shuffle=True, generator=gen,
                       collate_fn=lambda b: collate(b, pad_id), num_workers=0)

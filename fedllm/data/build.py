@@ -43,6 +43,7 @@ class TextData:
     source: str
     stats: dict[str, int] = field(default_factory=dict)
     client_eval: list[list[int]] = field(default_factory=list)  # eval.client_holdout: each client's own held-out slice
+    val_idx: list[int] = field(default_factory=list)  # data.validation_fraction: carved from the clients' training data
 
     def _take(self, positions: list[int]) -> Sequence[Example]:
         if isinstance(self.examples, LazyExamples):
@@ -66,6 +67,11 @@ class TextData:
         return self._take(self.eval_idx)
 
     @property
+    def validation_examples(self) -> Sequence[Example]:
+        """``data.validation_fraction``: the validation split every mode scores (empty when 0)."""
+        return self._take(self.val_idx)
+
+    @property
     def train_examples(self) -> Sequence[Example]:
         return self._take([i for part in self.clients for i in part])
 
@@ -82,6 +88,7 @@ class TextData:
             "eval": self._ids(self.eval_idx),
             **({"client_eval": {str(k): self._ids(part) for k, part in enumerate(self.client_eval)}}
                if self.client_eval else {}),
+            **({"validation": self._ids(self.val_idx)} if self.val_idx else {}),
         }
 
 
@@ -148,7 +155,7 @@ def build_text_data(recipe: Recipe, tokenizer) -> TextData:
                                            recipe, source)
     stats["examples"] = len(examples)
     return TextData(examples=examples, eval_idx=eval_pos, clients=clients, source=source, stats=stats,
-                    client_eval=client_eval)
+                    client_eval=client_eval, val_idx=carve_validation(clients, recipe))
 
 
 def build_streaming_data(recipe: Recipe, tokenizer) -> TextData:
@@ -165,10 +172,25 @@ def build_streaming_data(recipe: Recipe, tokenizer) -> TextData:
     eval_pos, clients, client_eval = split(len(order), labels, recipe, source)
     stats = {"rows": len(order), "skipped_bad_rows": 0, "skipped_no_response_tokens": 0, "examples": len(order)}
     return TextData(examples=LazyExamples(RowTokenizer(rows, tokenizer, cfg, column), order), eval_idx=eval_pos,
-                    clients=clients, source=source, stats=stats, client_eval=client_eval)
+                    clients=clients, source=source, stats=stats, client_eval=client_eval,
+                    val_idx=carve_validation(clients, recipe))
 
 
-def split_client_holdout(clients: list[list[int]], fraction: float, seed: int) -> list[list[int]]:
+def carve_validation(clients: list[list[int]], recipe: Recipe) -> list[int]:
+    """``data.validation_fraction``: the validation split, carved from each client's training examples
+    (seeded per client, after ``eval.client_holdout``; never from the held-out eval split) and pooled.
+
+    Per client, so that the split is the same for every mode and every partition of one seed's
+    examples can be scored by the sites that hold them; pooled, so that the federated server's
+    global model, the centralized model and every local model are scored on the same examples
+    (what the best round, early stopping and learning-rate selection compare). ``clients`` keeps
+    the rest: centralized mode's pooled data excludes the validation split too.
+    """
+    slices = split_client_holdout(clients, recipe.data.validation_fraction, recipe.seed, salt=91)
+    return sorted(i for part in slices for i in part)
+
+
+def split_client_holdout(clients: list[list[int]], fraction: float, seed: int, salt: int = 77) -> list[list[int]]:
     """Move max(1, round(fraction·n)) of each client's n >= 2 examples (seeded per client) into its own
     held-out slice; returns the slices ([] when ``fraction`` is 0). ``clients`` keeps the rest."""
     if fraction <= 0:
@@ -177,7 +199,7 @@ def split_client_holdout(clients: list[list[int]], fraction: float, seed: int) -
     for k, part in enumerate(clients):
         n = len(part)
         m = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
-        pick = set(np.random.default_rng([seed, k, 77]).choice(n, m, replace=False).tolist()) if m else set()
+        pick = set(np.random.default_rng([seed, k, salt]).choice(n, m, replace=False).tolist()) if m else set()
         held.append([part[j] for j in range(n) if j in pick])
         part[:] = [part[j] for j in range(n) if j not in pick]
     return held

@@ -13,9 +13,10 @@ import functools
 from pathlib import Path
 
 from fedllm.config import Recipe
-from fedllm.experiments.base import ClientFault, Experiment, ExperimentData, round_seed
+from fedllm.experiments.base import ClientFault, Experiment, ExperimentData, FitJob, fit_each, round_seed
 
-__all__ = ["ClientFault", "Experiment", "ExperimentData", "load_data", "make_experiment", "round_seed"]
+__all__ = ["ClientFault", "Experiment", "ExperimentData", "FitJob", "fit_each", "load_data", "make_experiment",
+           "round_seed"]
 
 
 def make_experiment(recipe: Recipe) -> Experiment:

@@ -13,6 +13,11 @@ stand-in for one in a test) implements all of them:
   ``steps`` optimizer steps and return the :class:`~fedllm.types.ClientUpdate` (Δ = local − start);
   ``grad_term``, a typed :data:`~fedllm.algorithms.drift.DriftTerm`, is added to the gradients
   after every backward pass (FedProx's μ(θ − θ_g), SCAFFOLD's c − cᵢ);
+- ``fit_many(jobs, rnd, on_client)``: the clients of one round (:class:`FitJob` each), one result per
+  job in order, a :class:`~fedllm.types.ClientUpdate` or the exception that client raised (one
+  client's failure never takes the others down); ``on_client(k)`` is called as client k starts.
+  :func:`fit_each` is the sequential implementation; the LM experiment also trains them in one
+  fused pass (``federation.fused_clients``, :mod:`fedllm.client.fused`);
 - ``evaluate(state)``: the held-out metrics of a trainable state;
 - ``save_adapter(state, path)``: the final state in the task's own format;
 - ``payload_bytes(state)``: bytes of one state or delta on the wire (what communication counts);
@@ -29,7 +34,8 @@ stand-in for one in a test) implements all of them:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -38,6 +44,7 @@ import torch
 from fedllm.algorithms.drift import DriftTerm
 from fedllm.client.evaluate import EvalResult
 from fedllm.config import Recipe
+from fedllm.errors import IntegrityError
 from fedllm.types import ClientUpdate, StateDict
 
 
@@ -52,6 +59,33 @@ def round_seed(seed: int, rnd: int) -> int:
 
 class ClientFault(RuntimeError):
     """An injected client failure (recipe ``faults.error_clients``)."""
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """One client's part of a round: who, on which examples, from which state, for how many steps."""
+
+    client_id: int
+    examples: Any
+    start: StateDict
+    steps: int
+    grad_term: DriftTerm | None = None
+
+
+def fit_each(exp: Experiment, jobs: list[FitJob], rnd: int,
+             on_client: Callable[[int], None] | None = None) -> list[ClientUpdate | Exception]:
+    """``exp.fit`` for each job in turn (the sequential ``fit_many``); a client's exception is its result."""
+    out: list[ClientUpdate | Exception] = []
+    for job in jobs:
+        if on_client is not None:
+            on_client(job.client_id)
+        try:
+            out.append(exp.fit(job.client_id, job.examples, job.start, rnd, job.steps, grad_term=job.grad_term))
+        except IntegrityError:  # not one client's failure: nothing the run computes can be trusted
+            raise
+        except Exception as exc:  # noqa: BLE001 - this client's result; the engine leaves it out
+            out.append(exc)
+    return out
 
 
 @runtime_checkable
@@ -91,6 +125,9 @@ class Experiment(Protocol):
 
     def fit(self, client_id: int, examples: Any, start: StateDict, rnd: int, steps: int,
             grad_term: DriftTerm | None = None) -> ClientUpdate: ...
+
+    def fit_many(self, jobs: list[FitJob], rnd: int,
+                 on_client: Callable[[int], None] | None = None) -> list[ClientUpdate | Exception]: ...
 
     def evaluate(self, state: StateDict) -> EvalResult: ...
 

@@ -7,6 +7,7 @@ shared model and in the examples they train on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 from pathlib import Path
@@ -26,8 +27,9 @@ from fedllm.client.lm import (
 from fedllm.config import Recipe, RecipeError
 from fedllm.data.build import TextData, build_text_data
 from fedllm.data.text import Example
-from fedllm.experiments.base import ClientFault, round_seed
+from fedllm.experiments.base import ClientFault, FitJob, fit_each, round_seed
 from fedllm.models.llm import add_lora, load_base, pick_device
+from fedllm.models.precision import check_precision, precision_info
 from fedllm.models.quant import kernel_info
 from fedllm.models.state import TrainableState
 from fedllm.types import ClientUpdate, StateDict, serialized_bytes
@@ -48,6 +50,7 @@ class LMExperiment:
         if recipe.train.precision == "16-mixed" and self.accelerator != "gpu":
             raise RecipeError("train.precision", "16-mixed needs a CUDA device and this machine has none; "
                               "use 32 or bf16-mixed")
+        check_precision(recipe.train.precision, pick_device(recipe.model))  # bf16 only on bf16 hardware
         base, self.tokenizer = load_base(recipe.model, recipe.seed)
         self.model = add_lora(base, recipe.lora, recipe.seed)
         if recipe.train.gradient_checkpointing:  # activations recomputed in backward (train mode only)
@@ -80,8 +83,8 @@ class LMExperiment:
         if self.recipe.privacy.dpsgd:
             fitted, metrics["dpsgd_epsilon"] = self._fit_dpsgd(client_id, examples, steps, seed, round_cb, rnd)
         else:
-            loader = make_loader(examples, self.recipe.train.batch_size, self.tokenizer.pad_token_id, seed)
             t = self.recipe.train
+            loader = make_loader(examples, t.batch_size, self.tokenizer.pad_token_id, seed, t.length_bucketing)
             module = CausalLMModule(self.model, self.state, t, steps, grad_term, rnd=rnd,
                                     rounds=self.recipe.federation.rounds)
             fitted = fit_module(module, loader, steps, [round_cb, *self.step_callbacks], self.accelerator,
@@ -94,6 +97,15 @@ class LMExperiment:
         return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(examples), local_steps=steps_done,
                             train_loss=train_loss, bytes_up=serialized_bytes(delta),
                             grad_steps=fitted.grad_steps, metrics=metrics)
+
+    def fit_many(self, jobs: list[FitJob], rnd: int, on_client=None) -> list[ClientUpdate | Exception]:
+        """A round's clients: one after another, or in one fused pass over the shared base
+        (``federation.fused_clients``, :mod:`fedllm.experiments.lm_fused`); the same updates either way."""
+        if self.recipe.federation.fused_clients:
+            from fedllm.experiments.lm_fused import fused_fit_many  # noqa: PLC0415
+
+            return fused_fit_many(self, jobs, rnd, on_client)
+        return fit_each(self, jobs, rnd, on_client)
 
     def _fit_dpsgd(self, client_id: int, examples: list, steps: int, seed: int, round_cb,
                    rnd: int = 1) -> tuple[FitStats, float]:
@@ -119,10 +131,16 @@ class LMExperiment:
         return FitStats(fitted.losses, module.raw_grad_steps), history_epsilon(history, p.delta)
 
     def evaluate(self, state: StateDict) -> EvalResult:
+        """The held-out split's metrics; with ``data.validation_fraction`` also ``val_loss``, the same
+        NLL on the validation split (no BLEU there: it only picks rounds and learning rates)."""
         self.state.set(state)
         e = self.recipe.eval
-        return evaluate(self.model, self.tokenizer, self.data.eval_examples, e.batch_size, e.bleu_samples,
-                        e.max_new_tokens)
+        res = evaluate(self.model, self.tokenizer, self.data.eval_examples, e.batch_size, e.bleu_samples,
+                       e.max_new_tokens)
+        if self.data.val_idx:
+            val = evaluate(self.model, self.tokenizer, self.data.validation_examples, e.batch_size, 0, 1)
+            res = dataclasses.replace(res, val_loss=val.eval_loss)
+        return res
 
     def evaluate_clients(self, state: StateDict, clients: list[int] | None = None) -> dict[int, float]:
         """Eval loss of ``state`` on each client's own held-out slice (``eval.client_holdout``)."""
@@ -145,5 +163,7 @@ class LMExperiment:
         self.model.save_pretrained(str(path))
 
     def runtime_info(self) -> dict:
-        """Versions, CPU flags and the 4-bit kernel the shared model runs on."""
-        return kernel_info(self.model)
+        """Versions, CPU flags, the 4-bit kernel the shared model runs on, and the numerics training and
+        evaluation used (:func:`fedllm.models.precision.precision_info`)."""
+        t = self.recipe.train
+        return {**kernel_info(self.model), **precision_info(t.precision, t.head_positions, pick_device(self.recipe.model))}

@@ -64,7 +64,7 @@ from fedllm.client.vision import (
 from fedllm.config import Recipe, RecipeError
 from fedllm.data.partition import partition
 from fedllm.data.vision import DEFAULT_ROOT, NUM_CLASSES, load_fashion_mnist, split_open_data
-from fedllm.experiments.base import ClientFault, round_seed
+from fedllm.experiments.base import ClientFault, FitJob, fit_each, round_seed
 from fedllm.models.llm import pick_device
 from fedllm.models.quant import kernel_info
 from fedllm.models.vision import build_vision_model
@@ -202,6 +202,10 @@ class VisionExperiment:
         t = self.recipe.train
         return VisionTrainConfig(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, batch_size=t.batch_size,
                                  optimizer=t.optimizer_for("vision"))
+
+    def fit_many(self, jobs: list[FitJob], rnd: int, on_client=None) -> list[ClientUpdate | Exception]:
+        """A round's clients one after another (:func:`~fedllm.experiments.base.fit_each`)."""
+        return fit_each(self, jobs, rnd, on_client)
 
     def fit(self, client_id: int, examples, start: StateDict, rnd: int, steps: int,
             grad_term: DriftTerm | None = None) -> ClientUpdate:

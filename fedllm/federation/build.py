@@ -89,12 +89,34 @@ def sampling_scheme(recipe: Recipe) -> str:
     return "full"  # round_robin (deterministic), importance (size-weighted): no amplification claimed
 
 
-def local_steps(recipe: Recipe, num_examples: int) -> int:
-    """Optimizer steps a client runs per round: ``train.local_steps``, or whole epochs over its data."""
+def steps_per_epoch(recipe: Recipe, num_examples: int) -> int:
+    """Optimizer steps of one pass over ``num_examples``: ceil(n / batch_size) batches, and with
+    ``grad_accum`` > 1 one step per ``grad_accum`` batches (Lightning steps on an epoch's last batch too)."""
     t = recipe.train
-    if t.local_epochs is not None:
-        return max(1, math.ceil(num_examples / t.batch_size)) * t.local_epochs
+    return max(1, math.ceil(math.ceil(num_examples / t.batch_size) / t.grad_accum))
+
+
+def local_steps(recipe: Recipe, num_examples: int) -> int:
+    """Optimizer steps a client runs per round: ``train.local_steps``, or ``train.local_epochs`` whole
+    passes over its ``num_examples``."""
+    t = recipe.train
+    if t.local_epochs is not None:  # integer epochs: exactly E passes; a fraction rounds up to whole steps
+        return max(1, math.ceil(steps_per_epoch(recipe, num_examples) * t.local_epochs - 1e-9))
     return t.local_steps
+
+
+def centralized_steps(recipe: Recipe, client_sizes: list[int]) -> int:
+    """Steps of a centralized round matched to a federated round whose clients hold ``client_sizes``:
+    with ``local_epochs`` E, E passes over their pooled examples (all clients sampled: the whole pooled
+    data E times); with ``local_steps``, as many steps as the clients ran together."""
+    if recipe.train.local_epochs is not None:
+        return local_steps(recipe, sum(client_sizes))
+    return sum(local_steps(recipe, n) for n in client_sizes)
+
+
+def data_passes(recipe: Recipe, num_examples: int, steps: int) -> float:
+    """Passes over ``num_examples`` that ``steps`` optimizer steps make (exact under ``local_epochs``)."""
+    return steps / steps_per_epoch(recipe, num_examples)
 
 
 def client_steps(recipe: Recipe, num_examples: int, straggler: bool = False) -> int:

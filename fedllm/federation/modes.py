@@ -7,8 +7,12 @@ split; only the orchestration differs:
 - federated: each round, sampled clients train ``local_steps`` from the global state; the server
   aggregates their deltas (GradualDiff-Fed or FedAvg) and applies them.
 - centralized: one model on the union of the clients' training data, trained each round for as
-  many optimizer steps as the whole federation ran that round (sampled clients x local_steps).
+  many optimizer steps as the whole federation ran that round (sampled clients x local_steps), or
+  with ``train.local_epochs`` E passes over the sampled clients' pooled examples.
 - local: every client trains alone for the same rounds; metrics per client and their mean.
+
+With a validation split every mode keeps its best round and may stop early
+(:mod:`fedllm.federation.convergence`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 from fedllm.algorithms.selection import UniformSampler
 from fedllm.config import RecipeError, one_line
 from fedllm.errors import IntegrityError
-from fedllm.experiments.base import Experiment
+from fedllm.experiments.base import Experiment, FitJob
 from fedllm.federation import build
 from fedllm.federation.build import local_steps
 from fedllm.federation.checkpoint import (
@@ -37,6 +41,7 @@ from fedllm.federation.checkpoint import (
     rows_problem,
     save_checkpoint,
 )
+from fedllm.federation.convergence import LocalWatch, RunWatch, carried, nll_of
 from fedllm.federation.guard import check_progress
 from fedllm.federation.rundir import RunWriter, run_dir, same_split, summarize
 from fedllm.federation.server import FederatedServer
@@ -52,20 +57,23 @@ def sample_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> li
     return UniformSampler(fraction, seed).sample(rnd, range(num_clients))
 
 
-def _eval_row(exp: Experiment, state: StateDict, clients: list[int] | None = None) -> tuple[dict[str, Any], list[dict]]:
-    """The held-out split's metrics; with ``eval.client_holdout`` also ``client_eval_loss`` (client ->
-    loss of ``state`` on that client's own held-out slice; ``clients`` limits which) and its spread."""
+def _eval_row(exp: Experiment, state: StateDict, clients: list[int] | None = None):
+    """(metrics, samples, per-example losses): the held-out split's metrics; with
+    ``data.validation_fraction`` also ``val_loss``; with ``eval.client_holdout`` also ``client_eval_loss``
+    (client -> loss of ``state`` on that client's own held-out slice; ``clients`` limits which) and its spread."""
     t0 = time.perf_counter()
     res = exp.evaluate(state)
     row = {"eval_loss": res.eval_loss, "perplexity": res.perplexity, "bleu": res.bleu, "accuracy": res.accuracy}
     if res.eval_loss_se is not None:
         row["eval_loss_se"] = res.eval_loss_se
+    if getattr(res, "val_loss", None) is not None:
+        row["val_loss"] = res.val_loss
     if exp.recipe.eval.client_holdout > 0:
         own = exp.evaluate_clients(state, clients)
         row["client_eval_loss"] = {str(k): v for k, v in sorted(own.items())}
         row.update(_spread(list(own.values())))
     row["eval_time_s"] = time.perf_counter() - t0
-    return row, res.samples
+    return row, res.samples, nll_of(res)
 
 
 def _spread(losses: list[float], name: str = "client_eval_loss") -> dict[str, float | None]:
@@ -89,13 +97,15 @@ def _personal_eval(exp: Experiment, server: FederatedServer, state: StateDict) -
             **_spread(list(own.values()), "personal_eval_loss"), "personal_eval_time_s": time.perf_counter() - t0}
 
 
-def _round0(mode: str, exp: Experiment, state: StateDict) -> tuple[dict[str, Any], list[dict]]:
-    metrics, samples = _eval_row(exp, state)
+def _round0(mode: str, exp: Experiment, state: StateDict):
+    metrics, samples, nll = _eval_row(exp, state)
     row = {"round": 0, "mode": mode, "train_loss": None, **metrics, "round_time_s": 0.0,
            "train_time_s": 0.0, "aggregate_time_s": 0.0, "bytes_up": 0, "bytes_down": 0, "clients": []}
     if mode == "federated" and exp.recipe.privacy.enabled:
         row["epsilon"] = 0.0  # nothing spent before the first round
-    return row, samples
+    if exp.recipe.train.local_epochs is not None:
+        row["epochs"] = 0.0  # data passes so far (convergence.RunWatch)
+    return row, samples, nll
 
 
 class Hooks:
@@ -108,11 +118,13 @@ class Hooks:
 
 
 def _start(exp: Experiment, mode: str, out: str | None, hooks: Hooks | None):
-    """A fresh run directory with its round-0 row, the starting state, and the hooks to use."""
+    """A fresh run directory with its round-0 row, the starting state, the hooks to use, and
+    (round-0 row, its per-example losses) for the run's watch."""
     writer = RunWriter(run_dir(exp.recipe, mode, out), exp.recipe, exp.data.partition_json())
     state = clone_state(exp.initial_state)
-    writer.log_round(*_round0(mode, exp, state))
-    return writer, state, _with_loggers(exp, writer, hooks or Hooks())
+    row, samples, nll = _round0(mode, exp, state)
+    writer.log_round(row, samples)
+    return writer, state, _with_loggers(exp, writer, hooks or Hooks()), (row, nll)
 
 
 def _with_loggers(exp: Experiment, writer: RunWriter, hooks: Hooks) -> Hooks:
@@ -148,19 +160,19 @@ def _train_clients(exp: Experiment, server: FederatedServer, plan, state: StateD
     The round's raw updates (before any upload transform) must show that training happened
     (:func:`~fedllm.federation.guard.check_progress`).
     """
-    losses, counts, arrived = [], {"failed_clients": 0}, []
-    for k in plan.training:
-        hooks.on_client(k)
+    losses, counts, arrived, jobs = [], {"failed_clients": 0}, [], []
+    for k in plan.training:  # every start and drift term is fixed before any upload (a round's inputs)
         examples = exp.data.client_examples(k)
         steps = build.client_steps(exp.recipe, len(examples), k in plan.stragglers)
         start = server.start_state(k, state)
-        try:
-            upd = exp.fit(k, examples, start, rnd, steps, grad_term=server.grad_term(k, start))
-        except IntegrityError:  # not one client's failure: nothing the run computes can be trusted
-            raise
-        except Exception as exc:  # a failing client never takes the round down
+        jobs.append(FitJob(k, examples, start, steps, server.grad_term(k, start)))
+    for job, upd in zip(jobs, exp.fit_many(jobs, rnd, hooks.on_client)):
+        k, start = job.client_id, job.start
+        if isinstance(upd, IntegrityError):  # not one client's failure: nothing the run computes can be trusted
+            raise upd
+        if isinstance(upd, Exception):  # a failing client never takes the round down
             log.warning("round %d: client %d failed (%s: %s); left out of aggregation",
-                        rnd, k, type(exc).__name__, one_line(str(exc)))
+                        rnd, k, type(upd).__name__, one_line(str(upd)))
             counts["failed_clients"] += 1
             continue
         if math.isfinite(upd.train_loss):
@@ -173,15 +185,17 @@ def _train_clients(exp: Experiment, server: FederatedServer, plan, state: StateD
 
 def _resume_or_start(exp: Experiment, server: FederatedServer, out: str | None, hooks: Hooks | None,
                      resume: bool):
-    """(writer, global state, hooks, first round): from the last good checkpoint, or fresh."""
+    """(writer, global state, hooks, first round, watch): from the last good checkpoint, or fresh."""
     path = run_dir(exp.recipe, "federated", out)
     ckpt = resume_state(checkpoint_dir(path), exp.recipe, exp.initial_state) if resume else None
     if resume and ckpt is None and (path / "summary.json").exists():
         raise RecipeError("--resume", f"{path} holds a finished run without checkpoints "
                           "(checkpoint.enabled: false?); run without --resume to start over")
     if ckpt is None:
-        writer, state, hooks = _start(exp, "federated", out, hooks)
-        return writer, state, hooks, 1
+        writer, state, hooks, first = _start(exp, "federated", out, hooks)
+        watch = RunWatch(exp, writer.path)
+        watch.observe(*first, server.eval_state(state))
+        return writer, state, hooks, 1, watch
     if not same_split(path, exp.data.partition_json()):
         raise RecipeError("--resume", f"the data split differs from {path / 'partition.json'} (the data file "
                           "or its partition changed since the run started); run without --resume to start over")
@@ -197,7 +211,8 @@ def _resume_or_start(exp: Experiment, server: FederatedServer, out: str | None, 
                           "--resume to start over") from None
     writer = RunWriter(path, exp.recipe, exp.data.partition_json(), resume_rows=ckpt.metrics_rows)
     log.info("resuming %s after round %d", path, ckpt.round)
-    return writer, clone_state(ckpt.global_state), _with_loggers(exp, writer, hooks or Hooks()), ckpt.round + 1
+    return (writer, clone_state(ckpt.global_state), _with_loggers(exp, writer, hooks or Hooks()), ckpt.round + 1,
+            RunWatch(exp, path, writer.rows))
 
 
 def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None = None,
@@ -213,8 +228,10 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
     server = FederatedServer(recipe, exp.initial_state, sizes, exp.payload_bytes, exp.mask, exp.mask_bytes,
                              uplink_on_site=exp.uplink_on_site,
                              state_dir=run_dir(recipe, "federated", out) / "client_state")
-    writer, state, hooks, first = _resume_or_start(exp, server, out, hooks, resume)
+    writer, state, hooks, first, watch = _resume_or_start(exp, server, out, hooks, resume)
     for rnd in range(first, fed.rounds + 1):
+        if watch.stopped:  # eval.patience: no new best val_loss in that many evaluations
+            break
         hooks.on_round(rnd, fed.rounds)
         t0 = time.perf_counter()
         train_s = 0.0
@@ -231,7 +248,7 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
                 break
         state = new_state
         t2 = time.perf_counter()
-        metrics, samples = _maybe_eval(exp, server.eval_state(state), rnd)
+        metrics, samples, nll = _maybe_eval(exp, server.eval_state(state), rnd)
         if server.personal_keys and metrics["eval_loss"] is not None:
             metrics.update(_personal_eval(exp, server, state))
             metrics["eval_time_s"] += metrics.pop("personal_eval_time_s")
@@ -242,39 +259,49 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
                "dropped_clients": plan.dropped, "stragglers": plan.stragglers,
                "skipped_nonfinite": nonfinite, **counts, **extra, **spent}
         row["round_time_s"] = row["train_time_s"] + row["aggregate_time_s"] + row["eval_time_s"]
+        watch.passes(row, [(n, build.client_steps(recipe, n, k in plan.stragglers))
+                           for k in plan.training for n in [len(exp.data.client_examples(k))]])
         writer.log_round(row, samples)
+        watch.observe(row, nll, server.eval_state(state))
         if recipe.checkpoint.enabled:
             save_checkpoint(checkpoint_dir(writer.path), ServerState(
                 round=rnd, global_state=state, server_state=server.state_dict(), rng_states=capture_rng(),
                 metrics_rows=writer.rows, fingerprint=recipe_fingerprint(recipe)), keep=recipe.checkpoint.keep)
     personal = ((k, server.personal_state(k, state)) for k in sorted(server.personal))  # one at a time
-    summary = _finish(exp, writer, state, personal=personal)
+    summary = _finish(exp, writer, state, watch.finish(writer.rows), personal=personal)
     if not recipe.checkpoint.enabled:  # no checkpoint names the per-client files: nothing can resume from them
         shutil.rmtree(writer.path / "client_state", ignore_errors=True)
     return summary
 
 
-def _maybe_eval(exp: Experiment, state: StateDict, rnd: int,
-                clients: list[int] | None = None) -> tuple[dict[str, Any], list[dict]]:
+def _evaluates(exp: Experiment, rnd: int) -> bool:
+    return rnd % exp.recipe.eval.every == 0 or rnd == exp.recipe.federation.rounds
+
+
+def _maybe_eval(exp: Experiment, state: StateDict, rnd: int, clients: list[int] | None = None):
     """Evaluate every ``eval.every`` rounds and at the last round; otherwise null metrics.
 
     All three modes go through here, so a comparison evaluates them at the same rounds.
     """
-    every, last = exp.recipe.eval.every, exp.recipe.federation.rounds
-    if rnd % every == 0 or rnd == last:
+    if _evaluates(exp, rnd):
         return _eval_row(exp, state, clients)
-    return {"eval_loss": None, "perplexity": None, "bleu": None, "accuracy": None, "eval_time_s": 0.0}, []
+    return {"eval_loss": None, "perplexity": None, "bleu": None, "accuracy": None, "eval_time_s": 0.0}, [], None
 
 
 def run_centralized(exp: Experiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
     recipe, fed = exp.recipe, exp.recipe.federation
-    writer, state, hooks = _start(exp, "centralized", out, hooks)
+    writer, state, hooks, first = _start(exp, "centralized", out, hooks)
+    watch = RunWatch(exp, writer.path)
+    watch.observe(*first, state)
     pooled = exp.data.train_examples
     for rnd in range(1, fed.rounds + 1):
+        if watch.stopped:  # eval.patience
+            break
         hooks.on_round(rnd, fed.rounds)
         t0 = time.perf_counter()
         sampled = sample_clients(recipe.partition.num_clients, fed.fraction, recipe.seed, rnd)
-        steps = sum(local_steps(recipe, len(exp.data.client_examples(k))) for k in sampled)
+        sizes = [len(exp.data.client_examples(k)) for k in sampled]
+        steps = build.centralized_steps(recipe, sizes)
         upd = exp.fit(-1, pooled, state, rnd, steps)
         check_progress(recipe, [upd], f"centralized round {rnd}")
         if upd.is_finite():
@@ -282,25 +309,32 @@ def run_centralized(exp: Experiment, out: str | None = None, hooks: Hooks | None
         else:
             log.warning("round %d: centralized update is non-finite; state unchanged", rnd)
         t1 = time.perf_counter()
-        metrics, samples = _maybe_eval(exp, state, rnd)
+        metrics, samples, nll = _maybe_eval(exp, state, rnd)
         row = {"round": rnd, "mode": "centralized", "train_loss": upd.train_loss, **metrics,
                "round_time_s": t1 - t0 + metrics["eval_time_s"], "train_time_s": t1 - t0,
                "aggregate_time_s": 0.0, "bytes_up": 0, "bytes_down": 0, "clients": [],
                "local_steps": upd.local_steps}
+        watch.passes(row, [(sum(sizes), steps)])
         writer.log_round(row, samples)
-    return _finish(exp, writer, state)
+        watch.observe(row, nll, state)
+    return _finish(exp, writer, state, watch.finish(writer.rows))
 
 
 def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
     """Each client alone; rows carry the mean over clients and a ``per_client`` breakdown."""
     recipe, fed = exp.recipe, exp.recipe.federation
-    writer, _, hooks = _start(exp, "local", out, hooks)
+    writer, _, hooks, first = _start(exp, "local", out, hooks)
+    watch = LocalWatch(exp, writer.path, *first)
     per_round: dict[int, dict[int, dict[str, Any]]] = {r: {} for r in range(1, fed.rounds + 1)}
     finals: dict[int, StateDict] = {}
     for k in range(recipe.partition.num_clients):
         hooks.on_client(k)
-        state = clone_state(exp.initial_state)
+        state, last = clone_state(exp.initial_state), None
+        watch.start(k)
         for rnd in range(1, fed.rounds + 1):
+            if watch.stopped(k):  # eval.patience: client k's model stays as it is; its scores are known
+                per_round[rnd][k] = carried(last, _evaluates(exp, rnd))
+                continue
             t0 = time.perf_counter()
             examples = exp.data.client_examples(k)
             upd = exp.fit(k, examples, state, rnd, local_steps(recipe, len(examples)))
@@ -308,14 +342,22 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
             if upd.is_finite():
                 state = add(state, upd.delta)
             t1 = time.perf_counter()
-            metrics, samples = _maybe_eval(exp, state, rnd, clients=[k])  # client k's own slice only
-            per_round[rnd][k] = {"train_loss": upd.train_loss, **metrics, "train_time_s": t1 - t0,
-                                 "samples": samples}
+            metrics, samples, nll = _maybe_eval(exp, state, rnd, clients=[k])  # client k's own slice only
+            per_round[rnd][k] = entry = {"train_loss": upd.train_loss, **metrics, "train_time_s": t1 - t0,
+                                         "samples": samples}
+            if recipe.train.local_epochs is not None:
+                entry["epochs"] = (last or {}).get("epochs", 0.0) + build.data_passes(recipe, len(examples),
+                                                                                        upd.local_steps)
+            last = entry
+            watch.see(k, {"round": rnd, **entry}, nll, state)
         finals[k] = state
-    for rnd in range(1, fed.rounds + 1):
+    rounds = max((r for r, rows in per_round.items() if any(not v.get("carried") for v in rows.values())), default=0)
+    for rnd in range(1, rounds + 1):
         rows = per_round[rnd]
         mean = {key: _mean([v[key] for v in rows.values()])
                 for key in ("train_loss", "eval_loss", "bleu", "accuracy", "train_time_s", "eval_time_s")}
+        mean.update({key: _mean([v.get(key) for v in rows.values()]) for key in ("val_loss", "epochs")
+                     if any(key in v for v in rows.values())})
         mean["eval_time_s"] = mean["eval_time_s"] or 0.0
         mean["perplexity"] = None if mean["eval_loss"] is None else math.exp(min(mean["eval_loss"], 700.0))
         row = {"round": rnd, "mode": "local", **mean, "aggregate_time_s": 0.0, "bytes_up": 0,
@@ -330,8 +372,8 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
         row["round_time_s"] = row["train_time_s"] + row["eval_time_s"]
         samples = [{"client": k, **s} for k, v in rows.items() for s in v["samples"]]
         writer.log_round(row, samples)
-    best = min(finals, key=lambda k: per_round[fed.rounds][k]["eval_loss"])
-    return _finish(exp, writer, finals[best], {"adapter_client": best})
+    best = min(finals, key=lambda k: per_round[rounds][k]["eval_loss"])
+    return _finish(exp, writer, finals[best], {"adapter_client": best, **watch.finish(writer.rows)})
 
 
 def _mean(values: list[Any]) -> float | None:

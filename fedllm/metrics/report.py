@@ -250,6 +250,7 @@ def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[s
                        "bytes_up": sum(r["bytes_up"] for r in rows),
                        "bytes_down": sum(r["bytes_down"] for r in rows),
                        "time_s": sum(r["round_time_s"] for r in rows), "invocation": runs[mode]}
+    _add_ratios(root, table)
     write_json_atomic(root / "comparison.json", table)
     cols = ["rounds", "initial_eval_loss", "final_eval_loss", "final_perplexity", "final_bleu", "final_accuracy",
             "bytes_up", "bytes_down", "time_s"]
@@ -258,6 +259,8 @@ def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[s
              "| mode | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     lines += [f"| {m} | " + " | ".join(_fmt(v[c]) for c in cols) + " |" for m, v in table.items()]
     lines += ["", "Local-only rows are means over clients (each evaluated on the same held-out split)."]
+    if ratios := ratio_lines(table):
+        lines += ["", "## Perplexity ratios (paired over the same held-out examples)", "", *ratios]
     if None in runs.values() or len(set(runs.values())) > 1:
         lines += ["", "**Stale comparison:** these modes do not all come from one `fedllm compare` (invocations "
                   + ", ".join(f"{m}: {i or 'unfinished or a single run'}" for m, i in runs.items())
@@ -267,6 +270,53 @@ def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[s
         lines += ["", "![comparison](comparison.png)"]
     write_text_atomic(root / "comparison.md", "\n".join(lines) + "\n")
     return table
+
+
+# Each ratio: (mode, the mode it is divided by); federated / centralized is the price of federating,
+# local / federated what federating buys a client.
+RATIOS = (("federated", "centralized"), ("local", "federated"))
+
+
+def _add_ratios(root: Path, table: dict[str, dict[str, Any]]) -> None:
+    """Per mode row: its perplexity over its reference mode's, with the paired 95 % interval, from the
+    per-example losses both runs wrote (``eval_nll.json``) on the same held-out examples; at the final
+    round and, with a validation split, at each mode's best-validation round (``best_*``)."""
+    from fedllm.federation.convergence import NLL_FILE, ratio_with_interval  # noqa: PLC0415
+
+    nll = {}
+    for mode in table:
+        try:
+            nll[mode] = json.loads(read_regular_text(root / mode / NLL_FILE))
+        except (OSError, ValueError):
+            nll[mode] = {}
+    for mode, ref in RATIOS:
+        if mode not in table or ref not in table:
+            continue
+        for when, prefix in (("final", ""), ("best", "best_")):
+            a, b = nll[mode].get(when), nll[ref].get(when)
+            if not (isinstance(a, dict) and isinstance(b, dict)):
+                continue
+            try:
+                r = ratio_with_interval(a, b)
+            except (ValueError, KeyError, TypeError, ZeroDivisionError):
+                continue  # scored on different examples (or an old file): no paired ratio
+            table[mode].update({f"{prefix}ppl_ratio_of": f"{mode}/{ref}", f"{prefix}ppl_ratio": r["ratio"],
+                                f"{prefix}ppl_ratio_lo": r["lo"], f"{prefix}ppl_ratio_hi": r["hi"],
+                                f"{prefix}ppl_ratio_examples": r["examples"]})
+
+
+def ratio_lines(table: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per paired ratio in a comparison table (``comparison.md`` and ``fedllm compare``'s output)."""
+    out = []
+    for prefix, when in (("", "final round"), ("best_", "best-validation round of each")):
+        for row in table.values():
+            if not isinstance(row, dict) or row.get(f"{prefix}ppl_ratio") is None:
+                continue
+            lo, hi = row.get(f"{prefix}ppl_ratio_lo"), row.get(f"{prefix}ppl_ratio_hi")
+            ci = f"95 % paired interval {lo:.4f}–{hi:.4f}" if lo is not None else "no interval (< 2 examples)"
+            out.append(f"- {row[f'{prefix}ppl_ratio_of']} perplexity: {row[f'{prefix}ppl_ratio']:.4f} ({ci}; "
+                       f"{row[f'{prefix}ppl_ratio_examples']} held-out examples, {when})")
+    return out
 
 
 def _invocation(run: Path) -> str | None:

@@ -32,13 +32,18 @@ class KernelError(IntegrityError):
 
 
 @functools.cache
-def cpu_has_avx512_bf16() -> bool:
-    """Whether this CPU advertises AVX512-BF16 (the flag bitsandbytes' packed kernel keys on)."""
+def cpu_flag(flag: str) -> bool:
+    """Whether this CPU advertises ``flag`` in /proc/cpuinfo (False where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            return any("avx512_bf16" in line.split() for line in fh if line.startswith("flags"))
+            return any(flag in line.split() for line in fh if line.startswith("flags"))
     except OSError:
         return False
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU advertises AVX512-BF16 (the flag bitsandbytes' packed kernel keys on)."""
+    return cpu_flag("avx512_bf16")
 
 
 def bnb_says_avx512_bf16() -> bool:

@@ -182,18 +182,11 @@ def score_examples(runs: Path, partition: str, seed: int, quick: bool) -> None:
 
 
 def paired_log_ratio(fed: dict[str, list], cen: dict[str, list]) -> tuple[float, float]:
-    """log(perplexity_fed / perplexity_cen) = L_fed − L_cen on the same examples, and its paired SE.
+    """log(perplexity_fed / perplexity_cen) on the same examples and its paired SE
+    (:func:`fedllm.federation.convergence.paired_log_ratio`, which ``fedllm compare`` uses too)."""
+    from fedllm.federation.convergence import paired_log_ratio as pair  # noqa: PLC0415
 
-    Both losses are token-weighted means over the same examples with the same token counts, so the
-    difference is one ratio estimator Σ dᵢ / Σ nᵢ with dᵢ = s_fed,i − s_cen,i; its SE comes from
-    :func:`fedllm.client.evaluate.loss_standard_error` applied to (dᵢ, nᵢ).
-    """
-    from fedllm.client.evaluate import loss_standard_error  # noqa: PLC0415
-
-    if fed["counts"] != cen["counts"]:
-        raise ValueError("the two runs were scored on different examples")
-    diffs = [a - b for a, b in zip(fed["sums"], cen["sums"])]
-    return math.fsum(diffs) / sum(fed["counts"]), loss_standard_error(diffs, fed["counts"])
+    return pair(fed, cen)
 
 
 # ----------------------------------------------------------------------------- collecting

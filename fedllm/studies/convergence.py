@@ -1,0 +1,353 @@
+"""The headline at convergence (issue 34): federated vs centralized vs local once each has trained to its best.
+
+The fixed-budget study (:mod:`fedllm.studies.gradualdiff`) stopped after 0.25 epochs. Here every
+mode trains on ``recipes/studies/gradualdiff.yaml`` (SmolLM2-135M NF4 + LoRA on every linear layer,
+coralmap, 5 clients) in whole data passes (``train.local_epochs``), scores a validation split
+carved from the training data every round (``data.validation_fraction``) and stops when its own
+validation loss has not improved for ``--patience`` evaluations (cap ``--cap-epochs``). The modes
+are compared at their best-validation rounds on the same held-out examples (paired, from each run's
+``eval_nll.json``), and the same runs give the loss against data passes.
+
+A *part* is one run: (phase, partition, seed, mode, variant, work, lr).
+
+1. **Pilots** (seed 0, ``--pilot-partitions``): ``--pilot-epochs`` of training at every client
+   learning rate of ``--lrs`` for centralized, local and GradualDiff (FedAvg of deltas), at each
+   local work per round of ``--works`` (federated; centralized and local train one epoch per
+   round). The rate with the lowest validation loss is chosen per (partition, mode, variant, work);
+   a partition without pilots takes the first pilot partition's choice.
+2. **Server pilots**: FedAvgM and FedAdam at GradualDiff's chosen client rate, over
+   ``--fedavgm-lrs`` / ``--fedadam-lrs``; the server rate with the lowest validation loss is kept.
+3. **Full runs** at the chosen rates, ``--seeds`` for federated and centralized, ``--local-seeds``
+   for local, with early stopping.
+
+Every finished part is recorded in ``<out>/parts/`` (one JSON each: its recipe, rows, summary and
+per-example losses) and skipped when its recipe is unchanged; an interrupted federated part resumes
+from its checkpoint. ``--plan`` prints the parts and an estimate of the CPU hours (tokens over a
+measured tokens/s). ``--quick`` runs the whole plan on the tiny model in about a minute (CI)::
+
+    nice -n 19 python -m fedllm.studies.convergence --out docs/convergence_study [--precision bf16]
+        [--plan] [--quick] [--report-only] [--readme docs/results/convergence.md]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fedllm.studies import finished_run, machine_line, parts_folder, quiet_process, recorded, study_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "studies" / "gradualdiff.yaml"
+PARTITIONS = {"iid": ["partition.method=iid"], "natural": ["partition.method=natural", "partition.column=topic"]}
+PAPER_LRS = (1e-5, 3e-5, 5e-5, 8e-5, 1e-4)  # the GradualDiff-Fed paper's grid; larger ones added below
+LRS = (*PAPER_LRS, 2e-4, 5e-4, 1e-3)
+VALIDATION = 0.1  # of each client's training examples
+QUICK = ["model.preset=tiny", "model.quantization=none", "lora.target_modules=[q_proj,v_proj]",
+         "partition.num_clients=3", "data.max_examples=45", "data.eval_size=9", "eval.bleu_samples=2",
+         "eval.max_new_tokens=4"]
+# The cost model of --plan: the study data (1,621 training + 200 held-out coralmap examples, the fixed-budget
+# study's partition.json) at 104 tokens an example (benchmarks: 6 steps of batch 4 = 2,491 tokens), and
+# docs/benchmarks.md's fp32 client rates on 2 shared cores (training 91.6, evaluation 337.4 tokens/s).
+STUDY_EXAMPLES, TOKENS_PER_EXAMPLE, TRAIN_TPS, EVAL_TPS = 1821, 104, 91.6, 337.4
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one invocation plans (the command line's knobs)."""
+
+    partitions: tuple[str, ...] = ("iid", "natural")
+    pilot_partitions: tuple[str, ...] = ("iid",)
+    seeds: tuple[int, ...] = (0, 1)
+    local_seeds: tuple[int, ...] = (0,)
+    lrs: tuple[float, ...] = LRS
+    works: tuple[float, ...] = (0.25, 1.0)
+    server_lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: {"fedavgm": (0.5, 1.0),
+                                                                              "fedadam": (1e-3, 1e-2)})
+    pilot_epochs: float = 0.5
+    cap_epochs: float = 10.0
+    patience: int = 2
+    precision: str = "32"
+    quick: bool = False
+
+
+QUICK_SETTINGS = Settings(partitions=("iid",), seeds=(0,), lrs=(1e-3, 1e-2), works=(1.0,),
+                          server_lrs={"fedadam": (1e-2,)}, pilot_epochs=1.0, cap_epochs=2.0, patience=1, quick=True)
+
+
+@dataclass(frozen=True)
+class Part:
+    phase: str  # pilot | full
+    partition: str
+    seed: int
+    mode: str
+    variant: str  # "-" (centralized, local), gradualdiff, fedavgm@<server lr>, fedadam@<server lr>
+    work: float  # epochs of local work per round
+    lr: float
+
+    @property
+    def name(self) -> str:
+        variant = {"-": self.mode[:4]}.get(self.variant, self.variant.replace("@", ""))
+        return f"conv_{self.phase}_{self.partition}_s{self.seed}_{variant}_w{self.work:g}_lr{self.lr:g}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}__{self.mode}"
+
+
+def work_of(part: Part, s: Settings) -> float:
+    """Epochs a round trains: the part's work, or a pilot's whole budget when that is smaller."""
+    return min(part.work, s.pilot_epochs) if part.phase == "pilot" else part.work
+
+
+def rounds_of(part: Part, s: Settings) -> int:
+    return max(1, math.ceil((s.pilot_epochs if part.phase == "pilot" else s.cap_epochs) / work_of(part, s) - 1e-9))
+
+
+def part_overrides(part: Part, s: Settings) -> list[str]:
+    server = ["server.optimizer=none"] if part.variant in ("-", "gradualdiff") else [
+        f"server.optimizer={part.variant.split('@')[0]}", f"server.lr={part.variant.split('@')[1]}"]
+    pilot = part.phase == "pilot"
+    return [f"name={part.name}", f"seed={part.seed}", *PARTITIONS[part.partition], "federation.algorithm=gradualdiff",
+            *server, "train.local_steps=10", f"train.local_epochs={work_of(part, s):g}", f"train.lr={part.lr:g}",
+            f"train.precision={s.precision}", f"federation.rounds={rounds_of(part, s)}", "eval.every=1",
+            f"data.validation_fraction={VALIDATION}", f"eval.patience={'null' if pilot else s.patience}",
+            f"output.save_adapter={'false' if pilot else 'true'}", *(["eval.bleu_samples=0"] if pilot else []),
+            *(QUICK if s.quick else [])]
+
+
+def part_recipe(part: Part, s: Settings):
+    from fedllm.config import load_recipe  # noqa: PLC0415  (heavy imports only when running)
+
+    return load_recipe(RECIPE, part_overrides(part, s))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def pilot_parts(s: Settings) -> list[Part]:
+    """Client-rate pilots: centralized and local one epoch a round, GradualDiff at every work."""
+    out = []
+    for partition in s.pilot_partitions:
+        for lr in s.lrs:
+            out += [Part("pilot", partition, 0, mode, "-", 1.0, lr) for mode in ("centralized", "local")]
+            out += [Part("pilot", partition, 0, "federated", "gradualdiff", w, lr) for w in s.works]
+    return out
+
+
+def server_pilot_parts(s: Settings, chosen: dict[str, float]) -> list[Part]:
+    """FedAvgM / FedAdam pilots at GradualDiff's chosen client rate (once that is known)."""
+    out = []
+    for partition in s.pilot_partitions:
+        for w in s.works:
+            c = chosen.get(choice_key(partition, "federated", "gradualdiff", w))
+            if c is not None:
+                out += [Part("pilot", partition, 0, "federated", f"{opt}@{slr:g}", w, c["lr"])
+                        for opt, grid in s.server_lrs.items() for slr in grid]
+    return out
+
+
+def choice_key(partition: str, mode: str, variant: str, work: float) -> str:
+    return f"{partition}|{mode}|{variant}|{work:g}"
+
+
+def choose(records: dict[str, dict], parts: list[Part]) -> dict[str, Any]:
+    """Per (partition, mode, variant, work): the client rate (and per optimizer the server rate)
+    whose pilot reached the lowest validation loss; ties go to the smaller rate."""
+    best: dict[str, tuple[float, float, str]] = {}
+    for p in parts:
+        rec = records.get(p.key)
+        val = (rec or {}).get("summary", {}).get("best", {}).get("val_loss")
+        if val is None or not math.isfinite(val):
+            continue
+        family = p.variant.split("@")[0]
+        k = choice_key(p.partition, p.mode, family, p.work)
+        if k not in best or (val, p.lr) < best[k][:2]:
+            best[k] = (val, p.lr, p.variant)
+    return {k: {"lr": v[1], "variant": v[2], "val_loss": v[0]} for k, v in best.items()}
+
+
+def full_parts(s: Settings, chosen: dict[str, Any]) -> list[Part]:
+    """The full runs at the chosen rates (a partition without pilots takes the first pilot partition's)."""
+    out = []
+    families = ["gradualdiff", *s.server_lrs]
+    for partition in s.partitions:
+        source = partition if partition in s.pilot_partitions else s.pilot_partitions[0]
+        for seed in s.seeds:
+            for mode in ("centralized", "local"):
+                c = chosen.get(choice_key(source, mode, "-", 1.0))
+                if c and (mode == "centralized" or seed in s.local_seeds):
+                    out.append(Part("full", partition, seed, mode, "-", 1.0, c["lr"]))
+            for w in s.works:
+                for fam in families:
+                    c = chosen.get(choice_key(source, "federated", fam, w))
+                    if c:
+                        out.append(Part("full", partition, seed, "federated", c["variant"], w, c["lr"]))
+    return out
+
+
+def estimate_hours(part: Part, s: Settings, train_tps: float, eval_tps: float) -> float:
+    """Upper bound of a part's CPU hours (every round to the cap; patience usually stops sooner)."""
+    examples = 45 if s.quick else STUDY_EXAMPLES
+    held = 9 if s.quick else 200
+    train = (examples - held) * (1 - VALIDATION) * TOKENS_PER_EXAMPLE
+    scored = (held + (examples - held) * VALIDATION) * TOKENS_PER_EXAMPLE * (5 if part.mode == "local" else 1)
+    rounds = rounds_of(part, s)
+    return (rounds * work_of(part, s) * train / train_tps + (rounds + 1) * scored / eval_tps) / 3600
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_parts(parts: list[Part], s: Settings, runs: Path, out: Path) -> dict[str, dict]:
+    """Run every part not yet recorded (one experiment per (partition, seed): one base model);
+    returns every recorded part of ``parts`` by key."""
+    from fedllm.experiments import make_experiment  # noqa: PLC0415  (heavy imports only when running)
+    from fedllm.federation.modes import run_centralized, run_federated, run_local  # noqa: PLC0415
+
+    folder = parts_folder(out, s.quick)
+    folder.mkdir(parents=True, exist_ok=True)
+    records, exps = {}, {}
+    for part in parts:
+        recipe = part_recipe(part, s)
+        if (rec := recorded(folder / f"{part.key}.json", recipe)) is not None:
+            records[part.key] = rec
+            continue
+        path = runs / recipe.name / part.mode
+        if not finished_run(path, recipe):
+            group = (part.partition, part.seed)
+            if group not in exps:
+                exps.clear()  # one base model in memory at a time
+                exps[group] = make_experiment(recipe)
+            exp = exps[group]
+            exp.recipe = recipe  # same data split and model; rates, optimizer and rounds differ
+            t0, c0 = time.perf_counter(), time.process_time()
+            if part.mode == "federated":
+                run_federated(exp, out=str(runs), resume=any((path / "checkpoints").glob("*")))
+            else:
+                {"centralized": run_centralized, "local": run_local}[part.mode](exp, out=str(runs))
+            (path / "study_time.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0,
+                                                              "cpu_s": time.process_time() - c0}))
+        records[part.key] = record(part, recipe, path, folder)
+        best = records[part.key]["summary"].get("best") or {}
+        print(f"  {part.key}: best val_loss {best.get('val_loss')} at round {best.get('round')}", flush=True)
+    return records
+
+
+def record(part: Part, recipe, path: Path, folder: Path) -> dict[str, Any]:
+    """A finished part's record (``<out>/parts/<key>.json``), from its run directory's files only."""
+    from fedllm.config import dump_recipe  # noqa: PLC0415
+    from fedllm.federation.rundir import read_metrics, write_json_atomic  # noqa: PLC0415
+
+    keep = ("round", "epochs", "eval_loss", "val_loss", "perplexity", "bleu", "train_loss", "train_time_s",
+            "aggregate_time_s", "eval_time_s")
+    summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    timing = path / "study_time.json"
+    nll = path / "eval_nll.json"
+    rec = {"recipe": dump_recipe(recipe), "part": asdict(part),
+           "rows": [{k: r.get(k) for k in keep if k in r} for r in read_metrics(path)],
+           "summary": {k: summary.get(k) for k in ("rounds", "final", "best", "train_unit", "stopped_early", "machine")},
+           "eval_nll": json.loads(nll.read_text(encoding="utf-8")) if nll.is_file() and part.phase == "full" else None,
+           **(json.loads(timing.read_text()) if timing.is_file() else {})}
+    write_json_atomic(folder / f"{part.key}.json", rec)
+    return rec
+
+
+def run_study(s: Settings, runs: Path, out: Path, execute: bool) -> dict[str, Any]:
+    """The three phases in order (each needs the one before); with ``execute`` False only the
+    parts already recorded are read."""
+    pick = run_parts if execute else _recorded_only
+    records = pick(pilot_parts(s), s, runs, out)
+    chosen = choose(records, pilot_parts(s))
+    records.update(pick(server_pilot_parts(s, chosen), s, runs, out))
+    chosen = choose(records, pilot_parts(s) + server_pilot_parts(s, chosen))
+    records.update(pick(full_parts(s, chosen), s, runs, out))
+    return {"chosen": chosen, "records": records}
+
+
+def _recorded_only(parts: list[Part], s: Settings, runs: Path, out: Path) -> dict[str, dict]:
+    folder = parts_folder(out, s.quick)
+    got = {p.key: recorded(folder / f"{p.key}.json", part_recipe(p, s)) for p in parts}
+    return {k: v for k, v in got.items() if v is not None}
+
+
+def print_plan(s: Settings, train_tps: float, eval_tps: float) -> float:
+    """The parts (full runs at a placeholder rate until the pilots choose) and their CPU-hour bound."""
+    pilots = pilot_parts(s)
+    chosen = {choice_key(p.partition, p.mode, p.variant, p.work): {"lr": p.lr, "variant": p.variant}
+              for p in pilots if p.lr == s.lrs[0]}
+    servers = server_pilot_parts(s, chosen)
+    fam = {choice_key(p.partition, p.mode, p.variant.split("@")[0], p.work): {"lr": p.lr, "variant": p.variant}
+           for p in servers}
+    fulls = full_parts(s, {**chosen, **fam})
+    total = 0.0
+    for title, parts in (("pilots", pilots), ("server-rate pilots", servers), ("full runs (rates: chosen)", fulls)):
+        hours = sum(estimate_hours(p, s, train_tps, eval_tps) for p in parts)
+        total += hours
+        print(f"{title}: {len(parts)} parts, <= {hours:.1f} CPU hours")
+        for p in parts:
+            lr = "chosen" if p.phase == "full" or "@" in p.variant else f"{p.lr:g}"
+            print(f"  {p.partition:8s} s{p.seed} {p.mode:12s} {p.variant:14s} work {p.work:g} lr {lr} "
+                  f"rounds <= {rounds_of(p, s)}")
+    print(f"total: {len(pilots) + len(servers) + len(fulls)} parts, <= {total:.1f} CPU hours at {train_tps:g} "
+          f"training / {eval_tps:g} evaluation tokens/s (upper bound: every run to its cap)")
+    return total
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def settings_from(args) -> Settings:
+    if args.quick:
+        return replace(QUICK_SETTINGS, precision=args.precision)
+    return Settings(partitions=tuple(args.partition or ("iid", "natural")),
+                    pilot_partitions=tuple(args.pilot_partition or ("iid",)),
+                    seeds=tuple(int(x) for x in _floats(args.seeds)), local_seeds=tuple(int(x) for x in _floats(args.local_seeds)),
+                    lrs=_floats(args.lrs), works=_floats(args.works),
+                    server_lrs={k: v for k, v in (("fedavgm", _floats(args.fedavgm_lrs)),
+                                                  ("fedadam", _floats(args.fedadam_lrs))) if v},
+                    pilot_epochs=args.pilot_epochs, cap_epochs=args.cap_epochs, patience=args.patience,
+                    precision=args.precision)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedllm.studies.convergence_report import write_report  # noqa: PLC0415
+
+    p = study_parser("convergence", __doc__)
+    p.add_argument("--quick", action="store_true", help="the tiny model and a small grid (CI, about a minute)")
+    p.add_argument("--plan", action="store_true", help="print the parts and the CPU-hour estimate; run nothing")
+    p.add_argument("--partition", action="append", choices=sorted(PARTITIONS), help="default: both")
+    p.add_argument("--pilot-partition", action="append", choices=sorted(PARTITIONS), help="default: iid")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--local-seeds", default="0")
+    p.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="client learning rates of the pilots")
+    p.add_argument("--works", default="0.25,1", help="federated local work per round, in epochs")
+    p.add_argument("--fedavgm-lrs", default="0.5,1", help="FedAvgM server rates (empty: no FedAvgM)")
+    p.add_argument("--fedadam-lrs", default="0.001,0.01", help="FedAdam server rates (empty: no FedAdam)")
+    p.add_argument("--pilot-epochs", type=float, default=0.5)
+    p.add_argument("--cap-epochs", type=float, default=10.0)
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--precision", default="32", choices=("32", "bf16"), help="client training numerics")
+    p.add_argument("--train-tps", type=float, default=TRAIN_TPS, help="--plan: measured training tokens/s")
+    p.add_argument("--eval-tps", type=float, default=EVAL_TPS, help="--plan: measured evaluation tokens/s")
+    args = p.parse_args(argv)
+    s = settings_from(args)
+    if args.plan:
+        print_plan(s, args.train_tps, args.eval_tps)
+        return 0
+    quiet_process()
+    doc = run_study(s, Path(args.runs), Path(args.out), execute=not args.report_only)
+    doc["meta"] = {"settings": {**asdict(s), "server_lrs": {k: list(v) for k, v in s.server_lrs.items()}},
+                   "machine": machine_line(), "command": "python -m fedllm.studies.convergence --out " + args.out
+                   + (" --quick" if args.quick else "")}
+    write_report(doc, Path(args.out), Path(args.readme) if args.readme else None)
+    print(f"wrote {args.out}/convergence_study.md (.json, .png): {len(doc['records'])} parts recorded")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

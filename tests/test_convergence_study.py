@@ -1,0 +1,61 @@
+"""``python -m fedllm.studies.convergence --quick``: pilots, server-rate pilots and full runs on the
+tiny model, resumable by part, with its tables and plots rendered from the JSON; ``--plan``."""
+
+from __future__ import annotations
+
+import json
+
+from fedllm.studies import convergence, convergence_report
+
+
+def test_the_plan_lists_every_phase_and_its_cost(capsys):
+    assert convergence.main(["--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "pilots: 32 parts" in out and "server-rate pilots: 8 parts" in out and "full runs" in out
+    assert "CPU hours" in out and "lr 1e-05" in out and "fedadam@0.01" in out
+    s = convergence.Settings()
+    assert set(convergence.PAPER_LRS) <= set(s.lrs) and max(s.lrs) > 1e-4  # the paper's grid and larger
+    full = convergence.full_parts(s, {convergence.choice_key("iid", "federated", "gradualdiff", 1.0):
+                                      {"lr": 1e-4, "variant": "gradualdiff"}})
+    assert {(p.partition, p.seed) for p in full} == {("iid", 0), ("iid", 1), ("natural", 0), ("natural", 1)}
+    short = convergence.Settings(pilot_epochs=0.25)  # a pilot shorter than a round's work: one round of it
+    pilot = convergence.Part("pilot", "iid", 0, "centralized", "-", 1.0, 1e-4)
+    assert convergence.rounds_of(pilot, short) == 1 and "train.local_epochs=0.25" in convergence.part_overrides(pilot, short)
+    quarter = convergence.Part("pilot", "iid", 0, "federated", "gradualdiff", 0.25, 1e-4)
+    assert convergence.rounds_of(quarter, convergence.Settings(pilot_epochs=1.0)) == 4
+    assert convergence.rounds_of(convergence.Part("full", "iid", 0, "federated", "gradualdiff", 0.25, 1e-4), s) == 40
+
+
+def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    args = ["--quick", "--out", str(out), "--runs", str(runs)]
+    assert convergence.main(args) == 0
+    doc = json.loads((out / "convergence_study.json").read_text())
+    chosen = doc["chosen"]
+    assert {k.split("|")[1] for k in chosen} == {"centralized", "local", "federated"}
+    assert chosen["iid|federated|fedadam|1"]["variant"] == "fedadam@0.01"
+    full = {k: r for k, r in doc["records"].items() if r["part"]["phase"] == "full"}
+    assert {r["part"]["mode"] for r in full.values()} == {"centralized", "local", "federated"}
+    for rec in full.values():  # every full run at its mode's chosen rate, with a best round
+        part = rec["part"]
+        family = part["variant"].split("@")[0]
+        assert part["lr"] == chosen[f"iid|{part['mode']}|{family}|1"]["lr"]
+        assert rec["summary"]["best"]["val_loss"] is not None and "eval_nll" not in rec  # slim JSON
+        assert rec["rows"][-1]["epochs"] <= 2.0
+    pair = doc["ratios"]["iid"]
+    top = pair["best_federated"]
+    r = pair["fed_over_central"][top]["0"]["best"]
+    assert r["lo"] < r["ratio"] < r["hi"]
+    md = (out / "convergence_study.md").read_text()
+    assert convergence_report.headline_table(doc) in md and "| iid | centralized |" in md
+    assert "## Pilots" in md and (out / "loss_iid.png").stat().st_size > 0 and (out / "ratio_iid.png").is_file()
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "parts_quick").iterdir()}
+    assert convergence.main(args) == 0  # resumable by part: everything recorded, nothing runs again
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "parts_quick").iterdir()} == before
+    assert "best val_loss" not in capsys.readouterr().out
+    page = tmp_path / "page.md"
+    page.write_text(f"# x\n{convergence_report.MARK_START}\nold\n{convergence_report.MARK_END}\ntail\n")
+    assert convergence.main([*args, "--report-only", "--readme", str(page)]) == 0
+    committed = json.loads((out / "convergence_study.json").read_text())
+    assert page.read_text() == f"# x\n{convergence_report.readme_block(committed)}\ntail\n"
