@@ -509,7 +509,8 @@ class TrainConfig:
             require(0 < self.local_epochs <= 10_000, "train.local_epochs", f"expected in (0, 10000], got {self.local_epochs}")
             require(self.local_steps == TrainConfig.local_steps, "train.local_steps",
                     f"set either train.local_steps ({self.local_steps}) or train.local_epochs ({self.local_epochs}), "
-                    "not both: with local_epochs the steps follow from each client's data")
+                    "not both: with local_epochs the steps follow from each client's data (leave local_steps out, i.e. at "
+                    f"its default {TrainConfig.local_steps})")
 
     def optimizer_for(self, task: str) -> Literal["adamw", "sgd"]:
         """The optimizer a client of ``task`` ("lm" or "vision") builds; ``auto`` keeps each task's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -64,3 +65,15 @@ def tiny_compare(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     assert main(["compare", str(TINY), "--out", str(out)]) == 0
     return out / "tiny"
+
+
+@pytest.fixture(autouse=True)
+def _fedllm_log_level():
+    """Each test starts with the ``fedllm`` logger's level as the session had it: a study's entry
+    point run in-process (``quiet_process``) sets it to ERROR, which would hide the warnings a later
+    test reads through ``caplog``."""
+    logger = logging.getLogger("fedllm")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+

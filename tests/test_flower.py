@@ -183,7 +183,8 @@ def task_identity(monkeypatch):
 @pytest.mark.parametrize("groups", [
     {"federation": {"algorithm": "fedprox", "mu": 0.5}},
     {"federation": {"algorithm": "scaffold"}},
-    {"federation": {"algorithm": "fednova"}, "train": {"local_epochs": 1}},
+    # local_steps back at its default: the toy recipe sets 3, and local_epochs is exclusive with it
+    {"federation": {"algorithm": "fednova"}, "train": {"local_epochs": 1, "local_steps": 10}},
     {"server": {"optimizer": "fedadam", "lr": 0.1}, "robust": {"aggregator": "trimmed_mean", "trim_ratio": 0.25}},
     {"privacy": {"dp": "server", "clip": 0.5, "noise_multiplier": 0.3}, "compression": {"codec": "q8"},
      "federation": {"weighted": False}},
