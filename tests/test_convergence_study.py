@@ -26,6 +26,22 @@ def test_the_plan_lists_every_phase_and_its_cost(capsys):
     assert convergence.rounds_of(convergence.Part("full", "iid", 0, "federated", "gradualdiff", 0.25, 1e-4), s) == 40
 
 
+def test_full_federated_best_runs_only_the_recipe_whose_pilot_validated_best():
+    key = convergence.choice_key
+    chosen = {key("iid", "centralized", "-", 1.0): {"lr": 3e-4, "variant": "-", "val_loss": 2.0},
+              key("iid", "federated", "gradualdiff", 0.25): {"lr": 1e-3, "variant": "gradualdiff", "val_loss": 2.5},
+              key("iid", "federated", "fedadam", 1.0): {"lr": 1e-4, "variant": "fedadam@0.01", "val_loss": 2.4},
+              key("iid", "federated", "gradualdiff", 1.0): {"lr": 3e-4, "variant": "gradualdiff", "val_loss": 2.6}}
+    every = convergence.full_parts(convergence.Settings(partitions=("iid",), seeds=(0,)), chosen)
+    assert sorted((p.variant, p.work) for p in every if p.mode == "federated") == [
+        ("fedadam@0.01", 1.0), ("gradualdiff", 0.25), ("gradualdiff", 1.0)]
+    best = convergence.full_parts(convergence.Settings(partitions=("iid", "natural"), seeds=(0, 1),
+                                                       full_federated="best"), chosen)
+    fed = [(p.partition, p.seed, p.variant, p.work, p.lr) for p in best if p.mode == "federated"]
+    assert fed == [(part, seed, "fedadam@0.01", 1.0, 1e-4) for part in ("iid", "natural") for seed in (0, 1)]
+    assert sum(p.mode == "centralized" for p in best) == 4
+
+
 def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
     args = ["--quick", "--out", str(out), "--runs", str(runs)]
@@ -42,6 +58,9 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
         assert part["lr"] == chosen[f"iid|{part['mode']}|{family}|1"]["lr"]
         assert rec["summary"]["best"]["val_loss"] is not None and "eval_nll" not in rec  # slim JSON
         assert rec["rows"][-1]["epochs"] <= 2.0
+        assert rec["bleu"]["samples"] == 2 and rec["bleu"]["best"] is not None  # scored on the saved adapters
+        assert (rec["bleu"]["last"] is None) == (part["mode"] == "local")
+        assert all(r.get("bleu") is None for r in rec["rows"])  # not every round
     pair = doc["ratios"]["iid"]
     top = pair["best_federated"]
     r = pair["fed_over_central"][top]["0"]["best"]

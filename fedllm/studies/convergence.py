@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,6 +47,9 @@ PARTITIONS = {"iid": ["partition.method=iid"], "natural": ["partition.method=nat
 PAPER_LRS = (1e-5, 3e-5, 5e-5, 8e-5, 1e-4)  # the GradualDiff-Fed paper's grid; larger ones added below
 LRS = (*PAPER_LRS, 2e-4, 5e-4, 1e-3)
 VALIDATION = 0.1  # of each client's training examples
+# BLEU is scored once a full run has finished, on its best-validation and last adapters (a greedy
+# generation every round would cost more than the training of a quarter-epoch round); pilots skip it.
+BLEU_SAMPLES = 32
 QUICK = ["model.preset=tiny", "model.quantization=none", "lora.target_modules=[q_proj,v_proj]",
          "partition.num_clients=3", "data.max_examples=45", "data.eval_size=9", "eval.bleu_samples=2",
          "eval.max_new_tokens=4"]
@@ -71,6 +75,7 @@ class Settings:
     cap_epochs: float = 10.0
     patience: int = 2
     precision: str = "32"
+    full_federated: str = "all"  # all: every federated family at every work; best: the pilots' best one
     quick: bool = False
 
 
@@ -115,8 +120,8 @@ def part_overrides(part: Part, s: Settings) -> list[str]:
             *server, "train.local_steps=10", f"train.local_epochs={work_of(part, s):g}", f"train.lr={part.lr:g}",
             f"train.precision={s.precision}", f"federation.rounds={rounds_of(part, s)}", "eval.every=1",
             f"data.validation_fraction={VALIDATION}", f"eval.patience={'null' if pilot else s.patience}",
-            f"output.save_adapter={'false' if pilot else 'true'}", *(["eval.bleu_samples=0"] if pilot else []),
-            *(QUICK if s.quick else [])]
+            f"output.save_adapter={'false' if pilot else 'true'}", *(QUICK if s.quick else []),
+            "eval.bleu_samples=0"]
 
 
 def part_recipe(part: Part, s: Settings):
@@ -171,21 +176,24 @@ def choose(records: dict[str, dict], parts: list[Part]) -> dict[str, Any]:
 
 
 def full_parts(s: Settings, chosen: dict[str, Any]) -> list[Part]:
-    """The full runs at the chosen rates (a partition without pilots takes the first pilot partition's)."""
+    """The full runs at the chosen rates (a partition without pilots takes the first pilot partition's).
+
+    With ``full_federated="best"`` only the federated recipe (family and work) whose pilot reached the
+    lowest validation loss runs in full; the others are reported from their pilots."""
     out = []
     families = ["gradualdiff", *s.server_lrs]
     for partition in s.partitions:
         source = partition if partition in s.pilot_partitions else s.pilot_partitions[0]
+        fed = [(w, chosen[k]) for w in s.works for fam in families
+               if (k := choice_key(source, "federated", fam, w)) in chosen]
+        if s.full_federated == "best" and fed:
+            fed = [min(fed, key=lambda wc: (wc[1].get("val_loss", math.inf), wc[0]))]
         for seed in s.seeds:
             for mode in ("centralized", "local"):
                 c = chosen.get(choice_key(source, mode, "-", 1.0))
                 if c and (mode == "centralized" or seed in s.local_seeds):
                     out.append(Part("full", partition, seed, mode, "-", 1.0, c["lr"]))
-            for w in s.works:
-                for fam in families:
-                    c = chosen.get(choice_key(source, "federated", fam, w))
-                    if c:
-                        out.append(Part("full", partition, seed, "federated", c["variant"], w, c["lr"]))
+            out += [Part("full", partition, seed, "federated", c["variant"], w, c["lr"]) for w, c in fed]
     return out
 
 
@@ -231,10 +239,50 @@ def run_parts(parts: list[Part], s: Settings, runs: Path, out: Path) -> dict[str
                 {"centralized": run_centralized, "local": run_local}[part.mode](exp, out=str(runs))
             (path / "study_time.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0,
                                                               "cpu_s": time.process_time() - c0}))
+        if part.phase == "full" and not (path / BLEU_FILE).is_file():
+            group = (part.partition, part.seed)
+            if group not in exps:
+                exps.clear()
+                exps[group] = make_experiment(recipe)
+            exps[group].recipe = recipe
+            score_bleu(exps[group], part, path, BLEU_SAMPLES if not s.quick else 2)
         records[part.key] = record(part, recipe, path, folder)
         best = records[part.key]["summary"].get("best") or {}
         print(f"  {part.key}: best val_loss {best.get('val_loss')} at round {best.get('round')}", flush=True)
     return records
+
+
+BLEU_FILE = "study_bleu.json"
+
+
+def score_bleu(exp, part: Part, path: Path, samples: int) -> None:
+    """BLEU on the first ``samples`` held-out prompts of a finished full run's best-validation and last
+    adapters (local mode: the mean over the clients' best adapters; its last is the best client's),
+    written to the run directory's ``study_bleu.json``. Each adapter's held-out loss must equal the one
+    the run logged for it, or this raises (the wrong files were read)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from fedllm.client.evaluate import evaluate  # noqa: PLC0415
+
+    summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    e = exp.recipe.eval
+
+    def bleu_of(folder: Path, logged: float | None) -> float:
+        exp.state.set(load_file(str(folder / "adapter_model.safetensors")))
+        res = evaluate(exp.model, exp.tokenizer, exp.data.eval_examples, e.batch_size, samples, e.max_new_tokens)
+        if logged is not None and abs(res.eval_loss - logged) > 1e-3 * max(1.0, abs(logged)):
+            raise RuntimeError(f"{folder}: scores {res.eval_loss:.6f}, the run logged {logged:.6f}")
+        return res.bleu
+
+    best = summary.get("best") or {}
+    if part.mode == "local":
+        clients = sorted((path / "adapter_best").glob("client_*"), key=lambda p: int(p.name.split("_")[1]))
+        best_bleu = statistics.fmean(bleu_of(c, None) for c in clients) if clients else None
+        last_bleu = None
+    else:
+        best_bleu = bleu_of(path / "adapter_best", best.get("eval_loss")) if (path / "adapter_best").is_dir() else None
+        last_bleu = bleu_of(path / "adapter", (summary.get("final") or {}).get("eval_loss"))
+    (path / BLEU_FILE).write_text(json.dumps({"samples": samples, "best": best_bleu, "last": last_bleu}))
 
 
 def record(part: Part, recipe, path: Path, folder: Path) -> dict[str, Any]:
@@ -251,6 +299,7 @@ def record(part: Part, recipe, path: Path, folder: Path) -> dict[str, Any]:
            "rows": [{k: r.get(k) for k in keep if k in r} for r in read_metrics(path)],
            "summary": {k: summary.get(k) for k in ("rounds", "final", "best", "train_unit", "stopped_early", "machine")},
            "eval_nll": json.loads(nll.read_text(encoding="utf-8")) if nll.is_file() and part.phase == "full" else None,
+           "bleu": json.loads((path / BLEU_FILE).read_text()) if (path / BLEU_FILE).is_file() else None,
            **(json.loads(timing.read_text()) if timing.is_file() else {})}
     write_json_atomic(folder / f"{part.key}.json", rec)
     return rec
@@ -311,7 +360,7 @@ def settings_from(args) -> Settings:
                     server_lrs={k: v for k, v in (("fedavgm", _floats(args.fedavgm_lrs)),
                                                   ("fedadam", _floats(args.fedadam_lrs))) if v},
                     pilot_epochs=args.pilot_epochs, cap_epochs=args.cap_epochs, patience=args.patience,
-                    precision=args.precision)
+                    precision=args.precision, full_federated=args.full_federated)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pilot-epochs", type=float, default=0.5)
     p.add_argument("--cap-epochs", type=float, default=10.0)
     p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--full-federated", default="all", choices=("all", "best"),
+                   help="full runs of every federated recipe, or only the one whose pilot validated best")
     p.add_argument("--precision", default="32", choices=("32", "bf16"), help="client training numerics")
     p.add_argument("--train-tps", type=float, default=TRAIN_TPS, help="--plan: measured training tokens/s")
     p.add_argument("--eval-tps", type=float, default=EVAL_TPS, help="--plan: measured evaluation tokens/s")

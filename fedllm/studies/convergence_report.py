@@ -44,6 +44,8 @@ def full_runs(doc: dict[str, Any]) -> dict[str, dict[str, dict[int, dict]]]:
 
 def at(rec: dict[str, Any], when: str, key: str) -> float | None:
     """``key`` at the best-validation round (``when="best"``) or the last evaluated round."""
+    if key == "bleu" and rec.get("bleu"):  # scored after the run on its saved adapters
+        return rec["bleu"].get(when)
     if when == "best":
         return (rec["summary"].get("best") or {}).get(key)
     rows = [r for r in rec["rows"] if r.get("eval_loss") is not None]
