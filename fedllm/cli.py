@@ -30,7 +30,7 @@ from fedllm.errors import IntegrityError
 EXIT_BAD_INPUT = 2
 EXIT_UNTRUSTED = 3  # the run stopped itself: what it would report cannot be trusted (e.g. nothing trained)
 EXIT_WRITE = 4  # the run could not write its files (e.g. the disk is full): it has no new summary.json
-READING = ("validate", "report")  # commands whose OS errors are about their input: exit 2
+READING = ("validate", "report", "audit")  # commands whose OS errors are about their input: exit 2
 
 
 def _quiet_libraries() -> None:
@@ -55,18 +55,25 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors follow the same contract as recipe errors: one line, exit 2."""
 
     def error(self, message: str):
+        if message.startswith("the following arguments are required: recipe"):  # `fedllm validate` alone
+            usage = " ".join(self.format_usage().removeprefix("usage: ").split())
+            message = f"a recipe path is required (usage: {usage})"
         raise RecipeError(self.prog, message)
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fedllm import __version__
+
     p = _Parser(prog="fedllm", description="Federated fine-tuning of 4-bit LoRA LMs.")
+    p.add_argument("--version", action="version", version=f"fedllm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "train one mode (recipe `mode`, or --mode)"),
                         ("compare", "run federated, centralized and local on the same partition"),
                         ("validate", "check a recipe and its data without training")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("recipe", help="recipe YAML")
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.rounds=2 lora.r=8")
+        sp.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. federation.rounds=2 lora.r=8 "
+                        "(relative paths from the working directory; the recipe's own from its folder)")
         if name == "validate":
             sp.add_argument("--explain", action="store_true", help="list every field: value and meaning")
             sp.add_argument("--recipe-only", action="store_true",
@@ -74,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                             "loaded, checked row by row and partitioned as a run would)")
         else:
             sp.add_argument("--out", help="root folder for run directories (default: recipe output.dir)")
+            sp.add_argument("--quiet", action="store_true",
+                            help="no progress bars (there are none anyway when the output is not a terminal)")
         if name == "run":
             sp.add_argument("--mode", choices=("federated", "centralized", "local"))
             sp.add_argument("--resume", action="store_true",
@@ -84,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                         "directory's comparison and reports")
     rp.add_argument("run_dir", help="a run directory (<output.dir>/<name>/<mode>) or a compare directory "
                     "(<output.dir>/<name>)")
+    au = sub.add_parser("audit", help="the privacy audit of a finished federated run with canaries "
+                        "(privacy.audit.canaries): membership AUCs and a lower bound on epsilon")
+    au.add_argument("run_dir", help="a finished federated run directory (<output.dir>/<name>/federated)")
     _use_parsers(sub)
     ep = sub.add_parser("edge", help="asynchronous edge learning by cloned KD from an edge recipe (recipes/edge/)")
     ep.add_argument("recipe", help="edge recipe YAML")
@@ -110,30 +122,46 @@ def _use_parsers(sub) -> None:
     xp.add_argument("--merge-base", choices=("run", "original"), default="run",
                     help="run: the base as the run computed with it (NF4-rounded for nf4 runs; reproduces "
                          "the run's eval loss); original: the full-precision checkpoint")
+    xp.add_argument("--cluster", type=int, help="a clustered run (federation.clusters): export cluster J's "
+                    "model instead of the headline one")
     gp = sub.add_parser("generate", help="greedy answers of a run's model to prompts, as JSONL")
     gp.add_argument("run_dir", help="a finished run directory (<output.dir>/<name>/<mode>)")
     src = gp.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--file", help='JSONL of prompts: a string or {"prompt": ...} per line')
     gp.add_argument("--out", help="answers JSONL, one {prompt, response} per line (default: stdout)")
-    gp.add_argument("--max-new-tokens", type=_positive, default=128, help="answer length limit (default 128)")
+    _decoding_flags(gp, "nf4")
     cp = sub.add_parser("chat", help="talk to a run's model on stdin (/exit or end of input quits)")
     cp.add_argument("run_dir", help="a finished run directory (<output.dir>/<name>/<mode>)")
-    cp.add_argument("--max-new-tokens", type=_positive, default=128, help="answer length limit (default 128)")
+    _decoding_flags(cp, "merged")
+
+
+def _decoding_flags(sp, weights: str) -> None:
+    """generate and chat: answer length, the loop guards (fedllm.decoding) and the model's form."""
+    sp.add_argument("--weights", choices=("nf4", "merged"), default=weights,
+                    help=f"nf4: the run's 4-bit base + adapter, the path it evaluated; merged: the same NF4-rounded "
+                    f"weights in one fp32 model, several times faster per token on a CPU (default {weights})")
+    sp.add_argument("--max-new-tokens", type=_positive, default=128, help="answer length limit (default 128)")
+    sp.add_argument("--repetition-penalty", type=float, default=1.15,
+                    help="divide the logit of a token the answer already used by this (default 1.15; 1: off)")
+    sp.add_argument("--no-repeat-ngram", type=int, default=4, metavar="N",
+                    help="never repeat an N-token sequence within an answer (default 4; 0: off)")
 
 
 def _use_command(args) -> int:
     if args.command == "export":
         from fedllm.export import export
 
-        out = export(args.run_dir, args.out, merge=args.merge, merge_base=args.merge_base)
+        out = export(args.run_dir, args.out, merge=args.merge, merge_base=args.merge_base, cluster=args.cluster)
         print(f"{'merged model' if args.merge else 'adapter'}: {out}")
         return 0
+    from fedllm.decoding import Decoding
     from fedllm.serve import chat_command, generate_command
 
+    decoding = Decoding(args.max_new_tokens, args.repetition_penalty, args.no_repeat_ngram)
     if args.command == "generate":
-        return generate_command(args.run_dir, args.prompt, args.file, args.out, args.max_new_tokens)
-    return chat_command(args.run_dir, args.max_new_tokens)
+        return generate_command(args.run_dir, args.prompt, args.file, args.out, decoding, args.weights)
+    return chat_command(args.run_dir, decoding, weights=args.weights)
 
 
 def _print_ratios(root) -> None:
@@ -198,6 +226,9 @@ def _validate(recipe, args) -> int:
         sizes = [len(data.client_examples(k)) for k in range(recipe.partition.num_clients)]
         each = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
         line += f"; data: {sum(sizes)} training examples, {each} per client"
+        names = data.partition_json().get("client_names")  # partition natural: which value is which client
+        if names:
+            line += "\nclients: " + ", ".join(f"{k} = {n} ({size})" for k, (n, size) in enumerate(zip(names, sizes)))
     print(line)
     return 0
 
@@ -225,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             from fedllm.studies.edge import edge_command
 
             return edge_command(args.recipe, args.overrides, args.out, args.quick, args.check)
+        if args.command == "audit":  # exit 2 for a run without canaries, 3 for a violated claim
+            from fedllm.federation.audit_report import audit_command
+
+            return audit_command(args.run_dir)
         if args.command == "report":
             from fedllm.metrics.report import rebuild
 
@@ -240,10 +275,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "run":
             result = api.run(args.recipe, *args.overrides, out=args.out, mode=args.mode, resume=args.resume,
-                             engine=args.engine)
+                             engine=args.engine, progress=not args.quiet)
             summaries = {result.mode: result.summary}
+            _print_table(summaries)
+            print(f"run directory: {result.dir}")
+            return _verdict(summaries)
         else:
-            comparison = api.compare(args.recipe, *args.overrides, out=args.out)
+            comparison = api.compare(args.recipe, *args.overrides, out=args.out, progress=not args.quiet)
             summaries = {m: r.summary for m, r in comparison.runs.items()}
             print(f"comparison: {comparison.dir / 'comparison.md'}")
             _print_ratios(comparison.dir)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fedllm import recipe_paths
 from fedllm.errors import read_regular_text
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,18 @@ class ModelConfig:
     preset: Literal["smollm2-135m", "tiny", "lenet300100", "cnn", "resnet"] = doc(
         "built-in model: SmolLM2-135M-Instruct, a tiny random llama, or a vision baseline "
         "(LeNet-300-100, small CNN, small ResNet)", "smollm2-135m")
-    path: str | None = doc("local Hugging Face model directory; overrides the preset's weights", None)
+    path: str | None = doc("local Hugging Face model directory, or a local .gguf file (dequantized once into "
+                           "fedllm's cache); overrides the preset's weights", None)
     quantization: Literal["nf4", "none"] = doc("load the base in 4-bit NF4 (bitsandbytes) or full precision", "nf4")
     device: Literal["auto", "cpu", "cuda"] = doc("where to train; auto picks CUDA when present", "auto")
 
     def __post_init__(self) -> None:
-        if self.path is not None:
+        if self.path is not None and self.path.strip().lower().endswith(".gguf"):
+            require(Path(self.path).is_file(), "model.path", f"GGUF file {self.path!r} does not exist")
+        elif self.path is not None:
             require(self.path.strip() != "" and Path(self.path).is_dir(), "model.path",
-                   f"directory {self.path!r} does not exist")
+                   f"directory {self.path!r} does not exist; expected a local Hugging Face model directory "
+                   "(config.json, weights, tokenizer) or a .gguf file")
 
     @property
     def task(self) -> str:
@@ -104,7 +109,9 @@ class LoraConfig:
     r: int = doc("LoRA rank", 8)
     alpha: float = doc("LoRA alpha (scaling = alpha / r)", 16.0)
     dropout: float = doc("dropout on the LoRA branch", 0.1)
-    target_modules: list[str] = doc("module names that get adapters", ["q_proj", "v_proj"])
+    target_modules: list[str] | Literal["all-linear", "attention", "mlp"] = doc(
+        "module names that get adapters, or a preset resolved per model family (fedllm.models.targets): "
+        "all-linear (every linear layer but the LM head), attention or mlp", ["q_proj", "v_proj"])
     method: Literal["lora", "dora"] = doc("lora, or dora (peft's weight-decomposed LoRA: a trainable magnitude "
                                           "vector per layer, averaged like the factors)", "lora")
     client_ranks: list[int] | None = doc(
@@ -123,6 +130,9 @@ class LoraConfig:
         require(self.alpha > 0, "lora.alpha", f"expected > 0, got {self.alpha}")
         require(0 <= self.dropout < 1, "lora.dropout", f"expected in [0, 1), got {self.dropout}")
         require(len(self.target_modules) > 0, "lora.target_modules", "expected at least one module name")
+        if isinstance(self.target_modules, str):  # a direct construction; YAML/overrides are checked by _coerce
+            require(self.target_modules in ("all-linear", "attention", "mlp"), "lora.target_modules",
+                    f"expected a list of module names or all-linear, attention or mlp, got {_show(self.target_modules)}")
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,8 @@ class DataConfig:
         "fashion_mnist (IDX files of the Debian package dataset-fashion-mnist)", None)
     root: str | None = doc("folder with Fashion-MNIST-style IDX files (vision; default: the Debian package's)", None)
     open_data: int = doc("vision: unlabeled training images held out for the server (HP-FL pre-training)", 0)
-    path: str | None = doc("JSONL, CSV, parquet file, a directory of parquet files or a saved `datasets` directory",
+    path: str | None = doc("JSONL, CSV, parquet file, a directory of parquet files or a saved `datasets` directory "
+                           "(relative: from the recipe file's folder; on the command line: from the working directory)",
                            None)
     prompt_field: str = doc("column with the user prompt", "prompt")
     response_field: str = doc("column with the reference response", "response")
@@ -201,6 +212,11 @@ class PartitionConfig:
     alpha: float = doc("Dirichlet concentration (dirichlet: over labels; quantity_skew: over sizes)", 0.5)
     shards_per_client: int = doc("shards each client gets (shards method)", 2)
     min_examples: int = doc("every client must hold at least this many examples", 1)
+    # compare=False: it only decides whether a split is accepted, never what the split is, so a
+    # recorded run (a study part) written before this field existed still equals its recipe
+    merge_values: bool = doc("natural: with fewer clients than column values, let a client hold several values "
+                             "(largest groups to the emptiest client; its name joins them with +); false refuses "
+                             "the mismatch", False, compare=False)
 
     def __post_init__(self) -> None:
         require(1 <= self.num_clients <= 100_000, "partition.num_clients", f"expected in [1, 100000], got {self.num_clients}")
@@ -250,6 +266,23 @@ class FederationConfig:
     fused_clients: bool = doc(
         "language models: train a round's clients together, one forward and backward of the shared base over "
         "their concatenated batches, each example through its own client's LoRA factors (same updates)", False)
+    topology: Literal["server", "gossip"] = doc(
+        "server: clients send updates to a server that aggregates them; gossip: no server, every client trains "
+        "its own adapter and then averages it with its graph neighbours' (Metropolis weights, decentralized SGD)",
+        "server")
+    graph: Literal["ring", "random-k"] | list[list[int]] = doc(
+        "gossip: who averages with whom: ring (client i with i-1 and i+1), random-k (each client links to "
+        "graph_k others drawn with the seed, redrawn until connected) or an edge list [[i, j], ...]", "ring")
+    graph_k: int = doc("gossip with graph random-k: links each client draws", 2)
+    clusters: int = doc(
+        "IFCA clustered FL (Ghosh et al. 2020): this many cluster models; each sampled client trains the one "
+        "with the lowest loss on its own training data, the server averages per cluster (1: one global model)", 1)
+    cluster_init: Literal["perturb", "clients"] = doc(
+        "clusters > 1: how the k models start apart: perturb (the initial state plus seeded Gaussian noise of "
+        "std cluster_init_scale; LoRA: on the B factors only) or clients (each from one local fit of k distinct "
+        "clients drawn with the seed, before round 1)", "perturb")
+    cluster_init_scale: float = doc(
+        "clusters > 1 with cluster_init perturb: std of the Gaussian noise added to each cluster's initial state", 0.01)
 
     def __post_init__(self) -> None:
         require(1 <= self.rounds <= 100_000, "federation.rounds", f"expected in [1, 100000], got {self.rounds}")
@@ -274,6 +307,14 @@ class FederationConfig:
             log.warning("federation.lora_aggregation: 'exact' is now called 'svd' (the best rank-r "
                         "factorization of the mean product); using svd")
             object.__setattr__(self, "lora_aggregation", "svd")
+        require(1 <= self.graph_k <= 100_000, "federation.graph_k", f"expected in [1, 100000], got {self.graph_k}")
+        require(1 <= self.clusters <= 1000, "federation.clusters", f"expected in [1, 1000], got {self.clusters}")
+        require(math.isfinite(self.cluster_init_scale) and self.cluster_init_scale >= 0,
+                "federation.cluster_init_scale", f"expected a finite number >= 0, got {self.cluster_init_scale}")
+        if isinstance(self.graph, list):
+            for i, edge in enumerate(self.graph):
+                require(len(edge) == 2 and edge[0] != edge[1] and min(edge) >= 0, f"federation.graph[{i}]",
+                        f"expected an edge [i, j] between two different client ids, got {_show(edge)}")
 
     @property
     def is_weighted(self) -> bool:
@@ -307,10 +348,11 @@ def krum_min_updates(byzantine: int, multi: int | None = 1) -> int:
 @dataclass(frozen=True)
 class RobustConfig:
     aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "bulyan",
-                        "centered_clip"] = doc(
+                        "centered_clip", "afa"] = doc(
         "mean (per the algorithm), coordinate-wise median, trimmed mean, Krum, multi-Krum, geometric "
-        "median (RFA), Bulyan (repeated Krum + trimmed median; K >= 4f + 3) or centered clipping "
-        "(Karimireddy et al. 2021: clip each update's offset from the last aggregate to clip_radius)", "mean")
+        "median (RFA), Bulyan (repeated Krum + trimmed median; K >= 4f + 3), centered clipping "
+        "(Karimireddy et al. 2021: clip each update's offset from the last aggregate to clip_radius) or AFA "
+        "(Munoz-Gonzalez et al. 2019: cosine filter around the mean, Beta reputations, blocking)", "mean")
     trim_ratio: float = doc("trimmed_mean: fraction beta cut from each end per coordinate", 0.1)
     byzantine: int = doc("krum/multi_krum: assumed number f of Byzantine clients per round", 1)
     multi: int | None = doc("multi_krum: updates kept (default K - f)", None)
@@ -334,9 +376,10 @@ class RobustConfig:
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    method: Literal["uniform", "poisson", "round_robin", "importance", "power_of_choice"] = doc(
+    method: Literal["uniform", "poisson", "round_robin", "importance", "power_of_choice", "diversity"] = doc(
         "uniform (fraction*K without replacement), poisson (each client with probability fraction), "
-        "round-robin, importance (prop. to examples) or power-of-choice", "uniform")
+        "round-robin, importance (prop. to examples), power-of-choice or diversity (fraction*K clients "
+        "covering the label space: stochastic-greedy facility location over label histograms)", "uniform")
     candidates: int | None = doc("power_of_choice: d candidates sampled, the m = fraction*K with the highest "
                                  "local loss kept (default 2m)", None)
 
@@ -358,15 +401,22 @@ class HierarchyConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    kind: Literal["none", "label_flip", "sign_flip", "scale", "noise", "alie", "ipm"] = doc(
+    kind: Literal["none", "label_flip", "sign_flip", "scale", "noise", "alie", "ipm", "backdoor"] = doc(
         "simulated attack (studies and tests); alie (a little is enough: mean - z*std of the honest "
         "updates per coordinate) and ipm (inner-product manipulation: -epsilon x the honest mean) collude: "
-        "the attackers see the round's honest updates", "none")
+        "the attackers see the round's honest updates; backdoor: model replacement (Bagdasaryan et al. 2020), "
+        "train on trigger-stamped images relabelled to backdoor_target, send boost x the update", "none")
     fraction: float = doc("fraction of clients that attack", 0.2)
     scale: float = doc("sign_flip/scale: factor applied to the update", 10.0)
     noise_std: float = doc("noise: std of the Gaussian update sent", 1.0)
     ipm_epsilon: float = doc("ipm: epsilon (Xie et al. 2020: 0.1 against Krum, large values against the median)", 0.5)
     alie_z: float | None = doc("alie: z (default Baruch et al.'s z_max from the round's n clients and m attackers)", None)
+    boost: float | None = doc("backdoor: gamma, the factor the attacker scales its update by (default n/eta: "
+                              "clients per round, the model-replacement boost for the uniform mean applied with step 1)", None)
+    backdoor_target: int = doc("backdoor: the class trigger-stamped images are relabelled to", 0)
+    poison_fraction: float = doc("backdoor: fraction of the attacker's examples stamped and relabelled", 0.5)
+    backdoor_rounds: list[int] | None = doc("backdoor: the rounds the attacker poisons and boosts in (default every "
+                                            "round); in the others it trains and sends honestly", None)
 
     def __post_init__(self) -> None:
         require(0 <= self.fraction <= 1, "attack.fraction", f"expected in [0, 1], got {self.fraction}")
@@ -375,6 +425,38 @@ class AttackConfig:
                 f"expected a positive number, got {self.ipm_epsilon}")
         if self.alie_z is not None:
             require(math.isfinite(self.alie_z), "attack.alie_z", f"expected a number, got {self.alie_z}")
+        if self.boost is not None:
+            require(math.isfinite(self.boost) and self.boost > 0, "attack.boost", f"expected > 0, got {self.boost}")
+        require(0 <= self.backdoor_target <= 9, "attack.backdoor_target", f"expected a class in 0 .. 9, got {self.backdoor_target}")
+        require(0 < self.poison_fraction <= 1, "attack.poison_fraction", f"expected in (0, 1], got {self.poison_fraction}")
+        if self.backdoor_rounds is not None:
+            require(bool(self.backdoor_rounds) and min(self.backdoor_rounds) >= 1, "attack.backdoor_rounds",
+                    f"expected a non-empty list of rounds >= 1, got {self.backdoor_rounds}")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    canaries: int = doc("privacy audit (fedllm.algorithms.audit): canaries planted, each included with probability 1/2 "
+                        "(Steinke et al. 2023); fedllm audit RUN_DIR and the end of the run print the measured leakage "
+                        "and a lower bound on epsilon; 0: no audit", 0)
+    kind: Literal["auto", "example", "client"] = doc(
+        "example: random-secret records in the clients' data (a record: DP-SGD's unit); client: canary clients whose "
+        "update is a random direction of norm privacy.clip (a whole client: client-level DP's unit, Andrew et al. "
+        "2024); auto: client under privacy.dp, example otherwise", "auto")
+    clients: list[int] | None = doc("example canaries: the clients whose data they join (null: every client)", None)
+    secret_digits: int = doc("example canaries: random digits in each secret", 12)
+    confidence: float = doc("confidence (1 - beta) of the lower bound on epsilon", 0.95)
+
+    def __post_init__(self) -> None:
+        require(self.canaries == 0 or 2 <= self.canaries <= 100_000, "privacy.audit.canaries",
+                f"expected 0 (off) or a count in [2, 100000], got {self.canaries}")
+        require(4 <= self.secret_digits <= 64, "privacy.audit.secret_digits", f"expected in [4, 64], got {self.secret_digits}")
+        require(0.5 <= self.confidence < 1, "privacy.audit.confidence", f"expected in [0.5, 1), got {self.confidence}")
+        require(self.clients is None or len(self.clients) > 0, "privacy.audit.clients", "expected client ids or null")
+
+    def unit(self, dp: str) -> str:
+        """The canary kind the audit uses under ``privacy.dp`` = ``dp``."""
+        return self.kind if self.kind != "auto" else ("client" if dp != "none" else "example")
 
 
 @dataclass(frozen=True)
@@ -390,9 +472,13 @@ class PrivacyConfig:
     target_quantile: float = doc("adaptive clipping: fraction of updates left unclipped", 0.5)
     secure_aggregation: bool = doc("pairwise-mask secure aggregation (server sees only the sum)", False)
     secagg_threshold: float = doc("fraction of a round's clients whose shares rebuild a dropped client's masks", 0.6)
+    secagg_scheme: Literal["masks", "he"] = doc(
+        "how secure aggregation hides each upload: pairwise masks (Bonawitz et al. 2017) or CKKS homomorphic "
+        "encryption (TenSEAL, the `he` extra; a key holder apart from the server decrypts only the sum)", "masks")
     dpsgd: bool = doc("sample-level DP-SGD on each client through Opacus (vision models and LoRA factors)", False)
     dpsgd_noise: float = doc("DP-SGD noise multiplier", 1.0)
     dpsgd_clip: float = doc("DP-SGD per-sample clipping norm", 1.0)
+    audit: AuditConfig = doc("canaries and the one-run privacy audit (docs/howto/privacy-audit.md)", AuditConfig())
 
     def __post_init__(self) -> None:
         require(self.clip > 0, "privacy.clip", f"expected > 0, got {self.clip}")
@@ -493,6 +579,9 @@ class TrainConfig:
     schedule: Literal["constant", "cosine", "linear"] = doc(
         "language models: learning rate across rounds by global step (round - 1) x steps + step, on top of the "
         "per-client warm-up: constant, cosine or linear decay towards 0 at the end of the last round", "constant")
+    devices: int = doc(
+        "language models: processes that train each client fit together (Lightning DDP, one 4-bit base each: gloo on "
+        "CPU cores, NCCL on GPUs); batch_size is per process, so a step sees devices x batch_size examples", 1)
 
     def __post_init__(self) -> None:
         require(1 <= self.local_steps <= 1_000_000, "train.local_steps", f"expected >= 1, got {self.local_steps}")
@@ -505,6 +594,7 @@ class TrainConfig:
         require(1 <= self.grad_accum <= 1024, "train.grad_accum", f"expected in [1, 1024], got {self.grad_accum}")
         require(0 <= self.length_bucketing <= 100_000, "train.length_bucketing",
                 f"expected 0 (off) or a pool size in batches in [1, 100000], got {self.length_bucketing}")
+        require(1 <= self.devices <= 64, "train.devices", f"expected in [1, 64], got {self.devices}")
         if self.local_epochs is not None:
             require(0 < self.local_epochs <= 10_000, "train.local_epochs", f"expected in (0, 10000], got {self.local_epochs}")
             require(self.local_steps == TrainConfig.local_steps, "train.local_steps",
@@ -667,7 +757,8 @@ def _task_data(r: Recipe) -> Problem:
 
 def _lm_only(r: Recipe) -> Problem:
     t, default = r.train, TrainConfig()
-    for knob in ("grad_accum", "gradient_checkpointing", "precision", "schedule", "head_positions", "length_bucketing"):
+    for knob in ("grad_accum", "gradient_checkpointing", "precision", "schedule", "head_positions", "length_bucketing",
+                 "devices"):
         if r.model.task == "vision" and getattr(t, knob) != getattr(default, knob):
             return f"train.{knob}", f"implemented for the language-model client; expected {getattr(default, knob)!r} here"
     if r.privacy.dpsgd and t.grad_accum > 1:
@@ -695,8 +786,8 @@ def _vision_only(r: Recipe) -> Problem:
             return "prune.init", "the isometric init acts on the vision baselines' weight matrices only"
         if r.eval.targets:
             return "eval.targets", "accuracy targets need a classifier (a vision model)"
-        if r.attack.kind == "label_flip":
-            return "attack.kind", "label_flip needs class labels (a vision model); use sign_flip, scale or noise"
+        if r.attack.kind in ("label_flip", "backdoor"):
+            return "attack.kind", f"{r.attack.kind} needs class labels (a vision model); use sign_flip, scale or noise"
         if r.data.open_data:
             return "data.open_data", "open (unlabeled) data is a vision setting"
     return None
@@ -725,11 +816,24 @@ def _aggregator(r: Recipe) -> Problem:
     return None
 
 
+def he_problem(secure_aggregation: bool) -> str | None:
+    """Why ``privacy.secagg_scheme: he`` cannot run: secure aggregation off, or TenSEAL not installed."""
+    import importlib.util  # noqa: PLC0415
+
+    if not secure_aggregation:
+        return "he is a secure-aggregation scheme; set privacy.secure_aggregation: true"
+    if importlib.util.find_spec("tenseal") is None:
+        return "he needs TenSEAL; install it with pip install 'fedllm[he]' (tenseal==0.3.16)"
+    return None
+
+
 def _privacy(r: Recipe) -> Problem:
     p, f = r.privacy, r.federation
     if p.dpsgd and f.algorithm in ("fedprox", "scaffold"):
         return ("privacy.dpsgd", f"Opacus rebuilds each per-sample gradient, so {f.algorithm}'s "
                 "gradient term would be lost; use gradualdiff, fedavg or fednova with DP-SGD")
+    if p.secagg_scheme == "he" and (why := he_problem(p.secure_aggregation)):
+        return "privacy.secagg_scheme", why
     if p.secure_aggregation:
         if r.robust.aggregator != "mean":
             return ("privacy.secure_aggregation", f"robust aggregator {r.robust.aggregator!r} needs individual "
@@ -820,6 +924,60 @@ def _hierarchy(r: Recipe) -> Problem:
     return None
 
 
+def _topology(r: Recipe) -> Problem:
+    """Gossip and IFCA (:mod:`fedllm.federation.gossip`, :mod:`fedllm.federation.clustered`): what they
+    run, and one line for each piece that has no meaning without one server model (or one model)."""
+    f, p, n = r.federation, r.privacy, r.partition.num_clients
+    gossip, clustered = f.topology == "gossip", f.clusters > 1
+    if not (gossip or clustered):
+        return None
+    what = "gossip" if gossip else "clustered FL (federation.clusters > 1)"
+    if gossip and clustered:
+        return "federation.clusters", "gossip has no server to hold cluster models; use clusters: 1 with gossip"
+    if isinstance(f.graph, list) and any(c >= n for edge in f.graph for c in edge):
+        return "federation.graph", f"an edge names a client id >= partition.num_clients ({n})"
+    if gossip and isinstance(f.graph, list):  # connected, or the models could never agree
+        seen, todo = {0}, [0]
+        while todo:
+            i = todo.pop()
+            for j in {b if a == i else a for a, b in f.graph if i in (a, b)} - seen:
+                seen.add(j)
+                todo.append(j)
+        if len(seen) < n:
+            cut = sorted(set(range(n)) - seen)[:8]
+            return "federation.graph", (f"clients {cut} have no path to client 0; gossip over a graph that is "
+                                        "not connected never reaches consensus")
+    for name, on, why in (
+        ("federation.algorithm", f.algorithm in ("scaffold", "fednova") or (gossip and f.algorithm == "fedavg"),
+         "its control variates / step normalization / example weights are defined against one server mean"),
+        ("federation.weighted", gossip and f.weighted is True, "Metropolis weights fix each neighbour's share"),
+        ("server.optimizer", r.server.optimizer != "none", "there is no single server model to step"),
+        ("privacy.dp", p.dp != "none", "the DP mechanism and its ledger are calibrated to one server mean"),
+        ("privacy.secure_aggregation", p.secure_aggregation,
+         "masking hides individual models, which gossip neighbours and the cluster choice need"),
+        ("privacy.dpsgd", p.dpsgd, "the per-client DP-SGD ledger is kept by the one-model server"),
+        ("privacy.audit.canaries", p.audit.canaries > 0, "the audit scores canaries at the one-model server"),
+        ("robust.aggregator", r.robust.aggregator != "mean" or r.robust.max_norm is not None,
+         "robust rules are written for one server aggregate"),
+        ("compression.codec", r.compression.codec != "none", "updates are exchanged uncompressed here"),
+        ("attack.kind", r.attack.kind != "none", "attacks are simulated on the one-model server's uplink"),
+        ("hierarchy.regions", bool(r.hierarchy.regions), "regions are another topology"),
+        ("federation.personalize", f.personalize != "none", "personal B factors belong to the one-model server"),
+        ("lora.client_ranks", r.lora.client_ranks is not None, "models of different ranks cannot be averaged"),
+        ("federation.lora_aggregation", f.lora_aggregation == "svd", "svd re-factorizes one server mean"),
+        ("federation.fraction", gossip and f.fraction < 1, "in gossip every client trains every round; use 1.0"),
+        ("selection.method", gossip and r.selection.method != "uniform", "in gossip every client trains"),
+        ("faults.dropout_prob", gossip and (r.faults.dropout_prob > 0 or r.faults.straggler_fraction > 0),
+         "availability is drawn by the server, which gossip has not"),
+        ("federation.clusters", clustered and f.clusters > n, f"expected <= partition.num_clients ({n})"),
+        ("eval.client_holdout", clustered and r.eval.client_holdout <= 0,
+         "clustered FL is judged per client, under its cluster's model: set eval.client_holdout > 0 (e.g. 0.2)"),
+    ):
+        if on:
+            return name, f"{what} cannot run this ({why})"
+    return None
+
+
 def flower_problem(r: Recipe) -> Problem:
     """What the Flower engine (simulation or deployment) cannot run, whatever ``federation.engine`` says.
 
@@ -836,6 +994,10 @@ def flower_problem(r: Recipe) -> Problem:
         ("lora.client_ranks", r.lora.client_ranks is not None, "sites would count their padded update's bytes"),
         ("federation.personalize", r.federation.personalize != "none",
          "the personal B factors are kept by the in-process server, not on the sites"),
+        ("federation.topology", r.federation.topology == "gossip", "gossip clients average with each other, "
+         "and Flower's sites only ever talk to the server"),
+        ("federation.clusters", r.federation.clusters > 1, "the cluster choice scores k models on each site's "
+         "training data, which the Flower apps do not do"),
         ("attack.kind", r.attack.kind not in ("none", "label_flip"),
          "a simulated attack would change updates at the coordinator, after the sites noised and encoded them"),
         ("federation.algorithm", r.federation.algorithm == "scaffold" and on_site,
@@ -875,6 +1037,21 @@ def fused_problem(r: Recipe) -> Problem:
     return None
 
 
+def ddp_problem(r: Recipe) -> Problem:
+    """What ``train.devices`` > 1 cannot split across processes (:mod:`fedllm.client.ddp`)."""
+    if r.train.devices <= 1:
+        return None
+    for name, on, reason in (
+        ("privacy.dpsgd", r.privacy.dpsgd, "DP-SGD clips each example's gradient and draws Poisson batches in one "
+         "process (Opacus); use devices: 1"),
+        ("federation.fused_clients", r.federation.fused_clients, "a fused pass trains several clients on one "
+         "process; use one of the two"),
+    ):
+        if on:
+            return name, f"train.devices {r.train.devices} cannot run this ({reason})"
+    return None
+
+
 def _excludes_something(r: Recipe) -> Problem:
     """A robust aggregator that cannot exclude anything at this round size is a mean in disguise."""
     rob, m = r.robust, r.clients_per_round
@@ -884,8 +1061,43 @@ def _excludes_something(r: Recipe) -> Problem:
     return None
 
 
+def _audit(r: Recipe) -> Problem:
+    """``privacy.audit``: example canaries are text records; canary clients join a plain clipped mean."""
+    a, f = r.privacy.audit, r.federation
+    if not a.canaries:
+        return None
+    if any(not 0 <= c < r.partition.num_clients for c in a.clients or []):
+        return "privacy.audit.clients", f"client ids must be in [0, {r.partition.num_clients})"
+    if f.engine != "inprocess":
+        return "privacy.audit", "the audit scores what the in-process server saw; use federation.engine: inprocess"
+    if a.unit(r.privacy.dp) == "example":
+        if r.model.task != "lm" or r.data.streaming:
+            return "privacy.audit.kind", "example canaries are text records of a language model's (non-streamed) data"
+        return None
+    if (r.robust.aggregator != "mean" or f.algorithm == "fednova" or r.hierarchy.regions
+            or f.lora_aggregation == "svd" or f.personalize != "none"):
+        return ("privacy.audit.kind", "canary clients join the round's plain mean: use robust.aggregator: mean, no "
+                "FedNova, hierarchy, svd LoRA aggregation or personalization")
+    return None
+
+
+def _diversity(r: Recipe) -> Problem:
+    """Diversity sampling reads the clients' label histograms: a classifier's labels, no DP, one server."""
+    if r.selection.method != "diversity":
+        return None
+    if r.model.task != "vision":
+        return "selection.method", "diversity covers the clients' class labels (a vision model); use uniform"
+    if r.privacy.enabled or r.privacy.dpsgd:
+        return ("selection.method", "diversity picks clients by their label histograms, which depend on their data "
+                "outside the DP mechanism (the accountant assumes a data-independent draw); use uniform or poisson")
+    if r.federation.topology == "gossip" or r.federation.clusters > 1:
+        return "selection.method", "diversity sampling is wired to the one-server topology; use uniform"
+    return None
+
+
 COMPATIBILITY = (_task_data, _lm_only, _vision_only, _aggregator, _privacy, _adapters, _collusion, _hierarchy,
-                 _engine, _excludes_something, fused_problem)
+                 _engine, _excludes_something, fused_problem, _topology, _audit,
+                 ddp_problem, _diversity)
 
 
 # ----------------------------------------------------------------------------- generic loading
@@ -1037,9 +1249,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, override and validate a recipe. Relative data/model paths resolve from the CWD."""
+    """Load, override and validate a recipe. Relative data/model paths in the file resolve from the
+    recipe's folder, those of ``overrides`` from the working directory (:mod:`fedllm.recipe_paths`)."""
     try:
-        values = apply_overrides(read_yaml(path), overrides or [])
+        values = read_yaml(path)
+        anchored = recipe_paths.anchor(values, Path(path).resolve().parent)
+        values = apply_overrides(values, overrides or [])
+        anchored.update(recipe_paths.anchor(values, Path.cwd(), command_line=True))  # still relative: typed here
+        if (problem := recipe_paths.missing(values, anchored)) is not None:
+            raise RecipeError(*problem)
         values.setdefault("name", Path(path).stem)
         return build(Recipe, values)
     except RecursionError:

@@ -38,8 +38,9 @@ MERGE_BASES = ("run", "original")
 EXPORT_INFO = "fedllm_export.json"
 
 
-def open_run(run_dir: str | Path) -> tuple[Recipe, Path]:
-    """The resolved recipe of a finished language-model run and its adapter directory."""
+def open_run(run_dir: str | Path, cluster: int | None = None) -> tuple[Recipe, Path]:
+    """The resolved recipe of a finished language-model run and its adapter directory (``cluster``: a
+    clustered run's cluster ``j`` adapter, ``clusters/cluster_<j>/``, instead of ``adapter/``)."""
     path = Path(run_dir)
     if not (path / "config.yaml").is_file():
         what = "does not exist" if not path.exists() else "has no config.yaml"
@@ -49,7 +50,14 @@ def open_run(run_dir: str | Path) -> tuple[Recipe, Path]:
     if recipe.model.task != "lm":
         raise RecipeError(f"{path} model.preset", f"{recipe.model.preset!r} is a vision model; "
                           "expected a language-model run (a LoRA adapter over a causal LM)")
+    if not (path / "summary.json").is_file():  # written last: its absence means the run never finished
+        raise RecipeError(str(path), f"is unfinished (no summary.json); {_finish_hint(path)}")
     adapter = path / "adapter"
+    if cluster is not None:
+        if not 0 <= cluster < recipe.federation.clusters:
+            raise RecipeError("--cluster", f"expected a cluster in [0, {recipe.federation.clusters}) "
+                              f"(the run's federation.clusters), got {cluster}")
+        adapter = path / "clusters" / f"cluster_{cluster}"
     if not (adapter / "adapter_config.json").is_file():
         raise RecipeError(str(adapter), "no adapter_config.json; expected the LoRA adapter the run "
                           "saves at its end (output.save_adapter: true)")
@@ -68,11 +76,27 @@ def open_run(run_dir: str | Path) -> tuple[Recipe, Path]:
     return recipe, adapter
 
 
+def _finish_hint(path: Path) -> str:
+    """How to finish the run in ``path`` (``<out>/<name>/<mode>``): federated runs resume from their
+    last checkpoint, the other modes run again."""
+    out = f" --out {path.parent.parent}"
+    if path.name == "federated":
+        return f"`fedllm run RECIPE --resume{out}` it (or run it again without --resume)"
+    mode = f" --mode {path.name}" if path.name in ("centralized", "local") else ""
+    return f"`fedllm run RECIPE{mode}{out}` it again (only federated runs resume)"
+
+
 def base_identity(recipe: Recipe) -> dict[str, Any]:
     """The name a loader should use for the run's base model, and where its weights came from."""
-    from fedllm.models.llm import GGUF_FILE, GGUF_PACKAGE, cache_root, gguf_path, tiny_dir
+    from fedllm.models import gguf
+    from fedllm.models.llm import GGUF_FILE, GGUF_PACKAGE, cache_root, gguf_path, model_dir, tiny_dir
 
     m = recipe.model
+    if gguf.is_gguf(m.path):  # the dequantized safetensors cache is what from_pretrained can load
+        path = str(model_dir(m, recipe.seed))
+        return {"base_model_name_or_path": path, "gguf": str(Path(m.path).resolve()),
+                "source": f"the recipe's model.path {Path(m.path).resolve()} (GGUF), dequantized to fp32 by "
+                          f"transformers and cached at {path}"}
     if m.path is not None:
         path = str(Path(m.path).resolve())
         return {"base_model_name_or_path": path, "source": f"the recipe's model.path: {path}"}
@@ -93,9 +117,10 @@ def base_identity(recipe: Recipe) -> dict[str, Any]:
 
 
 def _model_card(base: str, recipe: Recipe) -> str:
+    from fedllm.models.targets import targets_text
     return (f"---\nbase_model: {base}\nlibrary_name: peft\npipeline_tag: text-generation\n"
             f"tags:\n- lora\n- fedllm\n---\n\n# {recipe.name}: LoRA adapter trained by fedllm\n\n"
-            f"LoRA r={recipe.lora.r}, alpha={recipe.lora.alpha} on {', '.join(recipe.lora.target_modules)}; "
+            f"LoRA r={recipe.lora.r}, alpha={recipe.lora.alpha} on {targets_text(recipe.lora.target_modules)}; "
             f"trained over the base in {recipe.model.quantization}. Load it with\n"
             f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base}\"), THIS_DIR)`.\n"
             f"See {EXPORT_INFO} for where the base's weights came from.\n")
@@ -182,9 +207,22 @@ def _final_eval_loss(run: Path) -> float | None:
     return loss if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None
 
 
-def export(run_dir: str | Path, out: str | Path, merge: bool = False, merge_base: str = "run") -> Path:
-    """Write the export to ``out`` (a new or empty directory; filled beside it, then renamed)."""
-    recipe, adapter = open_run(run_dir)
+def _cluster_eval_loss(run: Path, cluster: int) -> float | None:
+    """Cluster ``cluster``'s held-out loss at the run's last evaluated round (its ``clusters.json``)."""
+    try:
+        rounds = json.loads(read_regular_text(run / "clusters.json"))["rounds"]
+        scores = [r["cluster_eval_loss"] for r in rounds if "cluster_eval_loss" in r]
+        loss = scores[-1][cluster] if scores else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, IndexError):
+        raise RecipeError(str(run / "clusters.json"), "not the clusters.json a clustered run writes") from None
+    return loss if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None
+
+
+def export(run_dir: str | Path, out: str | Path, merge: bool = False, merge_base: str = "run",
+           cluster: int | None = None) -> Path:
+    """Write the export to ``out`` (a new or empty directory; filled beside it, then renamed);
+    ``cluster``: a clustered run's cluster model instead of its headline one (``adapter/``)."""
+    recipe, adapter = open_run(run_dir, cluster)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RecipeError("--out", f"{out} exists and is not an empty directory; expected a new or empty one")
@@ -192,6 +230,8 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, merge_base
     info: dict[str, Any] = {"run_dir": str(Path(run_dir).resolve()), "recipe": recipe.name,
                             "trained_over": f"{recipe.model.quantization} base", **identity,
                             "run_final_eval_loss": _final_eval_loss(Path(run_dir)), "merged": merge}
+    if cluster is not None:  # the cluster's own score on the shared held-out split (clusters.json)
+        info.update({"cluster": cluster, "run_final_eval_loss": _cluster_eval_loss(Path(run_dir), cluster)})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
     try:

@@ -3,7 +3,8 @@
 Both load the model the way the run did (:func:`fedllm.models.llm.load_base`, then peft's
 ``PeftModel.from_pretrained`` on ``RUN_DIR/adapter``), build each prompt with the run's own
 tokenizer chat template and the recipe's ``data.system_prompt`` (as training did), and decode
-greedily, so the same prompt always gets the same answer.
+greedily with loop guards (:mod:`fedllm.decoding`), so the same prompt always gets the same answer.
+``chat`` prints each answer as it is generated.
 """
 
 from __future__ import annotations
@@ -18,18 +19,36 @@ import torch
 
 from fedllm.config import Recipe, RecipeError
 from fedllm.data.text import prompt_token_ids
+from fedllm.decoding import Decoding, TextSink, stop_ids
 from fedllm.export import open_run
 
 Message = dict[str, str]
 
 
-def load_run_model(run_dir: str | Path):
-    """``(recipe, model, tokenizer)``: the run's base as it trained it, with its final adapter."""
+# --weights: which form of the run's model answers (the same weights either way)
+WEIGHTS = {"nf4": "the run's 4-bit base with its adapter: the numeric path the run evaluated",
+           "merged": "the run's NF4-rounded base dequantized to fp32, adapter merged (what `fedllm export "
+                     "--merge` writes; logits within 1e-4 of nf4's): several times faster per token on a CPU"}
+
+
+def load_run_model(run_dir: str | Path, weights: str = "nf4"):
+    """``(recipe, model, tokenizer)``: the run's base as it trained it, with its final adapter
+    (``weights="nf4"``), or those weights merged into one fp32 model (``"merged"``,
+    :func:`fedllm.export.merged_model`). On a CPU bitsandbytes' exact 4-bit path dequantizes every
+    weight at every step (:mod:`fedllm.models.quant`), which costs a chat more than the
+    matmuls: the merged form does that once, at load."""
     from peft import PeftModel
 
-    from fedllm.models.llm import load_base
+    from fedllm.models.llm import load_base, load_tokenizer, model_dir, pick_device, user_files
 
+    if weights not in WEIGHTS:
+        raise RecipeError("--weights", f"expected one of {', '.join(WEIGHTS)}, got {weights!r}")
     recipe, adapter = open_run(run_dir)
+    if weights == "merged":
+        from fedllm.export import merged_model
+
+        model = merged_model(recipe, adapter, "run")[0].to(pick_device(recipe.model))
+        return recipe, model, load_tokenizer(model_dir(recipe.model, recipe.seed), user_files(recipe.model))
     base, tokenizer = load_base(recipe.model, recipe.seed)
     model = PeftModel.from_pretrained(base, str(adapter))
     model.eval()
@@ -46,19 +65,34 @@ def _context_limit(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def respond(model, tokenizer, messages: list[Message], decoding: Decoding | int, template: str = "chat",
+            on_text: Callable[[str], None] | None = None) -> str:
+    """The greedy answer to the conversation's last user message (prompted as the run was trained),
+    with ``decoding``'s loop guards (an int: that many new tokens, default guards); ``on_text``
+    receives the answer's text as it is generated."""
+    ids = answer_ids(model, tokenizer, messages, decoding, template, on_text)
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
 @torch.no_grad()
-def respond(model, tokenizer, messages: list[Message], max_new_tokens: int, template: str = "chat") -> str:
-    """The greedy answer to the conversation's last user message (prompted as the run was trained)."""
+def answer_ids(model, tokenizer, messages: list[Message], decoding: Decoding | int, template: str = "chat",
+               on_text: Callable[[str], None] | None = None) -> list[int]:
+    """The token ids :func:`respond` decodes (up to and including a stop token)."""
+    d = Decoding.of(decoding)
     ids = prompt_token_ids(tokenizer, messages, template)
     limit = _context_limit(model)
-    if limit is not None and len(ids) + max_new_tokens > limit:
-        ids = ids[-max(limit - max_new_tokens, 1):]  # keep the end: the question and the assistant tag
+    if limit is not None and len(ids) + d.max_new_tokens > limit:
+        ids = ids[-max(limit - d.max_new_tokens, 1):]  # keep the end: the question and the assistant tag
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
+    # the guards are fedllm's answer-only processors: transformers' own (from the model's
+    # generation_config) are set neutral so that they neither double nor clash with them
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                         num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+                         num_beams=1, max_new_tokens=d.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=stop_ids(tokenizer, model), repetition_penalty=1.0, no_repeat_ngram_size=0,
+                         logits_processor=d.processors(len(ids)),
+                         streamer=None if on_text is None else TextSink(tokenizer, on_text))
+    return out[0, len(ids):].tolist()
 
 
 def read_prompts(path: str | Path, prompt_field: str = "prompt") -> list[str]:
@@ -89,12 +123,12 @@ def read_prompts(path: str | Path, prompt_field: str = "prompt") -> list[str]:
     return prompts
 
 
-def answer_all(recipe: Recipe, model, tokenizer, prompts: list[str], max_new_tokens: int,
+def answer_all(recipe: Recipe, model, tokenizer, prompts: list[str], decoding: Decoding | int,
                on_answer: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """One ``{"prompt", "response"}`` per prompt, each answered on its own (no shared history)."""
     rows = []
     for p in prompts:
-        rows.append({"prompt": p, "response": respond(model, tokenizer, conversation(recipe, [], p), max_new_tokens,
+        rows.append({"prompt": p, "response": respond(model, tokenizer, conversation(recipe, [], p), decoding,
                                                       recipe.data.template)})
         if on_answer:
             on_answer()
@@ -102,18 +136,18 @@ def answer_all(recipe: Recipe, model, tokenizer, prompts: list[str], max_new_tok
 
 
 def generate_command(run_dir: str, prompts: list[str] | None, file: str | None, out: str | None,
-                     max_new_tokens: int) -> int:
+                     decoding: Decoding | int, weights: str = "nf4") -> int:
     """``fedllm generate``: answers as JSONL, to ``out`` or stdout."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     recipe, _ = open_run(run_dir)  # bad paths fail before the model loads
     questions = list(prompts or []) + (read_prompts(file, recipe.data.prompt_field) if file else [])
-    recipe, model, tokenizer = load_run_model(run_dir)
+    recipe, model, tokenizer = _load_showing(run_dir, "generate", weights)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("generating", total=len(questions))
-        rows = answer_all(recipe, model, tokenizer, questions, max_new_tokens,
+        rows = answer_all(recipe, model, tokenizer, questions, decoding,
                           lambda: progress.advance(task))
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if out is None:
@@ -123,6 +157,25 @@ def generate_command(run_dir: str, prompts: list[str] | None, file: str | None, 
         Path(out).write_text(text, encoding="utf-8")
         print(f"{len(rows)} answers: {out}", file=sys.stderr)
     return 0
+
+
+def _load_showing(run_dir: str, verb: str, weights: str):
+    """:func:`load_run_model` behind a spinner on stderr (a terminal only), then one line saying how
+    long it took and in which form: loading is the slow part of starting ``chat`` or ``generate``."""
+    import time
+
+    from rich.console import Console
+
+    recipe, _ = open_run(run_dir)
+    if weights not in WEIGHTS:
+        raise RecipeError("--weights", f"expected one of {', '.join(WEIGHTS)}, got {weights!r}")
+    t0 = time.perf_counter()
+    with Console(stderr=True).status(f"fedllm {verb}: loading the {recipe.model.preset} base "
+                                     f"({recipe.model.quantization}) and the run's adapter ({weights})"):
+        loaded = load_run_model(run_dir, weights)
+    print(f"fedllm {verb}: model loaded in {time.perf_counter() - t0:.1f} s ({weights}: {WEIGHTS[weights]})",
+          file=sys.stderr)
+    return loaded
 
 
 def _fit_history(recipe: Recipe, tokenizer, history: list[Message], prompt: str, limit: int | None,
@@ -136,10 +189,12 @@ def _fit_history(recipe: Recipe, tokenizer, history: list[Message], prompt: str,
 
 
 def chat_loop(recipe: Recipe, model, tokenizer, lines: Iterable[str], write: Callable[[str], None],
-              max_new_tokens: int) -> int:
+              decoding: Decoding | int, stream: Callable[[str], None] | None = None) -> int:
     """Answer each line, keeping the conversation; ``/reset`` forgets it, ``/exit`` (or the end of
     ``lines``) stops. Returns the number of answers. A run trained with a single-turn
-    ``data.template`` (alpaca or a template string) answers each line on its own."""
+    ``data.template`` (alpaca or a template string) answers each line on its own. Each answer goes
+    to ``write`` as one ``assistant> ...`` line, or, with ``stream``, piece by piece as generated."""
+    d = Decoding.of(decoding)
     history: list[Message] = []
     answered = 0
     for line in lines:
@@ -152,11 +207,16 @@ def chat_loop(recipe: Recipe, model, tokenizer, lines: Iterable[str], write: Cal
             continue
         if not text:
             continue
-        history = _fit_history(recipe, tokenizer, history, text, _context_limit(model), max_new_tokens)
-        answer = respond(model, tokenizer, conversation(recipe, history, text), max_new_tokens, recipe.data.template)
+        history = _fit_history(recipe, tokenizer, history, text, _context_limit(model), d.max_new_tokens)
+        if stream is not None:
+            stream("assistant> ")
+        answer = respond(model, tokenizer, conversation(recipe, history, text), d, recipe.data.template, stream)
         if recipe.data.template == "chat":
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-        write(f"assistant> {answer}")
+        if stream is None:
+            write(f"assistant> {answer}")
+        else:
+            stream("\n")
         answered += 1
     return answered
 
@@ -173,11 +233,21 @@ def _stdin_lines(stdin: TextIO) -> Iterable[str]:
         yield from stdin
 
 
-def chat_command(run_dir: str, max_new_tokens: int, stdin: TextIO | None = None) -> int:
-    """``fedllm chat``: a REPL on stdin; exits on end of input or ``/exit``."""
-    recipe, model, tokenizer = load_run_model(run_dir)
-    print(f"fedllm chat: {recipe.name} ({run_dir}); greedy, up to {max_new_tokens} new tokens. "
+def _print_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def chat_command(run_dir: str, decoding: Decoding | int, stdin: TextIO | None = None, weights: str = "merged") -> int:
+    """``fedllm chat``: a REPL on stdin, each answer printed as it is generated; exits on end of
+    input or ``/exit``. It answers with the merged weights by default (:data:`WEIGHTS`): streaming
+    is only as quick as each token."""
+    d = Decoding.of(decoding)
+    recipe, model, tokenizer = _load_showing(run_dir, "chat", weights)
+    guards = (f"repetition penalty {d.repetition_penalty:g}, no repeated {d.no_repeat_ngram_size}-grams"
+              if d.repetition_penalty > 1 or d.no_repeat_ngram_size else "no loop guards")
+    print(f"fedllm chat: {recipe.name} ({run_dir}); greedy ({guards}), up to {d.max_new_tokens} new tokens. "
           "/reset forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     chat_loop(recipe, model, tokenizer, _stdin_lines(stdin or sys.stdin), lambda s: print(s, flush=True),
-              max_new_tokens)
+              d, _print_now)
     return 0

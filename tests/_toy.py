@@ -170,6 +170,9 @@ class ToyExperiment:
     def evaluate_clients(self, state, clients=None):
         return {}
 
+    def loss_on(self, state: StateDict, examples: list[int]) -> float:
+        return float(self._loss(state, list(examples)))
+
     def evaluate(self, state: StateDict) -> EvalResult:
         self.evaluated.append(clone_state(state))
         loss = float(((self._predict(state, self.eval_x) - self.eval_y) ** 2).mean())

@@ -26,6 +26,25 @@ def test_the_plan_lists_every_phase_and_its_cost(capsys):
     assert convergence.rounds_of(convergence.Part("full", "iid", 0, "federated", "gradualdiff", 0.25, 1e-4), s) == 40
 
 
+def test_a_state_already_scored_is_answered_from_memory():
+    import torch
+
+    calls = []
+
+    class Exp:
+        def evaluate(self, state):
+            calls.append(1)
+            return {"loss": float(sum(t.sum() for t in state.values()))}
+
+    Exp.recipe = type("R", (), {"eval": "e", "data": "d"})()
+    exp = convergence.remember_evaluations(Exp())
+    a, b = {"w": torch.zeros(3)}, {"w": torch.tensor([0.0, 0.0, 1e-30])}
+    first = exp.evaluate(a)
+    first["loss"] = 99.0  # a caller changing its copy does not change the memory
+    assert exp.evaluate({"w": torch.zeros(3)}) == {"loss": 0.0} and len(calls) == 1
+    assert exp.evaluate(b)["loss"] > 0 and len(calls) == 2  # any other bits: scored afresh
+
+
 def test_full_federated_best_runs_only_the_recipe_whose_pilot_validated_best():
     key = convergence.choice_key
     chosen = {key("iid", "centralized", "-", 1.0): {"lr": 3e-4, "variant": "-", "val_loss": 2.0},

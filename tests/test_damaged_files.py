@@ -237,6 +237,7 @@ def test_a_damaged_adapter_is_named_by_export(tmp_path):
     run = tmp_path / "tiny" / "centralized"
     (run / "adapter").mkdir(parents=True)
     (run / "config.yaml").write_text(dump_recipe(load_recipe(TINY)), encoding="utf-8")
+    (run / "summary.json").write_text("{}", encoding="utf-8")  # a finished run (export refuses unfinished ones)
     (run / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     # Execute / Assert
@@ -549,6 +550,7 @@ def _lm_run_dir(tmp_path) -> Path:
     run = tmp_path / "tiny" / "federated"
     (run / "adapter").mkdir(parents=True)
     (run / "config.yaml").write_text(dump_recipe(load_recipe(TINY)), encoding="utf-8")
+    (run / "summary.json").write_text("{}", encoding="utf-8")  # a finished run (export refuses unfinished ones)
     (run / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
     return run
 

@@ -83,10 +83,20 @@ def test_bf16_run_files_say_which_numerics_trained_and_evaluated(tmp_path):
     run = tmp_path / "tiny" / "federated"
     machine = json.loads((run / "summary.json").read_text())["machine"]
     assert machine["train_precision"] == "bf16" and machine["train_base_compute_dtype"] == "bfloat16"
-    assert machine["train_autocast"] == "bfloat16" and machine["train_head_positions"] == "labeled"
+    # on a CPU the rest of the step stays fp32, without autocast (its casts cost more than it gains)
+    assert machine["train_autocast"] is None and machine["train_head_positions"] == "labeled"
     assert machine["eval_base_compute_dtype"] == "float32" and machine["4bit_kernel"] == "exact"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+
+
+def test_bf16_autocasts_on_a_gpu_only():
+    from fedllm.client.fit import lightning_precision
+
+    assert lightning_precision("bf16", "cpu") == "32-true" and lightning_precision("bf16", "gpu") == "bf16-mixed"
+    assert lightning_precision("bf16-mixed", "cpu") == "bf16-mixed" and lightning_precision("32", "gpu") == "32-true"
+    assert precision.precision_info("bf16", "auto", "cuda")["train_autocast"] == "bfloat16"
+    assert precision.precision_info("bf16", "auto", "cpu")["train_autocast"] is None
 
 
 def test_the_default_path_records_exact_fp32():

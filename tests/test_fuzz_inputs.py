@@ -256,7 +256,8 @@ def _recipe(path: Path, bad_rows: str, messages: bool = False, column: bool = Fa
     over = ["data.builtin=null", f"data.path={path}", f"data.bad_rows={bad_rows}", "data.eval_size=1",
             "data.max_examples=null", "data.max_length=64", "partition.num_clients=1",
             "partition.method=natural" if column else "partition.method=iid",
-            "partition.column=topic" if column else "partition.column=null"]
+            "partition.column=topic" if column else "partition.column=null",
+            "partition.merge_values=true"]  # one client holds every topic
     if messages:
         over.append("data.messages_field=messages")
     return load_recipe(TINY, over)
@@ -383,7 +384,8 @@ def test_skip_mode_counts_bad_rows(tokenizer, data_dir):
 
 @pytest.mark.parametrize("text,expected", [
     ("prompt,response\nq1,r1\n\"q2\nstill q2\",\nq3,r3\n", "line 3: field 'response': expected a non-empty string"),
-    ("prompt\nq1\nq2\n", "line 2: field 'response': expected a non-empty string"),
+    ("prompt,response\nq1,r1\nq2\n", "line 3: field 'response': expected a non-empty string"),  # no column at
+    # all is named with the file's columns instead (tests/test_front_door_frictions.py)
     ("prompt,response\nq1,r1\n" + "a" * 140_000 + ",r\n", "line 3: not valid CSV"),
     ("", ": contains no rows"),
     ("prompt,response\n", ": contains no rows"),
@@ -469,6 +471,17 @@ GROUPS = ("federation", "server", "robust", "selection", "hierarchy", "attack", 
 GROUP_PATHS = [p for p in PATHS if "." in p and p.split(".")[0] in GROUPS]
 
 
+def _hint(path: str):
+    cls, *parts = Recipe, *path.split(".")
+    for part in parts[:-1]:
+        cls = typing.get_type_hints(cls)[part]
+    return typing.get_type_hints(cls)[parts[-1]]
+
+
+# a nested group (privacy.audit) is fuzzed through its own fields, not as one value
+GROUP_PATHS = [p for p in GROUP_PATHS if not dataclasses.is_dataclass(_hint(p))]
+
+
 def _typed(tp) -> st.SearchStrategy:
     """Values of the field's own type, around and beyond its valid range."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -489,13 +502,6 @@ def _typed(tp) -> st.SearchStrategy:
     if tp is str:
         return st.sampled_from(["", "x", "topic", "q_proj"])
     raise AssertionError(f"no strategy for {tp}")
-
-
-def _hint(path: str):
-    cls, *parts = Recipe, *path.split(".")
-    for part in parts[:-1]:
-        cls = typing.get_type_hints(cls)[part]
-    return typing.get_type_hints(cls)[parts[-1]]
 
 
 group_mutation = st.sampled_from(GROUP_PATHS).flatmap(lambda p: st.tuples(st.just("set"), st.just(p), _typed(_hint(p))))

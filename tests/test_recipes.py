@@ -12,8 +12,12 @@ from fedllm.config import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGE = ROOT / "recipes" / "edge"  # edge recipes (fedllm edge): their own loader, EdgeRecipe
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if EDGE not in p.parents)
+# one recipe per model family, with a placeholder model.path: tests/test_families.py validates each
+# with a tiny model of its family there, and checks that the placeholder is refused by name
+FAMILIES = ROOT / "recipes" / "examples" / "families"
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if EDGE not in p.parents and FAMILIES not in p.parents)
 EDGE_RECIPES = sorted(EDGE.rglob("*.yaml"))
+FAMILY_RECIPES = sorted(FAMILIES.rglob("*.yaml"))
 
 
 def test_recipes_found_recursively():
@@ -32,7 +36,8 @@ def test_every_edge_recipe_validates(path):
 
 def test_recipe_header_says_how_to_run():
     assert EDGE_RECIPES, "expected the edge recipes under recipes/edge/"
-    for path in RECIPES + EDGE_RECIPES:
+    assert FAMILY_RECIPES, "expected the model-family recipes under recipes/examples/families/"
+    for path in RECIPES + EDGE_RECIPES + FAMILY_RECIPES:
         head = path.read_text().splitlines()[:6]
         assert any("fedllm " in line and line.startswith("#") for line in head), path
 

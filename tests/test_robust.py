@@ -101,7 +101,7 @@ def test_norm_bound_clips_then_delegates():
 def test_build_aggregator_names_and_options():
     # Execute / Assert
     assert set(AGGREGATORS) == {"mean", "median", "trimmed_mean", "krum", "multi_krum", "fednova", "geomed",
-                                "bulyan", "centered_clip"}
+                                "bulyan", "centered_clip", "afa"}
     assert build_aggregator("mean", weighted=True).weighted is True
     assert isinstance(build_aggregator("median"), Median)
     assert build_aggregator("trimmed_mean", beta=0.3).beta == 0.3

@@ -121,7 +121,7 @@ def test_availability_state_round_trip():
 
 
 def test_build_sampler_and_errors():
-    assert set(SAMPLERS) == {"uniform", "poisson", "round_robin", "importance", "power_of_choice"}
+    assert set(SAMPLERS) == {"uniform", "poisson", "round_robin", "importance", "power_of_choice", "diversity"}
     assert isinstance(build_sampler("uniform", fraction=0.5, seed=1), UniformSampler)
     assert build_sampler("round_robin", per_round=4).per_round == 4
     with pytest.raises(ValueError, match="power_of_choice"):

@@ -7,6 +7,10 @@ A fixed, seeded subset of clients (``fraction`` of them) misbehaves in every rou
 - ``noise``: sends Δᵢ + ε, ε ~ N(0, σ²) per entry, seeded by (seed, round, client id).
 - ``label_flip``: trains honestly on flipped labels y ↦ C − 1 − y (:func:`flip_labels`, a data
   transform applied before training), so :func:`attack_update` leaves its update unchanged.
+- ``backdoor``: model replacement (Bagdasaryan et al., 2020, "How To Backdoor Federated Learning"):
+  the attacker trains on data with a trigger relabelled to a target class
+  (:mod:`fedllm.algorithms.backdoor`) and sends γ·Δᵢ, γ = n/η, so that the mean
+  θ + (η/n) Σ Δ lands on its own model (the honest updates nearly cancel near convergence).
 
 Two colluding attacks (:func:`collude`) are built from the round's honest updates, which the
 attackers are assumed to see (the omniscient form, the stronger threat); every attacker sends the
@@ -33,7 +37,7 @@ import torch
 
 from fedllm.types import ClientUpdate, StateDict
 
-KINDS = ("label_flip", "sign_flip", "scale", "noise", "alie", "ipm")
+KINDS = ("label_flip", "sign_flip", "scale", "noise", "alie", "ipm", "backdoor")
 COLLUDING = ("alie", "ipm")
 
 
@@ -43,11 +47,16 @@ class Attack:
 
     kind: str
     fraction: float
-    scale: float = 10.0  # s for sign_flip and scale
+    scale: float = 10.0  # s for sign_flip and scale; γ for backdoor
     noise_std: float = 1.0  # σ for noise
     seed: int = 0
     ipm_epsilon: float = 0.5  # ε for ipm
     alie_z: float | None = None  # z for alie (None: the paper's z_max)
+    rounds: tuple[int, ...] | None = None  # backdoor: the rounds it attacks in (None: every round)
+
+    def active(self, round: int) -> bool:
+        """Whether the attackers attack in ``round`` (a backdoor attacker is honest outside its rounds)."""
+        return self.rounds is None or round in self.rounds
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -103,13 +112,13 @@ def collude(attack: Attack, honest: Sequence[StateDict], num_attackers: int) -> 
 def attack_update(update: ClientUpdate, attack: Attack, round: int = 0) -> ClientUpdate:
     """``update`` as the attacker would send it (``label_flip`` acts on data: unchanged here;
     the colluding kinds need the other updates: :func:`collude`)."""
-    if attack.kind == "label_flip":
+    if attack.kind == "label_flip" or not attack.active(round):
         return update
     if attack.kind in COLLUDING:
         raise ValueError(f"{attack.kind} colludes: build it from the round's honest updates with collude()")
     if attack.kind == "sign_flip":
         delta = {k: -attack.scale * v for k, v in update.delta.items()}
-    elif attack.kind == "scale":
+    elif attack.kind in ("scale", "backdoor"):  # backdoor: trained on poisoned data, boosted by γ
         delta = {k: attack.scale * v for k, v in update.delta.items()}
     else:
         gen = _noise_generator(attack, round, update.client_id)

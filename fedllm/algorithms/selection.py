@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedllm.algorithms.aggregate import build_named
+from fedllm.algorithms.diversity import DiversitySampler
 
 Losses = Mapping[int, float] | Callable[[list[int]], Mapping[int, float]]
 
@@ -262,6 +263,7 @@ SAMPLERS: dict[str, type] = {
     "round_robin": RoundRobinSampler,
     "importance": ImportanceSampler,
     "power_of_choice": PowerOfChoiceSampler,
+    "diversity": DiversitySampler,  # label coverage (fedllm.algorithms.diversity)
 }
 
 

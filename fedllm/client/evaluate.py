@@ -10,13 +10,46 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import sacrebleu
 import torch
 import torch.nn.functional as F
 
 from fedllm.data.text import IGNORE, Example, collate
+
+
+@runtime_checkable
+class Meter(Protocol):
+    """Feedback on evaluation work for a progress bar (SmolLM2's round-0 evaluation takes minutes on
+    a CPU): ``begin`` names a phase and how many units it has, ``advance`` counts finished ones.
+    A meter only watches: no number a run writes depends on it."""
+
+    def begin(self, phase: str, total: int) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+
+class _Meters:
+    """Every :class:`Meter` among ``callbacks`` (e.g. an experiment's ``step_callbacks``), as one."""
+
+    def __init__(self, callbacks: Iterable[object] = ()) -> None:
+        self.meters = [c for c in callbacks if isinstance(c, Meter)]
+
+    def begin(self, phase: str, total: int) -> None:
+        for m in self.meters:
+            m.begin(phase, total)
+
+    def advance(self, n: int = 1) -> None:
+        for m in self.meters:
+            m.advance(n)
+
+
+def meters_of(callbacks: Iterable[object] = ()) -> Meter:
+    """One meter that tells every :class:`Meter` among ``callbacks`` (none: it does nothing)."""
+    return _Meters(callbacks)
 
 
 @dataclass(frozen=True)
@@ -30,25 +63,31 @@ class EvalResult:
     example_sums: list[float] | None = None  # per example: summed response-token NLL (eval split order)
     example_counts: list[int] | None = None  # per example: response tokens (the paired ratio's weights)
     val_loss: float | None = None  # data.validation_fraction: the same NLL on the validation split
+    backdoor_success: float | None = None  # attack.kind backdoor: stamped non-target images put in the target class
 
 
 @torch.no_grad()
-def example_nll(model, examples: list[Example], pad_id: int, batch_size: int) -> tuple[list[float], list[int]]:
+def example_nll(model, examples: list[Example], pad_id: int, batch_size: int,
+                meter: Meter | None = None) -> tuple[list[float], list[int]]:
     """Per example: the summed response-token NLL and the number of response tokens (input order).
 
     Two savings over scoring a batch naively, neither changing what is summed: examples are batched
     in length order (less padding), and the LM head runs only on the window of positions that
     predict a response token in some row of the batch (``logits_to_keep``), not on the prompts.
+    ``meter`` hears of each scored batch.
     """
     sums, counts = [0.0] * len(examples), [0] * len(examples)
     device = next(p for p in model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), i))
+    meter = meter or meters_of()
+    meter.begin("loss batches", -(-len(order) // batch_size))
     for i in range(0, len(order), batch_size):
         rows = order[i:i + batch_size]
         batch = {k: v.to(device) for k, v in collate([examples[j] for j in rows], pad_id).items()}
         labels = batch["labels"][:, 1:]
         scored = (labels != IGNORE).any(0).nonzero()
         if len(scored) == 0:
+            meter.advance()
             continue
         start = int(scored[0])  # first position whose next token is a response token, in any row
         window = torch.arange(start, labels.size(1), device=device)
@@ -58,6 +97,7 @@ def example_nll(model, examples: list[Example], pad_id: int, batch_size: int) ->
         nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none").sum(1)
         for j, total, n in zip(rows, nll.tolist(), (target != IGNORE).sum(1).tolist()):
             sums[j], counts[j] = total, n
+        meter.advance()
     return sums, counts
 
 
@@ -85,11 +125,14 @@ def loss_standard_error(sums: list[float], counts: list[int]) -> float | None:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations of each example's prompt (left-padded batches)."""
+def generate(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
+             meter: Meter | None = None) -> list[str]:
+    """Greedy continuations of each example's prompt (left-padded batches); ``meter`` counts prompts."""
     device = next(p for p in model.parameters()).device
     pad = tokenizer.pad_token_id
     out: list[str] = []
+    meter = meter or meters_of()
+    meter.begin("BLEU prompts", len(examples))
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         width = max(len(e.prompt_ids) for e in chunk)
@@ -101,6 +144,7 @@ def generate(model, tokenizer, examples: list[Example], max_new_tokens: int, bat
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, num_beams=1)
         out.extend(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True))
+        meter.advance(len(chunk))
     return [s.strip() for s in out]
 
 
@@ -109,17 +153,18 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
 
 
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int, bleu_samples: int,
-             max_new_tokens: int) -> EvalResult:
-    """Loss/perplexity on every eval example; BLEU on the first ``bleu_samples`` of them."""
+             max_new_tokens: int, meter: Meter | None = None) -> EvalResult:
+    """Loss/perplexity on every eval example; BLEU on the first ``bleu_samples`` of them
+    (``meter``: loss batches, then BLEU prompts)."""
     was_training = model.training
     model.eval()
     try:
-        sums, counts = example_nll(model, examples, tokenizer.pad_token_id, batch_size)
+        sums, counts = example_nll(model, examples, tokenizer.pad_token_id, batch_size, meter)
         loss = math.fsum(sums) / max(sum(counts), 1)
         samples, bleu = [], None
         if bleu_samples > 0:
             chosen = examples[:bleu_samples]
-            preds = generate(model, tokenizer, chosen, max_new_tokens, batch_size)
+            preds = generate(model, tokenizer, chosen, max_new_tokens, batch_size, meter)
             samples = [{"id": e.index, "prompt": e.prompt, "reference": e.reference, "prediction": p}
                        for e, p in zip(chosen, preds)]
             bleu = corpus_bleu(preds, [e.reference for e in chosen])

@@ -54,9 +54,24 @@ class FitStats:
     grad_steps: int
 
 
-# train.precision -> Lightning's; bf16 is bf16-mixed's autocast over a base that also computes in bf16
-# (fedllm.models.precision; the LM module switches the 4-bit layers for the fit)
+# train.precision -> Lightning's. Under bf16 the LM module switches the 4-bit layers to bf16 for the fit
+# (fedllm.models.precision); on a GPU bf16-mixed's autocast runs the rest in bf16 too, on a CPU the rest
+# stays fp32 (lightning_precision says why).
 PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
+
+
+def lightning_precision(precision: str, accelerator: str) -> str:
+    """Lightning's precision for ``train.precision`` on ``accelerator``.
+
+    ``bf16`` on a CPU is the bf16 base without autocast: autocast's per-op casts of activations, LoRA
+    factors and their gradients, and its bf16 attention (slower backward on CPU than fp32's), cost more
+    than the small LoRA, attention and head matmuls gain (docs/benchmarks.md: about 1.5-1.9x the
+    autocast step's tokens/s on an AVX512-BF16 CPU), and fp32 keeps those parts exact.
+    """
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision == "bf16" and on_cpu:
+        return "32-true"
+    return PRECISION[precision]
 
 
 def make_trainer(steps: int, max_grad_norm: float, callbacks: list, accelerator: str, accumulate: int = 1,
@@ -66,7 +81,7 @@ def make_trainer(steps: int, max_grad_norm: float, callbacks: list, accelerator:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1,
-                         accumulate_grad_batches=accumulate, precision=PRECISION[precision],
+                         accumulate_grad_batches=accumulate, precision=lightning_precision(precision, accelerator),
                          strategy=SharedModelStrategy(device=trainer_device(accelerator)),
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0,

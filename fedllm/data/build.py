@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from fedllm.config import Recipe, RecipeError
-from fedllm.data.partition import holdout, partition
+from fedllm.data.canaries import plant_canaries
+from fedllm.data.partition import client_names, holdout, partition
 from fedllm.data.stream import ArrowRows, LazyExamples, RowTokenizer
 from fedllm.data.text import Example, RowTooLong, load_records, tokenize
 
@@ -44,6 +45,8 @@ class TextData:
     stats: dict[str, int] = field(default_factory=dict)
     client_eval: list[list[int]] = field(default_factory=list)  # eval.client_holdout: each client's own held-out slice
     val_idx: list[int] = field(default_factory=list)  # data.validation_fraction: carved from the clients' training data
+    client_names: list[str] | None = None  # partition natural: each client's column value(s); ids stay the keys
+    canaries: list = field(default_factory=list)  # privacy.audit: the planted canaries (fedllm.data.canaries)
 
     def _take(self, positions: list[int]) -> Sequence[Example]:
         if isinstance(self.examples, LazyExamples):
@@ -89,6 +92,7 @@ class TextData:
             **({"client_eval": {str(k): self._ids(part) for k, part in enumerate(self.client_eval)}}
                if self.client_eval else {}),
             **({"validation": self._ids(self.val_idx)} if self.val_idx else {}),
+            **({"client_names": list(self.client_names)} if self.client_names else {}),
         }
 
 
@@ -104,16 +108,31 @@ def _no_column(column: str, source: str, names) -> RecipeError:
                        f"available: {sorted(map(str, names))}")
 
 
-def split(n: int, labels: list | None, recipe: Recipe, source: str) -> tuple[list[int], list[list[int]], list[list[int]]]:
-    """(eval positions, each client's positions, each client's held-out positions) of ``n`` examples
-    whose ``partition.column`` values (by position) are ``labels``."""
+def _no_field(name: str, column: str, source: str, names) -> RecipeError:
+    return RecipeError(name, f"column {column!r} not found in {source} (columns: {', '.join(sorted(map(str, names)))})")
+
+
+def check_fields(cfg, source: str, columns) -> None:
+    """A prompt/response (or messages) column the data does not have at all is named with the file's
+    columns, before any row is read as an example ("expected a non-empty string" would blame a row)."""
+    fields = {"data.messages_field": cfg.messages_field} if cfg.messages_field else {
+        "data.prompt_field": cfg.prompt_field, "data.response_field": cfg.response_field}
+    for name, column in fields.items():
+        if column not in columns:
+            raise _no_field(name, column, source, columns)
+
+
+def split(n: int, labels: list | None, recipe: Recipe, source: str):
+    """(eval positions, each client's positions, each client's held-out positions, client names) of
+    ``n`` examples whose ``partition.column`` values (by position) are ``labels``."""
     if n < 2:
         raise RecipeError(source, f"only {n} usable examples; expected at least 2")
     train_pos, eval_pos = holdout(n, recipe.data.eval_size, recipe.seed)
-    parts = partition(len(train_pos), [labels[i] for i in train_pos] if labels is not None else None,
-                      recipe.partition, recipe.seed)
+    train_labels = [labels[i] for i in train_pos] if labels is not None else None
+    parts = partition(len(train_pos), train_labels, recipe.partition, recipe.seed)
     clients = [[train_pos[j] for j in part] for part in parts]
-    return eval_pos, clients, split_client_holdout(clients, recipe.eval.client_holdout, recipe.seed)
+    return (eval_pos, clients, split_client_holdout(clients, recipe.eval.client_holdout, recipe.seed),
+            client_names(train_labels, recipe.partition))
 
 
 def build_text_data(recipe: Recipe, tokenizer) -> TextData:
@@ -126,6 +145,7 @@ def build_text_data(recipe: Recipe, tokenizer) -> TextData:
     column = recipe.partition.column
     if column is not None and not any(column in rows[i] for i in order):
         raise _no_column(column, source, rows[order[0]])
+    check_fields(cfg, source, {key for i in order for key in rows[i]})
     examples: list[Example] = []
     stats = {"rows": len(order), "skipped_bad_rows": 0, "skipped_no_response_tokens": 0, "truncated": 0}
     skipped: list[str] = []
@@ -151,11 +171,12 @@ def build_text_data(recipe: Recipe, tokenizer) -> TextData:
         log.warning("%s: skipped %d of %d rows (%d malformed, %d with no room for a response in "
                     "data.max_length=%d; first: %s)", source, len(skipped), len(order), stats["skipped_bad_rows"],
                     stats["skipped_no_response_tokens"], cfg.max_length, ", ".join(skipped[:3]))
-    eval_pos, clients, client_eval = split(len(examples), [e.topic for e in examples] if column else None,
-                                           recipe, source)
+    eval_pos, clients, client_eval, names = split(len(examples), [e.topic for e in examples] if column else None,
+                                                  recipe, source)
     stats["examples"] = len(examples)
-    return TextData(examples=examples, eval_idx=eval_pos, clients=clients, source=source, stats=stats,
-                    client_eval=client_eval, val_idx=carve_validation(clients, recipe))
+    data = TextData(examples=examples, eval_idx=eval_pos, clients=clients, source=source, stats=stats,
+                    client_eval=client_eval, val_idx=carve_validation(clients, recipe), client_names=names)
+    return plant_canaries(data, recipe, tokenizer)  # privacy.audit: members join their clients' data
 
 
 def build_streaming_data(recipe: Recipe, tokenizer) -> TextData:
@@ -168,12 +189,13 @@ def build_streaming_data(recipe: Recipe, tokenizer) -> TextData:
     order = np.asarray(subsample(len(rows), cfg.max_examples, recipe.seed), dtype=np.int64)
     if column is not None and column not in rows.column_names:
         raise _no_column(column, source, rows.column_names)
+    check_fields(cfg, source, rows.column_names)
     labels = rows.labels(column, order) if column else None
-    eval_pos, clients, client_eval = split(len(order), labels, recipe, source)
+    eval_pos, clients, client_eval, names = split(len(order), labels, recipe, source)
     stats = {"rows": len(order), "skipped_bad_rows": 0, "skipped_no_response_tokens": 0, "examples": len(order)}
     return TextData(examples=LazyExamples(RowTokenizer(rows, tokenizer, cfg, column), order), eval_idx=eval_pos,
                     clients=clients, source=source, stats=stats, client_eval=client_eval,
-                    val_idx=carve_validation(clients, recipe))
+                    val_idx=carve_validation(clients, recipe), client_names=names)
 
 
 def carve_validation(clients: list[list[int]], recipe: Recipe) -> list[int]:

@@ -43,19 +43,57 @@ def dirichlet(labels: Sequence, num_clients: int, alpha: float, rng: np.random.G
     return parts
 
 
-def natural(labels: Sequence, num_clients: int) -> list[list[int]]:
-    """One client per column value; with fewer clients, the largest groups go to the emptiest client."""
+SHOWN_VALUES = 12  # a refusal lists at most this many column values
+
+
+def _groups(labels: Sequence) -> dict:
     groups: dict = defaultdict(list)
     for i, y in enumerate(labels):
         groups[y].append(i)
-    if num_clients > len(groups):
-        raise RecipeError("partition.num_clients", f"natural partition has {len(groups)} distinct values; "
-                          f"expected num_clients <= {len(groups)}, got {num_clients}")
-    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    return groups
+
+
+def natural_values(labels: Sequence, cfg: PartitionConfig) -> list[list]:
+    """Each client's column values under ``natural``: one value per client, or (with
+    ``partition.merge_values``) the largest groups handed to the emptiest client in turn.
+
+    A client count that differs from the number of distinct values is refused, naming the field,
+    the column, the count and the values: a fourth clinic silently merged into another one's
+    client would read as a three-clinic federation everywhere after.
+    """
+    groups = _groups(labels)
+    values = sorted(groups, key=str)
+    shown = ", ".join(map(str, values[:SHOWN_VALUES])) + (", ..." if len(values) > SHOWN_VALUES else "")
+    has = f"partition.column {cfg.column!r} has {len(values)} distinct values among the training rows ({shown})"
+    if cfg.num_clients > len(values):
+        raise RecipeError("partition.num_clients", f"{cfg.num_clients} clients, but {has}; expected num_clients "
+                          f"<= {len(values)} for method natural (one client per value)")
+    if cfg.num_clients < len(values) and not cfg.merge_values:
+        raise RecipeError("partition.num_clients", f"{cfg.num_clients} clients, but {has}; set num_clients: "
+                          f"{len(values)} for one client per value, or partition.merge_values: true to let a "
+                          "client hold several values")
+    assigned: list[list] = [[] for _ in range(cfg.num_clients)]
+    sizes = [0] * cfg.num_clients
     for y in sorted(groups, key=lambda v: (-len(groups[v]), str(v))):
-        k = min(range(num_clients), key=lambda c: (len(parts[c]), c))
-        parts[k].extend(groups[y])
-    return parts
+        k = min(range(cfg.num_clients), key=lambda c: (sizes[c], c))
+        assigned[k].append(y)
+        sizes[k] += len(groups[y])
+    return assigned
+
+
+def natural(labels: Sequence, cfg: PartitionConfig) -> list[list[int]]:
+    """One client per column value (:func:`natural_values`)."""
+    groups = _groups(labels)
+    return [[i for y in values for i in groups[y]] for values in natural_values(labels, cfg)]
+
+
+def client_names(labels: Sequence | None, cfg: PartitionConfig) -> list[str] | None:
+    """Display names of the clients :func:`partition` makes: under ``natural`` the column value each
+    client holds (several joined by ``+``); None for the other methods, whose clients are numbers.
+    The integer client id stays the key in every file; the names are what reports show."""
+    if cfg.method != "natural" or labels is None:
+        return None
+    return ["+".join(map(str, values)) for values in natural_values(labels, cfg)]
 
 
 def quantity_skew(n: int, num_clients: int, alpha: float, min_examples: int,
@@ -98,7 +136,7 @@ def partition(n: int, labels: Sequence | None, cfg: PartitionConfig, seed: int) 
                 break
         return _finish(parts, cfg)
     if cfg.method == "natural":
-        return _finish(natural(labels, cfg.num_clients), cfg)
+        return _finish(natural(labels, cfg), cfg)
     return _finish(shards(labels, cfg.num_clients, cfg.shards_per_client, rng), cfg)
 
 

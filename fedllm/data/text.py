@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fedllm.config import DataConfig, RecipeError
+from fedllm.data.chat import chat_messages
 from fedllm.data.coralmap import coralmap_records
 from fedllm.errors import IntegrityError, read_regular
 
@@ -272,6 +273,7 @@ def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]], template: s
         if getattr(tokenizer, "chat_template", None) is None:
             raise RecipeError("data.template", "the model's tokenizer has no chat template; set data.template: "
                               "alpaca, or a template string with {prompt}")
+        messages = chat_messages(tokenizer, messages)  # a template without a system role: folded (data.chat)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(getattr(ids, "input_ids", ids))  # a BatchEncoding or a plain list, by version
     return list(tokenizer(render_prompt(messages, template), add_special_tokens=True)["input_ids"])
@@ -294,8 +296,9 @@ def tokenize(row: dict[str, Any], index: int, tokenizer: Any, cfg: DataConfig, w
     topic = topic_label(row.get(topic_field), topic_field, where) if topic_field else None
     if cfg.template == "chat":
         try:
-            prompt_ids = prompt_token_ids(tokenizer, msgs[:-1], "chat")
-            full_ids = tokenizer.apply_chat_template(msgs, tokenize=True)
+            chat = chat_messages(tokenizer, msgs)  # the system prompt folded where the template has no system role
+            prompt_ids = prompt_token_ids(tokenizer, chat[:-1], "chat")
+            full_ids = tokenizer.apply_chat_template(chat, tokenize=True)
         except RecipeError:
             raise
         except Exception as exc:  # a template's own checks (jinja raise_exception) on this row's messages

@@ -47,11 +47,13 @@ def load_data(recipe: Recipe) -> ExperimentData:
 
         return VisionSplits(recipe)
     from fedllm.data.build import build_text_data  # noqa: PLC0415
-    from fedllm.models.llm import check_weights, tokenizer_dir  # noqa: PLC0415
+    from fedllm.models.llm import check_weights, tokenizer_dir, user_files  # noqa: PLC0415
+    from fedllm.models.targets import check_targets  # noqa: PLC0415
 
     user, path = recipe.model.path is not None, tokenizer_dir(recipe.model, recipe.seed)
-    if user:
+    if user_files(recipe.model):
         check_weights(path)
+        check_targets(path, recipe.lora.target_modules)  # a name matching no layer, before any weight loads
     stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(path.iterdir()) if f.is_file())
     return build_text_data(recipe, _tokenizer(str(path), user, stamp))
 

@@ -8,7 +8,8 @@ stand-in for one in a test) implements all of them:
 - ``recipe``: the validated :class:`~fedllm.config.Recipe` it was built from;
 - ``data``: the partition (:class:`ExperimentData`);
 - ``initial_state``: the trainable state every client and mode starts from;
-- ``step_callbacks``: Lightning callbacks added to every fit (e.g. the CLI's progress bar);
+- ``step_callbacks``: Lightning callbacks added to every fit (e.g. the CLI's progress bar); those
+  that are also a :class:`~fedllm.client.evaluate.Meter` hear of ``evaluate``'s batches and prompts;
 - ``fit(client_id, examples, start, rnd, steps, grad_term=None)``: train from ``start`` for
   ``steps`` optimizer steps and return the :class:`~fedllm.types.ClientUpdate` (Δ = local − start);
   ``grad_term``, a typed :data:`~fedllm.algorithms.drift.DriftTerm`, is added to the gradients
@@ -25,6 +26,9 @@ stand-in for one in a test) implements all of them:
   the model is dense) and the size of its one-time download;
 - ``evaluate_clients(state, clients)``: the eval loss of ``state`` on each client's own held-out
   slice (``eval.client_holdout``; ``{}`` without one);
+- ``loss_on(state, examples)``: the mean loss of ``state`` on ``examples`` (a client's own training
+  data), no gradient and no dropout: how an IFCA client picks its cluster
+  (:mod:`fedllm.algorithms.clustered`);
 - ``uplink_on_site``: whether the clients apply their own uplink steps (client DP noise, the
   codec) before the update reaches the server, as the Flower engine's sites do; ``False`` when
   the server's :class:`~fedllm.federation.uplink.Uplink` plays every client's part in-process;
@@ -132,6 +136,8 @@ class Experiment(Protocol):
     def evaluate(self, state: StateDict) -> EvalResult: ...
 
     def evaluate_clients(self, state: StateDict, clients: list[int] | None = None) -> dict[int, float]: ...
+
+    def loss_on(self, state: StateDict, examples: Any) -> float: ...
 
     def save_adapter(self, state: StateDict, path: Path) -> None: ...
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 from pathlib import Path
 
 import torch
 
 from fedllm.algorithms.drift import DriftTerm
-from fedllm.client.evaluate import EvalResult, evaluate
+from fedllm.client.evaluate import EvalResult, evaluate, example_nll, meters_of
 from fedllm.client.fit import FitStats, fit_module
 from fedllm.client.lm import (
     CausalLMModule,
@@ -28,10 +29,12 @@ from fedllm.config import Recipe, RecipeError
 from fedllm.data.build import TextData, build_text_data
 from fedllm.data.text import Example
 from fedllm.experiments.base import ClientFault, FitJob, fit_each, round_seed
+from fedllm.experiments.lm_ddp import RankJob, RankPool, check_devices
 from fedllm.models.llm import add_lora, load_base, pick_device
 from fedllm.models.precision import check_precision, precision_info
 from fedllm.models.quant import kernel_info
 from fedllm.models.state import TrainableState
+from fedllm.models.targets import lora_info
 from fedllm.types import ClientUpdate, StateDict, serialized_bytes
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ class LMExperiment:
             raise RecipeError("train.precision", "16-mixed needs a CUDA device and this machine has none; "
                               "use 32 or bf16-mixed")
         check_precision(recipe.train.precision, pick_device(recipe.model))  # bf16 only on bf16 hardware
+        check_devices(recipe.train.devices, self.accelerator)  # one core or GPU per training process
+        self.ranks = RankPool(recipe, self.accelerator, type(self))  # train.devices > 1: helper ranks, from the first fit
         base, self.tokenizer = load_base(recipe.model, recipe.seed)
         self.model = add_lora(base, recipe.lora, recipe.seed)
         if recipe.train.gradient_checkpointing:  # activations recomputed in backward (train mode only)
@@ -82,6 +87,9 @@ class LMExperiment:
         metrics: dict[str, float] = {}
         if self.recipe.privacy.dpsgd:
             fitted, metrics["dpsgd_epsilon"] = self._fit_dpsgd(client_id, examples, steps, seed, round_cb, rnd)
+        elif self.recipe.train.devices > 1:  # one fit on N processes (Lightning DDP), Δ from this one
+            job = RankJob(examples, start, steps, seed, rnd, grad_term)
+            fitted = self.ranks.fit(self, job, [round_cb, *self.step_callbacks])
         else:
             t = self.recipe.train
             loader = make_loader(examples, t.batch_size, self.tokenizer.pad_token_id, seed, t.length_bucketing)
@@ -132,13 +140,15 @@ class LMExperiment:
 
     def evaluate(self, state: StateDict) -> EvalResult:
         """The held-out split's metrics; with ``data.validation_fraction`` also ``val_loss``, the same
-        NLL on the validation split (no BLEU there: it only picks rounds and learning rates)."""
+        NLL on the validation split (no BLEU there: it only picks rounds and learning rates).
+        The ``step_callbacks`` that are a :class:`~fedllm.client.evaluate.Meter` see its batches and prompts."""
         self.state.set(state)
         e = self.recipe.eval
+        meter = meters_of(self.step_callbacks)
         res = evaluate(self.model, self.tokenizer, self.data.eval_examples, e.batch_size, e.bleu_samples,
-                       e.max_new_tokens)
+                       e.max_new_tokens, meter)
         if self.data.val_idx:
-            val = evaluate(self.model, self.tokenizer, self.data.validation_examples, e.batch_size, 0, 1)
+            val = evaluate(self.model, self.tokenizer, self.data.validation_examples, e.batch_size, 0, 1, meter)
             res = dataclasses.replace(res, val_loss=val.eval_loss)
         return res
 
@@ -150,8 +160,32 @@ class LMExperiment:
         e = self.recipe.eval
         ids = range(len(self.data.client_eval)) if clients is None else clients
         return {k: evaluate(self.model, self.tokenizer, self.data.client_eval_examples(k), e.batch_size, 0,
-                            e.max_new_tokens).eval_loss
+                            e.max_new_tokens, meters_of(self.step_callbacks)).eval_loss
                 for k in ids if self.data.client_eval[k]}
+
+    def loss_on(self, state: StateDict, examples: list[Example]) -> float:
+        """Token-weighted mean NLL of ``state`` on ``examples`` (a client's training data: IFCA's cluster
+        choice); eval mode, so LoRA dropout is off and the number depends on the state alone."""
+        self.state.set(state)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sums, counts = example_nll(self.model, examples, self.tokenizer.pad_token_id, self.recipe.eval.batch_size)
+        finally:
+            self.model.train(was_training)
+        return math.fsum(sums) / max(sum(counts), 1)
+
+    def example_losses(self, state: StateDict, examples: list[Example]) -> list[float]:
+        """Per example: the mean response-token NLL of ``state`` (eval mode): the privacy audit's
+        canary scores (:mod:`fedllm.federation.audit`)."""
+        self.state.set(state)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sums, counts = example_nll(self.model, examples, self.tokenizer.pad_token_id, self.recipe.eval.batch_size)
+        finally:
+            self.model.train(was_training)
+        return [s / max(n, 1) for s, n in zip(sums, counts)]
 
     def payload_bytes(self, state: StateDict) -> int:
         """Bytes of one adapter state or delta on the wire (safetensors)."""
@@ -166,4 +200,5 @@ class LMExperiment:
         """Versions, CPU flags, the 4-bit kernel the shared model runs on, and the numerics training and
         evaluation used (:func:`fedllm.models.precision.precision_info`)."""
         t = self.recipe.train
-        return {**kernel_info(self.model), **precision_info(t.precision, t.head_positions, pick_device(self.recipe.model))}
+        return {**kernel_info(self.model), **precision_info(t.precision, t.head_positions, pick_device(self.recipe.model)),
+                **lora_info(self.model)}

@@ -22,7 +22,9 @@ does, so the federated, centralized and local modes, the server and the CLI run 
   ``momentum``, ``weight_decay`` (its default 0.001 applies; the vision recipes set 0), batch ``train.batch_size``; ``train.max_grad_norm`` clips the gradient
   norm as for LMs (its default 0.3 too: the vision recipes set 0); ``warmup_ratio`` is LM-only.
 - ``attack.kind: label_flip``: the attacking clients (the server's own seeded choice) train on
-  y ↦ 9 − y. ``privacy.dpsgd``: each client trains with Opacus DP-SGD; its cumulative ε over the
+  y ↦ 9 − y; ``backdoor``: they train on a share of trigger-stamped images relabelled to the target
+  (:mod:`fedllm.algorithms.backdoor`; the server's uplink boosts their update), and every evaluation
+  reports ``backdoor_success``. ``privacy.dpsgd``: each client trains with Opacus DP-SGD; its cumulative ε over the
   rounds it took part in is reported as ``update.metrics["dpsgd_epsilon"]``.
 """
 
@@ -38,6 +40,7 @@ import torch
 from safetensors.torch import save_file
 
 from fedllm.algorithms.attacks import Attack, attackers, flip_labels
+from fedllm.algorithms.backdoor import backdoor_success, poison
 from fedllm.algorithms.drift import DriftTerm
 from fedllm.algorithms.hpfl import HPFLConfig, lottery_ticket
 from fedllm.algorithms.prune import (
@@ -111,6 +114,11 @@ class VisionSplits:
                 "clients": len(sizes), "min_client": min(sizes), "max_client": max(sizes),
                 "mean_client": statistics.fmean(sizes)}
 
+    def label_histograms(self) -> dict[int, list[int]]:
+        """client id -> its examples per class (diversity sampling, ``selection.method: diversity``)."""
+        return {k: torch.bincount(self.images.train_y[torch.as_tensor(p, dtype=torch.long)],
+                                  minlength=NUM_CLASSES).tolist() for k, p in enumerate(self.clients)}
+
     def partition_json(self) -> dict:
         """client id -> training-set indices, the server's open-data indices, the test indices evaluated."""
         return {"source": "fashion_mnist", "method": self.method,
@@ -151,6 +159,9 @@ class VisionExperiment:
         self.flippers = (attackers(range(recipe.partition.num_clients),
                                    Attack(a.kind, a.fraction, a.scale, a.noise_std, recipe.seed))
                          if a.kind == "label_flip" else set())
+        # model replacement: the same seeded clients as the server's uplink boosts (fedllm.federation.build.attack)
+        self.backdoors = (attackers(range(recipe.partition.num_clients), Attack(a.kind, a.fraction, seed=recipe.seed))
+                          if a.kind == "backdoor" else set())
         self._dp_history: dict[int, list] = {}  # client -> opacus RDP history (sigma, q, steps)
         self.step_callbacks: list = []
         self.test_x, self.test_y = self.data.test_tensors()
@@ -222,6 +233,9 @@ class VisionExperiment:
         x, y = self.data.train_tensors(examples)
         if client_id in self.flippers:
             y = flip_labels(y, NUM_CLASSES)
+        bd_rounds = r.attack.backdoor_rounds
+        if client_id in self.backdoors and (bd_rounds is None or rnd in bd_rounds):
+            x, y = poison(x, y, r.attack.backdoor_target, r.attack.poison_fraction, [r.seed, rnd, client_id])
         with torch.no_grad():
             params = dict(self.model.named_parameters())
             for k, v in start.items():
@@ -270,11 +284,21 @@ class VisionExperiment:
             for k, v in state.items():
                 params[k].copy_(v)
         loss, acc = evaluate_classifier(self.model, self.test_x, self.test_y)
+        a = self.recipe.attack
+        success = backdoor_success(self.model, self.test_x, self.test_y, a.backdoor_target) if a.kind == "backdoor" else None
         return EvalResult(eval_loss=loss, perplexity=math.exp(min(loss, 700.0)), bleu=None, samples=[],
-                          accuracy=acc)
+                          accuracy=acc, backdoor_success=success)
 
     def evaluate_clients(self, state: StateDict, clients: list[int] | None = None) -> dict[int, float]:
         return {}  # eval.client_holdout is refused for vision recipes (fedllm.config)
+
+    def loss_on(self, state: StateDict, examples) -> float:
+        """Mean cross-entropy of ``state`` on training ``examples`` (IFCA's cluster choice)."""
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for k, v in state.items():
+                params[k].copy_(v)
+        return evaluate_classifier(self.model, *self.data.train_tensors(examples))[0]
 
     def payload_bytes(self, state: StateDict) -> int:
         """Bytes of one state or delta on the wire: the mask's surviving values only, when pruned."""

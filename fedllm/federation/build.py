@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,10 @@ from fedllm.config import Recipe
 from fedllm.types import ClientStates
 
 
-def sampler(recipe: Recipe, sizes: Mapping[int, int]) -> ClientSampler:
-    """``selection.method`` with its options; ``sizes`` are the clients' example counts."""
+def sampler(recipe: Recipe, sizes: Mapping[int, int],
+            labels: Mapping[int, Sequence[float]] | None = None) -> ClientSampler:
+    """``selection.method`` with its options; ``sizes`` are the clients' example counts, ``labels``
+    their label histograms (diversity sampling only)."""
     sel, seed, m = recipe.selection, recipe.seed, recipe.clients_per_round
     fraction, n = recipe.federation.fraction, len(sizes)
     kw: dict[str, Any] = {
@@ -37,6 +39,7 @@ def sampler(recipe: Recipe, sizes: Mapping[int, int]) -> ClientSampler:
         "importance": {"fraction": fraction, "seed": seed, "num_examples": dict(sizes)},
         "power_of_choice": {"d": min(n, sel.candidates or 2 * m), "m": m, "seed": seed,
                             "num_examples": dict(sizes)},
+        "diversity": {"fraction": fraction, "seed": seed, "label_histograms": labels},
     }[sel.method]
     return build_sampler(sel.method, **kw)
 
@@ -91,9 +94,10 @@ def sampling_scheme(recipe: Recipe) -> str:
 
 def steps_per_epoch(recipe: Recipe, num_examples: int) -> int:
     """Optimizer steps of one pass over ``num_examples``: ceil(n / batch_size) batches, and with
-    ``grad_accum`` > 1 one step per ``grad_accum`` batches (Lightning steps on an epoch's last batch too)."""
+    ``grad_accum`` > 1 one step per ``grad_accum`` batches (Lightning steps on an epoch's last batch too);
+    with ``train.devices`` N a batch is the N processes' batches together (N x batch_size examples)."""
     t = recipe.train
-    return max(1, math.ceil(math.ceil(num_examples / t.batch_size) / t.grad_accum))
+    return max(1, math.ceil(math.ceil(num_examples / (t.batch_size * t.devices)) / t.grad_accum))
 
 
 def local_steps(recipe: Recipe, num_examples: int) -> int:
@@ -189,5 +193,7 @@ def attack(recipe: Recipe, num_clients: int) -> tuple[Attack | None, set[int]]:
     a = recipe.attack
     if a.kind == "none":
         return None, set()
-    spec = Attack(a.kind, a.fraction, a.scale, a.noise_std, recipe.seed, a.ipm_epsilon, a.alie_z)
+    scale = (a.boost or float(recipe.clients_per_round)) if a.kind == "backdoor" else a.scale  # γ = n/η, η = 1
+    rounds = tuple(a.backdoor_rounds) if a.kind == "backdoor" and a.backdoor_rounds is not None else None
+    spec = Attack(a.kind, a.fraction, scale, a.noise_std, recipe.seed, a.ipm_epsilon, a.alie_z, rounds)
     return spec, attackers(range(num_clients), spec)

@@ -30,6 +30,8 @@ from fedllm.config import RecipeError, one_line
 from fedllm.errors import IntegrityError
 from fedllm.experiments.base import Experiment, FitJob
 from fedllm.federation import build
+from fedllm.federation.audit import attach_audit
+from fedllm.federation.audit_report import audit_at_end
 from fedllm.federation.build import local_steps
 from fedllm.federation.checkpoint import (
     ServerState,
@@ -45,6 +47,7 @@ from fedllm.federation.convergence import LocalWatch, RunWatch, carried, nll_of
 from fedllm.federation.guard import check_progress
 from fedllm.federation.rundir import RunWriter, run_dir, same_split, summarize
 from fedllm.federation.server import FederatedServer
+from fedllm.federation.topology import make_server
 from fedllm.types import StateDict, add, clone_state
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,8 @@ def _eval_row(exp: Experiment, state: StateDict, clients: list[int] | None = Non
         row["eval_loss_se"] = res.eval_loss_se
     if getattr(res, "val_loss", None) is not None:
         row["val_loss"] = res.val_loss
+    if getattr(res, "backdoor_success", None) is not None:
+        row["backdoor_success"] = res.backdoor_success
     if exp.recipe.eval.client_holdout > 0:
         own = exp.evaluate_clients(state, clients)
         row["client_eval_loss"] = {str(k): v for k, v in sorted(own.items())}
@@ -109,12 +114,16 @@ def _round0(mode: str, exp: Experiment, state: StateDict):
 
 
 class Hooks:
-    """Progress callbacks the CLI plugs in (all optional)."""
+    """Progress callbacks the CLI plugs in (all optional): a round starts (``on_round(r, rounds)``; in
+    local mode once per client and round), a client starts training, an evaluation of round ``r``
+    starts (``on_eval(r)``; round 0 is the starting state)."""
 
     def __init__(self, on_round: Callable[[int, int], None] | None = None,
-                 on_client: Callable[[int], None] | None = None) -> None:
+                 on_client: Callable[[int], None] | None = None,
+                 on_eval: Callable[[int], None] | None = None) -> None:
         self.on_round = on_round or (lambda r, total: None)
         self.on_client = on_client or (lambda k: None)
+        self.on_eval = on_eval or (lambda r: None)
 
 
 def _start(exp: Experiment, mode: str, out: str | None, hooks: Hooks | None):
@@ -122,9 +131,11 @@ def _start(exp: Experiment, mode: str, out: str | None, hooks: Hooks | None):
     (round-0 row, its per-example losses) for the run's watch."""
     writer = RunWriter(run_dir(exp.recipe, mode, out), exp.recipe, exp.data.partition_json())
     state = clone_state(exp.initial_state)
+    hooks = hooks or Hooks()
+    hooks.on_eval(0)
     row, samples, nll = _round0(mode, exp, state)
     writer.log_round(row, samples)
-    return writer, state, _with_loggers(exp, writer, hooks or Hooks()), (row, nll)
+    return writer, state, _with_loggers(exp, writer, hooks), (row, nll)
 
 
 def _with_loggers(exp: Experiment, writer: RunWriter, hooks: Hooks) -> Hooks:
@@ -145,7 +156,7 @@ def _with_loggers(exp: Experiment, writer: RunWriter, hooks: Hooks) -> Hooks:
         logs.client = k
         inner(k)
 
-    return Hooks(hooks.on_round, on_client)
+    return Hooks(hooks.on_round, on_client, hooks.on_eval)
 
 
 def _draw_key(rnd: int, attempt: int) -> int:
@@ -225,10 +236,9 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
     """
     recipe, fed = exp.recipe, exp.recipe.federation
     sizes = [len(exp.data.client_examples(k)) for k in range(recipe.partition.num_clients)]
-    server = FederatedServer(recipe, exp.initial_state, sizes, exp.payload_bytes, exp.mask, exp.mask_bytes,
-                             uplink_on_site=exp.uplink_on_site,
-                             state_dir=run_dir(recipe, "federated", out) / "client_state")
+    server = make_server(exp, sizes, run_dir(recipe, "federated", out))  # federation.topology / clusters
     writer, state, hooks, first, watch = _resume_or_start(exp, server, out, hooks, resume)
+    auditor = attach_audit(exp, server, writer.path, first)  # privacy.audit: canaries scored as the server sees them
     for rnd in range(first, fed.rounds + 1):
         if watch.stopped:  # eval.patience: no new best val_loss in that many evaluations
             break
@@ -246,9 +256,11 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
                 spent[key] += (counts if key in counts else extra)[key]
             if extra["applied"]:
                 break
+        if auditor is not None:
+            auditor.after_round(rnd, state, new_state)
         state = new_state
         t2 = time.perf_counter()
-        metrics, samples, nll = _maybe_eval(exp, server.eval_state(state), rnd)
+        metrics, samples, nll = _maybe_eval(exp, server.eval_state(state), rnd, hooks=hooks)
         if server.personal_keys and metrics["eval_loss"] is not None:
             metrics.update(_personal_eval(exp, server, state))
             metrics["eval_time_s"] += metrics.pop("personal_eval_time_s")
@@ -268,7 +280,8 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
                 round=rnd, global_state=state, server_state=server.state_dict(), rng_states=capture_rng(),
                 metrics_rows=writer.rows, fingerprint=recipe_fingerprint(recipe)), keep=recipe.checkpoint.keep)
     personal = ((k, server.personal_state(k, state)) for k in sorted(server.personal))  # one at a time
-    summary = _finish(exp, writer, state, watch.finish(writer.rows), personal=personal)
+    summary = _finish(exp, writer, state, {**watch.finish(writer.rows), **audit_at_end(auditor, state, writer.rows)},
+                      personal=personal)
     if not recipe.checkpoint.enabled:  # no checkpoint names the per-client files: nothing can resume from them
         shutil.rmtree(writer.path / "client_state", ignore_errors=True)
     return summary
@@ -278,12 +291,15 @@ def _evaluates(exp: Experiment, rnd: int) -> bool:
     return rnd % exp.recipe.eval.every == 0 or rnd == exp.recipe.federation.rounds
 
 
-def _maybe_eval(exp: Experiment, state: StateDict, rnd: int, clients: list[int] | None = None):
+def _maybe_eval(exp: Experiment, state: StateDict, rnd: int, clients: list[int] | None = None,
+                hooks: Hooks | None = None):
     """Evaluate every ``eval.every`` rounds and at the last round; otherwise null metrics.
 
     All three modes go through here, so a comparison evaluates them at the same rounds.
     """
     if _evaluates(exp, rnd):
+        if hooks is not None:
+            hooks.on_eval(rnd)
         return _eval_row(exp, state, clients)
     return {"eval_loss": None, "perplexity": None, "bleu": None, "accuracy": None, "eval_time_s": 0.0}, [], None
 
@@ -309,7 +325,7 @@ def run_centralized(exp: Experiment, out: str | None = None, hooks: Hooks | None
         else:
             log.warning("round %d: centralized update is non-finite; state unchanged", rnd)
         t1 = time.perf_counter()
-        metrics, samples, nll = _maybe_eval(exp, state, rnd)
+        metrics, samples, nll = _maybe_eval(exp, state, rnd, hooks=hooks)
         row = {"round": rnd, "mode": "centralized", "train_loss": upd.train_loss, **metrics,
                "round_time_s": t1 - t0 + metrics["eval_time_s"], "train_time_s": t1 - t0,
                "aggregate_time_s": 0.0, "bytes_up": 0, "bytes_down": 0, "clients": [],
@@ -324,6 +340,7 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
     """Each client alone; rows carry the mean over clients and a ``per_client`` breakdown."""
     recipe, fed = exp.recipe, exp.recipe.federation
     writer, _, hooks, first = _start(exp, "local", out, hooks)
+    names = exp.data.partition_json().get("client_names")  # shown beside each client's numbers
     watch = LocalWatch(exp, writer.path, *first)
     per_round: dict[int, dict[int, dict[str, Any]]] = {r: {} for r in range(1, fed.rounds + 1)}
     finals: dict[int, StateDict] = {}
@@ -335,6 +352,7 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
             if watch.stopped(k):  # eval.patience: client k's model stays as it is; its scores are known
                 per_round[rnd][k] = carried(last, _evaluates(exp, rnd))
                 continue
+            hooks.on_round(rnd, fed.rounds)
             t0 = time.perf_counter()
             examples = exp.data.client_examples(k)
             upd = exp.fit(k, examples, state, rnd, local_steps(recipe, len(examples)))
@@ -342,7 +360,7 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
             if upd.is_finite():
                 state = add(state, upd.delta)
             t1 = time.perf_counter()
-            metrics, samples, nll = _maybe_eval(exp, state, rnd, clients=[k])  # client k's own slice only
+            metrics, samples, nll = _maybe_eval(exp, state, rnd, [k], hooks)  # client k's own slice only
             per_round[rnd][k] = entry = {"train_loss": upd.train_loss, **metrics, "train_time_s": t1 - t0,
                                          "samples": samples}
             if recipe.train.local_epochs is not None:
@@ -362,7 +380,8 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
         mean["perplexity"] = None if mean["eval_loss"] is None else math.exp(min(mean["eval_loss"], 700.0))
         row = {"round": rnd, "mode": "local", **mean, "aggregate_time_s": 0.0, "bytes_up": 0,
                "bytes_down": 0, "clients": sorted(rows),
-               "per_client": {str(k): {m: v[m] for m in ("train_loss", "eval_loss", "perplexity", "bleu", "accuracy")}
+               "per_client": {str(k): {**({"name": names[k]} if names else {}),
+                                       **{m: v[m] for m in ("train_loss", "eval_loss", "perplexity", "bleu", "accuracy")}}
                               for k, v in rows.items()}}
         if recipe.eval.client_holdout > 0:  # each local model on its own client's slice
             own = {str(k): v["client_eval_loss"][str(k)] for k, v in rows.items()
@@ -373,7 +392,8 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
         samples = [{"client": k, **s} for k, v in rows.items() for s in v["samples"]]
         writer.log_round(row, samples)
     best = min(finals, key=lambda k: per_round[rounds][k]["eval_loss"])
-    return _finish(exp, writer, finals[best], {"adapter_client": best, **watch.finish(writer.rows)})
+    named = {"adapter_client_name": names[best]} if names else {}
+    return _finish(exp, writer, finals[best], {"adapter_client": best, **named, **watch.finish(writer.rows)})
 
 
 def _mean(values: list[Any]) -> float | None:

@@ -19,6 +19,7 @@ from typing import Any
 from fedllm.config import Recipe, RecipeError, dump_recipe
 from fedllm.errors import open_regular, read_regular_text
 from fedllm.federation.runlog import RunLoggers
+from fedllm.lockfile import LockFile
 
 REQUIRED_METRICS = ("round", "mode", "train_loss", "eval_loss", "perplexity", "bleu", "round_time_s",
                     "train_time_s", "aggregate_time_s", "eval_time_s", "bytes_up", "bytes_down", "clients")
@@ -83,30 +84,24 @@ class RunLock:
 
     The lock file sits beside the directory (``.<mode>.lock``), since a fresh run replaces the
     directory itself. A second ``fedllm`` writing the same run gets a one-line error instead of
-    interleaving its rows with the first's. The OS releases it when the process dies.
+    interleaving its rows with the first's. The OS releases it when the process dies; the file
+    goes when the lock is released, or when the process exits (:mod:`fedllm.lockfile`).
     """
 
     def __init__(self, path: Path) -> None:
-        import fcntl  # noqa: PLC0415  (POSIX only, like the rest of the deployment story)
-
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = (path.parent / f".{path.name}.lock").open("a+", encoding="utf-8")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise RecipeError("--out", f"{path} is being written by {holder}; wait for it to finish "
-                              "or choose another --out") from None
+        self.lock = LockFile(path.parent / f".{path.name}.lock")
+        if not self.lock.acquire(wait=False):
+            raise RecipeError("--out", f"{path} is being written by {self.lock.holder or 'another process'}; "
+                              "wait for it to finish or choose another --out") from None
+        self.file = self.lock.file
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"fedllm pid {os.getpid()}")
         self.file.flush()
 
     def release(self) -> None:
-        if not self.file.closed:
-            self.file.close()  # closing the descriptor drops the flock
+        self.lock.release()  # removes the lock file, then drops the flock
 
 
 class RunWriter:
@@ -176,7 +171,10 @@ def same_split(path: Path, partition: dict[str, Any]) -> bool:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise RecipeError(str(saved), "not readable JSON; expected the split the run recorded (run without "
                           "--resume to start over)") from None
-    return recorded == json.loads(json.dumps(_clean(partition)))
+    def split_of(p: Any) -> Any:  # client_names only labels the split (runs before it existed resume)
+        return {k: v for k, v in p.items() if k != "client_names"} if isinstance(p, dict) else p
+
+    return split_of(recorded) == split_of(json.loads(json.dumps(_clean(partition))))
 
 
 # The types a metrics row's fields must have for a report (row_problem): ``fedllm report`` and

@@ -35,8 +35,10 @@ from typing import Any
 
 import torch
 
+from fedllm.algorithms.afa import AFA
 from fedllm.algorithms.aggregate import MeanAggregator, client_weights, mean_delta
 from fedllm.algorithms.attacks import COLLUDING, collude
+from fedllm.algorithms.audit import CanaryClients
 from fedllm.algorithms.cclip import CenteredClipping
 from fedllm.algorithms.drift import (
     Correction,
@@ -47,6 +49,7 @@ from fedllm.algorithms.drift import (
     fednova_coefficients,
     scaffold_correction,
 )
+from fedllm.algorithms.he import HERound
 from fedllm.algorithms.lora_agg import RankLayout, aggregation_error, lora_aggregate, lora_pairs
 from fedllm.algorithms.privacy import (
     DPAggregator,
@@ -225,7 +228,8 @@ class FederatedServer:
     def __init__(self, recipe: Recipe, initial_state: StateDict, client_sizes: Sequence[int],
                  payload_bytes: Callable[[Mapping[str, torch.Tensor]], int] | None = None,
                  mask: Mapping[str, torch.Tensor] | None = None, mask_bytes: int = 0,
-                 uplink_on_site: bool = False, state_dir: str | Path | None = None) -> None:
+                 uplink_on_site: bool = False, state_dir: str | Path | None = None,
+                 client_labels: Mapping[int, Sequence[float]] | None = None) -> None:
         self.recipe, r = recipe, recipe
         # per-client state (SCAFFOLD controls, error-feedback residuals, personal B): on disk under
         # ``state_dir`` (a run directory's client_state/), else in memory
@@ -240,7 +244,7 @@ class FederatedServer:
         self.model_bytes = self.payload_bytes(self.template)  # every state/delta/control has its layout
         self.mask, self.mask_bytes = (dict(mask) if mask else None), mask_bytes
         self.has_mask: set[int] = set()  # clients that already downloaded the mask (sent once)
-        self.sampler = build.sampler(r, dict(enumerate(self.client_sizes)))
+        self.sampler = build.sampler(r, dict(enumerate(self.client_sizes)), client_labels)  # labels: diversity
         f = r.faults
         self.availability = Availability(f.dropout_prob, seed, f.straggler_fraction, f.straggler_speed)
         self.server_opt = build.server_optimizer(r)
@@ -281,6 +285,10 @@ class FederatedServer:
                        if fed.reject_norm_factor is not None or fed.algorithm == "fednova"
                        or fed.max_client_weight is not None else None)
         self.norm_history: list[float] = []  # norms accepted in the last applied rounds (few_norm_violations)
+        # privacy.audit (fedllm.federation.audit): sees each decoded upload; canary clients join each mean
+        self.on_upload: Callable[[int, ClientUpdate, StateDict], None] | None = None
+        self.canaries: CanaryClients | None = None
+        self._round = 0
         self.streams = self._streams()
         self._reset_round()
 
@@ -319,7 +327,7 @@ class FederatedServer:
         self._weights: dict[int, float] = {}  # streaming: each planned client's weight in the mean
         self._norms: dict[int, float] = {}  # streaming: each folded update's L2 norm
         self._masked = MaskedSum(SECAGG_MODULUS_BITS)  # secure aggregation: folded as the inputs arrive
-        self._secagg: SecAggRound | None = None
+        self._secagg: SecAggRound | HERound | None = None
         self._controls.clear()
         if self._spool is not None:
             self._spool.clear()
@@ -347,13 +355,23 @@ class FederatedServer:
                 self._bytes_down += self.mask_bytes
                 self.has_mask.add(k)
         if self.recipe.privacy.secure_aggregation and len(plan.training) >= 2:
-            n = len(plan.training)
-            threshold = min(n, max(2, math.ceil(self.recipe.privacy.secagg_threshold * n)))
-            self._secagg = SecAggRound(plan.training, threshold, SECAGG_MODULUS_BITS, SECAGG_SCALE_BITS,
-                                       seed=self.recipe.seed * 100_003 + rnd)
-            self._secagg.advertise_keys()
-            self._secagg.share_keys()
+            self._begin_secure(rnd, plan)
         return plan
+
+    def _begin_secure(self, rnd: int, plan: RoundPlan) -> None:
+        """The round's secure aggregation: pairwise masks (keys advertised and shared now), or HE
+        (a fresh key holder; the server folds ciphertexts under its public context)."""
+        if self.recipe.privacy.secagg_scheme == "he":
+            self._secagg = HERound(plan.training)
+            self._secagg.advertise_keys()
+            self._masked = self._secagg.new_sum()
+            return
+        n = len(plan.training)
+        threshold = min(n, max(2, math.ceil(self.recipe.privacy.secagg_threshold * n)))
+        self._secagg = SecAggRound(plan.training, threshold, SECAGG_MODULUS_BITS, SECAGG_SCALE_BITS,
+                                   seed=self.recipe.seed * 100_003 + rnd)
+        self._secagg.advertise_keys()
+        self._secagg.share_keys()
 
     def _mass(self, clients: Sequence[int]) -> int:
         """The mean's denominator over ``clients``: their examples (weighted) or their count."""
@@ -427,6 +445,8 @@ class FederatedServer:
         if sent.masked is None and not sent.update.is_finite():  # e.g. fp16 overflowing to inf
             self._reject(rnd, k, "non-finite after encoding (the codec overflowed)")
             return
+        if self.on_upload is not None and sent.masked is None:  # privacy.audit: the upload as decoded here
+            self.on_upload(rnd, sent.update, start)
         if "dpsgd_epsilon" in update.metrics:  # the client's cumulative per-example ε (DP-SGD)
             self.dpsgd_epsilon[k] = max(self.dpsgd_epsilon.get(k, 0.0), float(update.metrics["dpsgd_epsilon"]))
         if sent.control is not None:
@@ -500,6 +520,7 @@ class FederatedServer:
         """Norm-check, aggregate and apply what arrived; the global state is unchanged if too few."""
         fed = self.recipe.federation
         self._at_round(rnd)
+        self._round = rnd
         self._release_colluders(rnd)
         valid = []
         for u in self._arrived:
@@ -607,7 +628,7 @@ class FederatedServer:
                 self._sum.add(self._spool[k], actual[k])
         elif actual != self._weights:  # the mean without a spool: only the set of clients differs
             self._sum.scale(self._mass(list(self._weights)) / self._mass(valid))
-        mean = self._sum.result()
+        mean = self._with_canaries(self._sum.result(), len(valid))
         if self.dp is None:
             return mean
         delta = self.dp.release(mean, [self._norms[k] for k in valid])  # server DP: noise; client DP: counted
@@ -620,13 +641,13 @@ class FederatedServer:
             if sorted(u.client_id for u in updates) != sorted(self._masked):  # nothing is rejected after masking
                 raise RuntimeError("secure aggregation: the updates to aggregate are not the masked inputs summed")
             total = self._secagg.unmask(self._masked, dropped_after_masking=self._late, dtype=torch.float64)
-            mean = {k: v / len(updates) for k, v in total.items()}
+            mean = self._with_canaries({k: v / len(updates) for k, v in total.items()}, len(updates))
             if self.dp is not None and self.recipe.privacy.dp == "server":  # clients clipped before masking
                 mean = self.dp.noise_secure_sum(mean, len(updates))
                 metrics.update({f"dp_{k}": v for k, v in self.dp.last_stats.items()})
             return {k: v.to(global_state[k].dtype) for k, v in mean.items()}
         if self.dp is not None:
-            delta = self.dp(updates)
+            delta = self.dp(updates) if self.canaries is None else self._dp_with_canaries(updates)
             metrics.update({f"dp_{k}": v for k, v in self.dp.last_stats.items()})
         elif fed.lora_aggregation == "svd" and self.has_lora:
             delta, err = lora_aggregate(global_state, updates, "svd", fed.is_weighted, self._starts_of(updates),
@@ -634,7 +655,7 @@ class FederatedServer:
             metrics["lora_aggregation_error"] = err
             return delta
         else:
-            delta = self.aggregator(updates)
+            delta = self._with_canaries(self.aggregator(updates), len(updates))
             report = getattr(self.aggregator, "last_report", None)  # what a robust rule excluded or clipped
             if report:
                 metrics["robust"] = report
@@ -646,6 +667,21 @@ class FederatedServer:
                                                                fed.is_weighted, self._starts_of(updates),
                                                                fed.max_client_weight)[1]
         return delta
+
+    def _with_canaries(self, mean: StateDict, count: int) -> StateDict:
+        """``privacy.audit`` canary clients: their updates C·uⱼ join the round's mean, over the real
+        clients' count and before any DP noise (:class:`~fedllm.algorithms.audit.CanaryClients`)."""
+        if self.canaries is None:
+            return mean
+        clip = self.dp.clip if self.dp is not None else self.recipe.privacy.clip
+        return self.canaries.add_to_mean(mean, count, clip, self._round)
+
+    def _dp_with_canaries(self, updates: list[ClientUpdate]) -> StateDict:
+        """``DPAggregator.__call__`` with the canary clients added to the clipped mean before its noise."""
+        norms = [global_norm(u.delta) for u in updates]
+        if self.recipe.privacy.dp == "server":
+            updates = [dataclasses.replace(u, delta=self.dp.clip_update(u.delta)) for u in updates]
+        return self.dp.release(self._with_canaries(self.dp.inner(updates), len(updates)), norms)
 
     def _starts_of(self, updates: list[ClientUpdate]) -> list[StateDict] | None:
         """The states the updates were trained from, when they differ from the global state."""
@@ -722,6 +758,8 @@ class FederatedServer:
                         "rejected_updates": len(self._rejected)})
         if self._secagg is not None:
             metrics["secagg_overhead_bytes"] = sum(b.overhead for b in self._secagg.bytes_up.values())
+            if isinstance(self._secagg, HERound):  # the summed ciphertexts the key holder decrypts
+                metrics["he_sum_bytes"] = self._secagg.sum_bytes
         if self.ledger is not None:
             metrics["epsilon"] = self.ledger.epsilon()
             metrics["noise_multiplier"] = self.sigma
@@ -736,7 +774,7 @@ class FederatedServer:
     def _stateful_aggregator(self) -> Any:
         """The aggregator (or the one a norm bound wraps) that carries state between rounds, or None."""
         agg = self.aggregator.inner if isinstance(self.aggregator, NormBound) else self.aggregator
-        return agg if isinstance(agg, CenteredClipping) else None
+        return agg if isinstance(agg, (CenteredClipping, AFA)) else None
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"server_opt": self.server_opt.state_dict(), "sampler": self.sampler.state_dict(),

@@ -7,7 +7,8 @@ In order (each step only when the recipe asks for it):
 3. client-level DP: clip to C and add N(0, σ²C²/K) (``privacy.dp: client``), or, under secure
    aggregation with server-side DP, only the clip (the server cannot clip what it cannot see);
 4. lossy compression with error feedback (over the mask's surviving values when pruned);
-5. secure-aggregation masking (the server then holds only masked tensors and their sum).
+5. secure-aggregation masking, or CKKS encryption (the server then holds only masked tensors or
+   ciphertexts, and their sum).
 
 :class:`Uplink` holds the per-client state these steps need (error-feedback residuals, the codec's
 RNG) and checkpoints it. In-process every step runs here. On the Flower engine steps 3 and 4 run
@@ -28,12 +29,13 @@ import torch
 from fedllm.algorithms.attacks import COLLUDING, attack_update
 from fedllm.algorithms.compress import Codec, Encoded
 from fedllm.algorithms.drift import ScaffoldState, scaffold_client_control
+from fedllm.algorithms.he import Ciphertexts, HERound
 from fedllm.algorithms.privacy import DPAggregator
 from fedllm.algorithms.prune import masked_values, unmask_values
 from fedllm.algorithms.secure import SecAggRound
 from fedllm.config import Recipe
 from fedllm.federation import build
-from fedllm.types import ClientStates, ClientUpdate, StateDict, serialized_bytes
+from fedllm.types import ClientStates, ClientUpdate, StateDict
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Sent:
     update: ClientUpdate              # as the server decodes it (delta {} under secure aggregation)
     bytes_up: int                     # every byte this client sent (update, control, masked tensors)
     control: StateDict | None = None  # SCAFFOLD's cᵢ⁺
-    masked: StateDict | None = None   # the secure-aggregation masked input
+    masked: StateDict | Ciphertexts | None = None   # the secure-aggregation masked input (HE: ciphertexts)
 
 
 def decode_payload(codec: Codec, enc: Encoded, mask: Mapping[str, torch.Tensor] | None,
@@ -71,7 +73,7 @@ class Uplink:
         self.codec, self.feedback = build.codec(recipe, residuals)  # residuals: the server's store
 
     def send(self, rnd: int, update: ClientUpdate, scaffold: ScaffoldState | None = None,
-             secagg: SecAggRound | None = None, on_site: bool = False,
+             secagg: SecAggRound | HERound | None = None, on_site: bool = False,
              payload_bytes: Callable[[Mapping[str, torch.Tensor]], int] | None = None) -> Sent:
         """Transform ``update`` (already structure-checked) as the client would before sending it.
 
@@ -100,8 +102,8 @@ class Uplink:
         update = dataclasses.replace(update, delta=delta, bytes_up=nbytes)
         if secagg is None:
             return Sent(update, nbytes + control_bytes, control)
-        masked = secagg.masked_input(k, update.delta)
-        return Sent(dataclasses.replace(update, delta={}), serialized_bytes(masked) + control_bytes, control, masked)
+        masked = secagg.masked_input(k, update.delta)  # masked tensors, or HE ciphertexts
+        return Sent(dataclasses.replace(update, delta={}), secagg.bytes_up[k].masked + control_bytes, control, masked)
 
     def site_part(self, rnd: int, update: ClientUpdate, generator: torch.Generator) -> tuple[ClientUpdate, Encoded | None]:
         """What a site does to its update before it leaves: client DP noise, then the codec.

@@ -11,7 +11,16 @@ from typing import Any
 from fedllm.config import RecipeError
 from fedllm.errors import read_regular_text
 from fedllm.federation.rundir import naming, write_json_atomic, write_text_atomic
+from fedllm.metrics.axes import amount_axis, loss_axis, round_axis
 from fedllm.metrics.cost import cost_to_accuracy
+from fedllm.metrics.labels import (
+    client_label,
+    column_digits,
+    listed,
+    per_client_table,
+    read_client_names,
+    row_client_names,
+)
 from fedllm.metrics.runfiles import finite, read_rows, read_summary, read_targets
 
 OPTIONAL_COLUMNS = ("accuracy", "epsilon", "client_eval_loss_min", "client_eval_loss_max", "personal_eval_loss_min",
@@ -101,7 +110,9 @@ def _label(name: str, rows: list[dict], vision: bool) -> str:
     key, what = ("accuracy", "accuracy") if vision else ("eval_loss", "eval loss")
     label = name if last.get(key) is None else f"{name}: final {what} {last[key]:.4f}"
     if last.get("per_client"):
-        label += f"\n(mean of {len(last['per_client'])} clients' own models)"
+        named = any("name" in c for c in last["per_client"].values())
+        which = f": {listed(row_client_names(last))}" if named else ""
+        label += f"\n(mean of {len(last['per_client'])} clients' own models{which})"
     return label
 
 
@@ -113,8 +124,6 @@ def _human_bytes(v: float, _pos=None) -> str:
 
 
 def _draw(ax, panel: Panel, series: dict[str, list[dict]]) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     for i, (name, rows) in enumerate(series.items()):
         style = STYLES.get(name) or EXTRA_STYLES[i % len(EXTRA_STYLES)]
         pts = _points(rows, panel.key)
@@ -123,9 +132,10 @@ def _draw(ax, panel: Panel, series: dict[str, list[dict]]) -> None:
         band = _client_range(rows, panel.key) if panel.key not in ("bytes", "round_time_s") else []
         if len(band) > 1 and any(lo != hi for _, lo, hi in band):
             xs, lo, hi = zip(*band)
-            ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.12, linewidth=0,
-                            label=f"{name}: range over clients")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            named = next((r for r in reversed(rows) if any("name" in c for c in (r.get("per_client") or {}).values())), None)
+            ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.12, linewidth=0, label=f"{name}: range over "
+                            f"clients{f' ({listed(row_client_names(named))})' if named else ''}")
+    round_axis(ax, [r["round"] for rows in series.values() for r in rows])
     ax.set_xlabel("round")
     ax.set_ylabel(panel.ylabel)
     ax.set_title(panel.title, fontsize=10)
@@ -134,28 +144,23 @@ def _draw(ax, panel: Panel, series: dict[str, list[dict]]) -> None:
 
 
 def _limits(ax, panel: Panel, series: dict[str, list[dict]]) -> None:
-    """Axes that read at a glance: accuracy on 0-1, amounts from 0, an all-zero BLEU said in words."""
+    """Axes that read at a glance (:mod:`fedllm.metrics.axes`): accuracy on 0-1, amounts and BLEU
+    from 0, an all-zero BLEU said in words, losses fitted to their curves rather than a client band."""
     from matplotlib.ticker import FuncFormatter
 
-    top = max((v for rows in series.values() for _, v in _points(rows, panel.key)), default=0.0)
+    lines = [v for rows in series.values() for _, v in _points(rows, panel.key)]
+    top = max(lines, default=0.0)
     if panel.key == "accuracy":
         ax.set_ylim(0, 1)
     elif panel.key == "bleu":
-        upper = max(1.0, top * 1.1)
-        ax.set_ylim(-0.02 * upper, upper)
-        if top == 0:
-            ax.text(0.5, 0.5, "BLEU 0 in every round", transform=ax.transAxes, ha="center", va="center",
-                    color="0.4")
+        amount_axis(ax, top, "BLEU 0 in every round")
+    elif panel.key in ("eval_loss", "perplexity"):
+        band = [v for rows in series.values() for _, lo, hi in _client_range(rows, panel.key) for v in (lo, hi)]
+        loss_axis(ax, lines, (min(band), max(band)) if band else None)
     elif panel.key in ("bytes", "round_time_s"):  # amounts: from 0, so sizes compare
         if panel.key == "bytes":
             ax.yaxis.set_major_formatter(FuncFormatter(_human_bytes))
-        if top > 0:
-            ax.set_ylim(-0.02 * top, top * 1.08)
-        else:
-            ax.set_ylim(-0.05, 1)
-            ax.set_yticks([0])
-            ax.text(0.5, 0.5, "no client/server traffic in this mode" if panel.key == "bytes" else "no time",
-                    transform=ax.transAxes, ha="center", va="center", color="0.4")
+        amount_axis(ax, top, "no client/server traffic in this mode" if panel.key == "bytes" else "no time")
 
 
 def figure(series: dict[str, list[dict]], title: str):
@@ -215,11 +220,17 @@ def write_report(path: Path, plots: bool = True) -> Path:
                   f"mean round time {summary['mean_round_time_s']:.2f} s; "
                   f"skipped updates {summary['skipped_updates']}."]
         final = summary.get("final", {})
+        names = read_client_names(path)
+        if names:  # partition natural: which column value each client id holds
+            lines += ["", "Clients (partition.json): " + ", ".join(f"{k} = {n}" for k, n in enumerate(names)) + "."]
+        if rows[-1].get("per_client"):
+            lines += ["", "Each client's own model at the last round:", "",
+                      *per_client_table(rows[-1], ("train_loss", "eval_loss", "perplexity", "bleu", "accuracy"), _fmt)]
         # eval.client_holdout: the final model(s) on each client's own held-out slice; personal models too
         for name, what in (("client_eval_loss", "Final eval loss on each client's own held-out slice"),
                            ("personal_eval_loss", "Each client's personal model on its own slice")):
             if final.get(name):
-                lines += ["", f"{what}: " + ", ".join(f"client {k} {_fmt(v)}" for k, v in final[name].items())
+                lines += ["", f"{what}: " + ", ".join(f"{client_label(k, names)} {_fmt(v)}" for k, v in final[name].items())
                           + f" (min {_fmt(final.get(f'{name}_min'))}, max {_fmt(final.get(f'{name}_max'))})."]
     targets = read_targets(path)
     if summary and targets:  # HP-FL's cost-to-accuracy: rounds, bytes and client time to reach x
@@ -257,7 +268,8 @@ def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[s
     cols = [c for c in cols if any(v[c] is not None for v in table.values())]
     lines = [f"# {root.name}: federated vs centralized vs local", "",
              "| mode | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    lines += [f"| {m} | " + " | ".join(_fmt(v[c]) for c in cols) + " |" for m, v in table.items()]
+    digits = {c: column_digits([v[c] for v in table.values()]) for c in cols}  # different values print differently
+    lines += [f"| {m} | " + " | ".join(_fmt(v[c], digits[c]) for c in cols) + " |" for m, v in table.items()]
     lines += ["", "Local-only rows are means over clients (each evaluated on the same held-out split)."]
     if ratios := ratio_lines(table):
         lines += ["", "## Perplexity ratios (paired over the same held-out examples)", "", *ratios]

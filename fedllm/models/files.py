@@ -11,7 +11,7 @@ directory, given a manifest (``.fedllm-cache.json``: size, mtime and sha256 of e
 renamed into place. Each use checks the manifest: a missing or resized file, or a changed one whose
 sha256 differs, makes the directory be deleted and rebuilt with a warning. The user never owns
 these files, so a damaged one is never blamed on a recipe field. Check and rebuild hold a lock
-(``.<name>.lock`` beside the directory) so that concurrent processes rebuild it once.
+(``.<name>.lock`` beside the directory, removed again when done) so that concurrent processes rebuild it once.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedllm.errors import open_regular
+from fedllm.lockfile import LockFile
 
 log = logging.getLogger(__name__)
 
@@ -159,21 +160,17 @@ class _Lock:
     """An exclusive ``flock`` on ``.<name>.lock`` beside a cache directory, while checking or filling it."""
 
     def __init__(self, target: Path) -> None:
-        import fcntl  # noqa: PLC0415  (POSIX only)
-
+        self.lock = LockFile(target.parent / f".{target.name}.lock")  # removed again on release
         try:
-            self.file = (target.parent / f".{target.name}.lock").open("a+")
+            self.lock.acquire(wait=True)
         except OSError:  # a read-only shared cache: nothing will be rebuilt there anyway
-            self.file = None
-            return
-        fcntl.flock(self.file, fcntl.LOCK_EX)
+            pass
 
     def __enter__(self) -> _Lock:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            self.file.close()  # drops the flock
+        self.lock.release()  # removes the lock file, then drops the flock
 
 
 def cached_dir(target: Path, fill: Callable[[Path], None], required: tuple[str, ...]) -> Path:

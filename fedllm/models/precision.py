@@ -1,10 +1,12 @@
 """bf16 compute for client training (``train.precision: bf16``), only where the hardware has it.
 
 Under ``bf16`` the 4-bit base dequantizes its NF4 weights straight to bf16 and multiplies in bf16
-(bitsandbytes ``Linear4bit.compute_dtype``), and Lightning's ``bf16-mixed`` autocast runs the other
-matmuls (LoRA factors, attention, the LM head) in bf16 while norms, softmax and the cross-entropy
-stay fp32 (PyTorch's autocast op lists). The trainable LoRA weights, their gradients and AdamW's
-state stay fp32: autocast casts a bf16 copy for each matmul, never the master weight.
+(bitsandbytes ``Linear4bit.compute_dtype``): the base's matmuls are nearly all of a step's
+arithmetic. On a GPU, Lightning's ``bf16-mixed`` autocast also runs the other matmuls (LoRA factors,
+attention, the LM head) in bf16. On a CPU the rest stays fp32, without autocast: its casts and its
+bf16 attention backward cost more there than the small matmuls gain
+(:func:`fedllm.client.fit.lightning_precision`). The trainable LoRA weights, their gradients and
+AdamW's state stay fp32 either way.
 
 The base is loaded in fp32 compute as always (:func:`fedllm.models.llm.load_base`); a bf16 fit
 switches the layers to bf16 for its duration only (:func:`base_compute`), so evaluation and the
@@ -120,7 +122,8 @@ def precision_info(precision: str, head_positions: str, device: str) -> dict:
     train_dt = "bfloat16" if bf16 else ("float32" if device != "cuda" else "bfloat16")
     return {"train_precision": precision,
             "train_base_compute_dtype": train_dt,
-            "train_autocast": {"bf16": "bfloat16", "bf16-mixed": "bfloat16", "16-mixed": "float16"}.get(precision),
+            "train_autocast": None if (bf16 and device != "cuda") else
+            {"bf16": "bfloat16", "bf16-mixed": "bfloat16", "16-mixed": "float16"}.get(precision),
             "train_head_positions": resolve_head_positions(head_positions, precision),
             "eval_base_compute_dtype": "float32" if device != "cuda" else "bfloat16",
             "eval_autocast": None,

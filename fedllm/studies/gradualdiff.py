@@ -363,9 +363,23 @@ def _verdict(vals: list[float], goal: float, below: bool) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
+def seed_note(seeds: dict[Any, dict[str, Any]]) -> str:
+    """What a partition's plot draws per seed, for its title: the first seed solid, the other seeds
+    dashed for the modes they ran (a study that ran one seed, or ran later seeds for only some
+    modes, must not promise dashed lines that are not there)."""
+    order = sorted(seeds)
+    rest = order[1:]
+    modes = [m for m in MODES if any(m in seeds[s] for s in rest)]
+    if not modes:
+        return f"seed {order[0]}" if order else "no runs"
+    many = "s" if len(rest) > 1 else ""
+    return f"seed {order[0]} solid; dashed: seed{many} {', '.join(map(str, rest))} ({', '.join(modes)})"
+
+
 def plot(results: dict[str, Any], out: Path) -> list[str]:
     """One PNG per partition: held-out eval loss at the evaluated rounds (left) and the clients' mean
-    training loss every round (right), three modes, every seed (seed 0 solid, others dashed)."""
+    training loss every round (right), three modes, every seed (the first solid, others dashed:
+    :func:`seed_note` says which in the title)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg", force=True)
@@ -388,7 +402,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
             ax.legend(fontsize=8)
         axes[0].set_ylabel("held-out eval loss (response-token NLL)")
         axes[1].set_ylabel("training loss (mean over the round's steps)")
-        fig.suptitle(f"GradualDiff-Fed study, {partition} partition (dashed: other seeds)", fontsize=10)
+        fig.suptitle(f"GradualDiff-Fed study, {partition} partition ({seed_note(seeds)})", fontsize=10)
         fig.tight_layout()
         name = f"loss_{partition}.png"
         fig.savefig(out / name, dpi=110)

@@ -206,6 +206,10 @@ class RemoteExperiment:
     def save_adapter(self, state: StateDict, path: Path) -> None:
         self._exp.save_adapter(state, path)
 
+    def loss_on(self, state: StateDict, examples: Any) -> float:
+        """Never called: a site's training data stays on it (federation.clusters is refused on Flower)."""
+        raise RuntimeError("the Flower engine does not score models on a site's training data")
+
     def payload_bytes(self, state: Mapping[str, torch.Tensor]) -> int:
         return self._exp.payload_bytes(state)
 
