@@ -3,9 +3,8 @@
 Under ``bf16`` the 4-bit base dequantizes its NF4 weights straight to bf16 and multiplies in bf16
 (bitsandbytes ``Linear4bit.compute_dtype``): the base's matmuls are nearly all of a step's
 arithmetic. On a GPU, Lightning's ``bf16-mixed`` autocast also runs the other matmuls (LoRA factors,
-attention, the LM head) in bf16. On a CPU the rest stays fp32, without autocast: its casts and its
-bf16 attention backward cost more there than the small matmuls gain
-(:func:`fedllm.client.fit.lightning_precision`). The trainable LoRA weights, their gradients and
+attention, the LM head) in bf16. On a CPU the rest stays fp32, without autocast: there bf16 gains
+nothing measurable on those small matmuls (:func:`fedllm.client.fit.lightning_precision`). The trainable LoRA weights, their gradients and
 AdamW's state stay fp32 either way.
 
 The base is loaded in fp32 compute as always (:func:`fedllm.models.llm.load_base`); a bf16 fit
