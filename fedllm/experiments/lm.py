@@ -166,26 +166,24 @@ class LMExperiment:
     def loss_on(self, state: StateDict, examples: list[Example]) -> float:
         """Token-weighted mean NLL of ``state`` on ``examples`` (a client's training data: IFCA's cluster
         choice); eval mode, so LoRA dropout is off and the number depends on the state alone."""
-        self.state.set(state)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            sums, counts = example_nll(self.model, examples, self.tokenizer.pad_token_id, self.recipe.eval.batch_size)
-        finally:
-            self.model.train(was_training)
+        sums, counts = self._nll_of(state, examples)
         return math.fsum(sums) / max(sum(counts), 1)
 
     def example_losses(self, state: StateDict, examples: list[Example]) -> list[float]:
         """Per example: the mean response-token NLL of ``state`` (eval mode): the privacy audit's
         canary scores (:mod:`fedllm.federation.audit`)."""
+        sums, counts = self._nll_of(state, examples)
+        return [s / max(n, 1) for s, n in zip(sums, counts)]
+
+    def _nll_of(self, state: StateDict, examples: list[Example]) -> tuple[list[float], list[int]]:
+        """Per-example summed response-token NLL and token counts of ``state``, in eval mode."""
         self.state.set(state)
         was_training = self.model.training
         self.model.eval()
         try:
-            sums, counts = example_nll(self.model, examples, self.tokenizer.pad_token_id, self.recipe.eval.batch_size)
+            return example_nll(self.model, examples, self.tokenizer.pad_token_id, self.recipe.eval.batch_size)
         finally:
             self.model.train(was_training)
-        return [s / max(n, 1) for s, n in zip(sums, counts)]
 
     def payload_bytes(self, state: StateDict) -> int:
         """Bytes of one adapter state or delta on the wire (safetensors)."""
