@@ -3,10 +3,11 @@
 The study recipe's SmolLM2 client 0: the same seeded batches of 4, forward + backward + AdamW, for
 ``exact`` (fp32), ``autocast`` (the NF4 base in bf16 and the rest under ``torch.autocast`` bf16: the
 bf16 path until commit 1ea25e6) and ``nocast`` (the NF4 base in bf16, the rest fp32: the CPU bf16
-path since). The paths alternate in order from one repetition to the next; the best repetition of
+path from 1ea25e6) and ``lean`` (``nocast`` with the LoRA layers on
+:mod:`fedllm.models.lean_lora`: the CPU bf16 path now). The paths alternate in order from one repetition to the next; the best repetition of
 each is printed. All three use the labelled-positions LM head except ``exact`` (as fedllm does).
 
-    python benchmarks/bench_bf16_autocast.py [--paths exact,autocast,nocast] [--repeats 3] [--batches 4]
+    python benchmarks/bench_bf16_autocast.py [--paths exact,autocast,nocast,lean] [--repeats 3] [--batches 4]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from _common import ROOT, quiet
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--paths", default="exact,autocast,nocast")
+    p.add_argument("--paths", default="exact,autocast,nocast,lean")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", type=int, default=4)
     args = p.parse_args()
@@ -31,7 +32,8 @@ def main() -> None:
     from fedllm.client.lm import causal_lm_loss, make_loader  # noqa: PLC0415
     from fedllm.config import load_recipe  # noqa: PLC0415
     from fedllm.experiments import make_experiment  # noqa: PLC0415
-    from fedllm.models.precision import base_compute, uniform_dropout  # noqa: PLC0415
+    from fedllm.models.lean_lora import lean_lora  # noqa: PLC0415
+    from fedllm.models.precision import base_compute, fast_dropout  # noqa: PLC0415
 
     exp = make_experiment(load_recipe(ROOT / "recipes" / "studies" / "gradualdiff.yaml", []))
     model = exp.model
@@ -45,7 +47,8 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             if path != "exact":
                 stack.enter_context(base_compute(model, torch.bfloat16))
-                stack.enter_context(uniform_dropout(model, True))
+                stack.enter_context(fast_dropout(model, True))
+                stack.enter_context(lean_lora(model, path == "lean"))
             t0 = time.perf_counter()
             for b in batches:
                 cast = torch.autocast("cpu", dtype=torch.bfloat16) if path == "autocast" else contextlib.nullcontext()

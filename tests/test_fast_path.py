@@ -16,6 +16,7 @@ from fedllm.client.lm import causal_lm_loss, make_loader
 from fedllm.config import RecipeError, TrainConfig, load_recipe
 from fedllm.experiments.lm import LMExperiment
 from fedllm.models import precision
+from fedllm.models.lean_lora import LeanForward
 from fedllm.models.quant import linear4bit_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +32,18 @@ class _Spy(L.Callback):
     """Records the 4-bit layers' compute dtype at every forward and the optimizer state's dtypes."""
 
     def __init__(self, model) -> None:
+        self.model = model
         self.compute: set[torch.dtype] = set()
         self.opt_dtypes: set[torch.dtype] = set()
         self.handles = [layer.register_forward_pre_hook(lambda m, a: self.compute.add(m.compute_dtype))
                         for _, layer in linear4bit_layers(model)]
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.lean = [m.forward for m in self.model.modules() if isinstance(vars(m).get("forward"), LeanForward)]
+
     def on_train_end(self, trainer, pl_module) -> None:
+        self.lean_weights = {f.weight.dtype for f in self.lean}
+        self.lean_calls = min((f.calls for f in self.lean), default=0)
         for st in trainer.optimizers[0].state.values():
             self.opt_dtypes |= {v.dtype for v in st.values() if torch.is_tensor(v) and v.dim() > 0}
         for h in self.handles:
@@ -51,7 +58,10 @@ def test_bf16_trains_the_base_in_bf16_with_fp32_master_weights_and_optimizer_sta
     spy = _Spy(exp.model)
     exp.step_callbacks.append(spy)
     upd = exp.fit(0, examples, start, 1, 4)
-    assert spy.compute == {torch.bfloat16}  # every 4-bit layer's forward dequantized to and multiplied in bf16
+    assert spy.compute == {torch.bfloat16}  # every 4-bit layer peft runs dequantized to and multiplied in bf16
+    # the LoRA layers (q_proj, v_proj) ran the lean path over their base dequantized once to bf16
+    assert len(spy.lean) == 2 * exp.model.config.num_hidden_layers and spy.lean_weights == {torch.bfloat16}
+    assert spy.lean_calls > 0
     assert spy.opt_dtypes == {torch.float32}  # AdamW's exp_avg / exp_avg_sq
     assert {p.dtype for p in exp.state.params.values()} == {torch.float32}
     assert {v.dtype for v in upd.delta.values()} == {torch.float32}
@@ -62,16 +72,8 @@ def test_bf16_trains_the_base_in_bf16_with_fp32_master_weights_and_optimizer_sta
     assert after < before
     drops = [d for m in exp.model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
              for d in m.lora_dropout.values()]
-    assert drops and all(type(d) is torch.nn.Dropout for d in drops)  # the fit's UniformDropout is gone again
-
-
-def test_uniform_dropout_keeps_with_probability_1_minus_p_and_rescales():
-    drop = precision.UniformDropout(0.25).train()
-    x = torch.ones(200_000)
-    y = drop(x)
-    assert set(y.unique().tolist()) <= {0.0, float(torch.tensor(1 / 0.75))}  # 1/(1 - p) in fp32
-    assert abs(float((y > 0).float().mean()) - 0.75) < 0.005  # 6 sigma of a Bernoulli(0.75) mean of 2e5
-    assert torch.equal(drop.eval()(x), x)
+    assert drops and all(type(d) is torch.nn.Dropout for d in drops)  # the fit's FastDropout is gone again
+    assert all("forward" not in vars(m) for m in exp.model.modules())  # and so are the lean forwards
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no AVX512-BF16/AMX")

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from fedllm.client.fit import add_grad_term
 from fedllm.config import TrainConfig
 from fedllm.data.text import Example, collate
-from fedllm.models.precision import base_compute, resolve_head_positions, train_dtype, uniform_dropout
+from fedllm.models.lean_lora import lean_lora
+from fedllm.models.precision import base_compute, fast_dropout, resolve_head_positions, train_dtype
 from fedllm.models.quant import check_exact_kernels
 from fedllm.models.state import TrainableState
 from fedllm.types import StateDict, subtract
@@ -93,7 +94,10 @@ class CausalLMModule(L.LightningModule):
     def on_fit_start(self) -> None:
         check_exact_kernels(self.model)  # a packed 4-bit layer has no backward: never train on one
         self._compute.enter_context(base_compute(self.model, train_dtype(self.train_cfg.precision)))
-        self._compute.enter_context(uniform_dropout(self.model, self.train_cfg.precision == "bf16"))
+        bf16 = self.train_cfg.precision == "bf16"
+        self._compute.enter_context(fast_dropout(self.model, bf16))
+        # on a CPU, plain LoRA layers train as one function over a bf16 copy of their base (lean_lora)
+        self._compute.enter_context(lean_lora(self.model, bf16 and self.device.type == "cpu"))
 
     def on_fit_end(self) -> None:
         self._compute.close()  # back to the loaded compute dtype: evaluation stays exact

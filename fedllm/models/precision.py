@@ -7,9 +7,15 @@ attention, the LM head) in bf16. On a CPU the rest stays fp32, without autocast:
 nothing measurable on those small matmuls (:func:`fedllm.client.fit.lightning_precision`). The trainable LoRA weights, their gradients and
 AdamW's state stay fp32 either way.
 
+On a CPU a bf16 fit also takes every plain LoRA layer over with :func:`fedllm.models.lean_lora.lean_lora`:
+the base weight dequantized to bf16 once per fit instead of twice per step, and the layer's forward
+and backward as one function (no peft/bitsandbytes Python per call, dropout's rescaling and the
+LoRA sum folded into the GEMM); LoRA dropout masks there, and under bf16 everywhere, are 16-bit
+draws (:func:`fedllm.models.lean_lora.keep_mask`).
+
 The base is loaded in fp32 compute as always (:func:`fedllm.models.llm.load_base`); a bf16 fit
-switches the layers to bf16 for its duration only (:func:`base_compute`), so evaluation and the
-default ``32`` path keep the exact fp32 numerics bit for bit.
+switches the layers to bf16 for its duration only (:func:`base_compute`, :func:`lean_lora`), so
+evaluation and the default ``32`` path keep the exact fp32 numerics bit for bit.
 
 bf16 is refused where the CPU has no bf16 instructions (AVX512-BF16 or AMX-BF16): there oneDNN
 emulates bf16 matmuls, slower than fp32 (docs/benchmarks.md, "bf16 compute and the lean step",
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from fedllm.config import RecipeError
+from fedllm.models.lean_lora import FastDropout
 from fedllm.models.quant import cpu_flag, cpu_has_avx512_bf16, linear4bit_layers
 
 # Measured with oneDNN capped below AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE): docs/benchmarks.md.
@@ -81,24 +88,10 @@ def base_compute(model: nn.Module, dtype: torch.dtype | None) -> Iterator[int]:
             layer.compute_dtype, layer.compute_type_is_set = old, was_set
 
 
-class UniformDropout(nn.Module):
-    """Inverted dropout drawing its keep mask as ``torch.rand(...) >= p``: the same Bernoulli(1 − p)
-    keep and 1/(1 − p) scale as ``nn.Dropout``, from a uniform draw that is several times cheaper on
-    CPU than ``bernoulli_`` (docs/benchmarks.md). Other draws, so other masks: used under bf16 only."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
-
-
 @contextlib.contextmanager
-def uniform_dropout(model: nn.Module, on: bool) -> Iterator[int]:
-    """Inside the block every LoRA ``lora_dropout`` ``nn.Dropout`` is a :class:`UniformDropout`; restored after."""
+def fast_dropout(model: nn.Module, on: bool) -> Iterator[int]:
+    """Inside the block every LoRA ``lora_dropout`` ``nn.Dropout`` is a
+    :class:`fedllm.models.lean_lora.FastDropout` (16-bit masks, ~3x cheaper draws); restored after."""
     swapped = []
     if on:
         for module in model.modules():
@@ -106,7 +99,7 @@ def uniform_dropout(model: nn.Module, on: bool) -> Iterator[int]:
             if isinstance(drops, nn.ModuleDict):
                 for name, drop in list(drops.items()):
                     if type(drop) is nn.Dropout and drop.p > 0:
-                        drops[name] = UniformDropout(drop.p).train(drop.training)
+                        drops[name] = FastDropout(drop.p).train(drop.training)
                         swapped.append((drops, name, drop))
     try:
         yield len(swapped)
@@ -124,6 +117,7 @@ def precision_info(precision: str, head_positions: str, device: str) -> dict:
             "train_autocast": None if (bf16 and device != "cuda") else
             {"bf16": "bfloat16", "bf16-mixed": "bfloat16", "16-mixed": "float16"}.get(precision),
             "train_head_positions": resolve_head_positions(head_positions, precision),
+            "train_lora_path": "lean" if (bf16 and device != "cuda") else "peft",
             "eval_base_compute_dtype": "float32" if device != "cuda" else "bfloat16",
             "eval_autocast": None,
             "cpu_amx_bf16": cpu_has_amx_bf16()}

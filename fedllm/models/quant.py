@@ -55,6 +55,15 @@ def bnb_says_avx512_bf16() -> bool:
     return bool(has_avx512bf16())
 
 
+def is_linear4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes ``Linear4bit`` (False when bitsandbytes is not installed)."""
+    try:
+        from bitsandbytes.nn import Linear4bit  # noqa: PLC0415
+    except ImportError:
+        return False
+    return isinstance(module, Linear4bit)
+
+
 def linear4bit_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every bitsandbytes ``Linear4bit`` in ``model`` (none when bitsandbytes is not installed)."""
     try:
