@@ -11,7 +11,8 @@ import torch
 
 from fedllm.config import RecipeError
 from fedllm.federation.modes import run_federated
-from fedllm.federation.server import FederatedServer, check_counts, relative_norm_violations
+from fedllm.federation.screening import check_counts, relative_norm_violations
+from fedllm.federation.server import FederatedServer
 from fedllm.types import ClientUpdate
 from tests._toy import ToyExperiment, toy_recipe
 
@@ -122,7 +123,7 @@ def test_two_clients_one_liar_the_change_bound_rejects_the_round(tmp_path):
 
 
 def test_the_change_bound_is_a_ratio_of_the_old_norm_and_can_be_switched_off():
-    from fedllm.federation.server import global_change_problem
+    from fedllm.federation.screening import global_change_problem
 
     old = {"w": torch.tensor([3.0, 4.0])}  # norm 5
     assert global_change_problem(old, {"w": torch.tensor([3.0, 54.0])}, 10.0) is None  # change 50 = 10 x 5

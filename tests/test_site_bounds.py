@@ -26,7 +26,8 @@ from fedllm.algorithms.aggregate import cap_weights, client_weights
 from fedllm.config import RecipeError, load_recipe
 from fedllm.federation.modes import run_federated
 from fedllm.federation.rundir import read_metrics
-from fedllm.federation.server import FederatedServer, check_counts, few_norm_violations
+from fedllm.federation.screening import check_counts, few_norm_violations
+from fedllm.federation.server import FederatedServer
 from fedllm.types import ClientUpdate, weighted_sum
 from tests._toy import ToyExperiment, toy_recipe
 

@@ -44,13 +44,13 @@ from fedllm.algorithms.selection import Availability
 from fedllm.experiments.base import Experiment
 from fedllm.federation import build
 from fedllm.federation.rundir import write_json_atomic
-from fedllm.federation.server import (
-    RoundPlan,
+from fedllm.federation.screening import (
     check_counts,
     global_change_problem,
     relative_norm_violations,
     validate_update,
 )
+from fedllm.federation.server import RoundPlan
 from fedllm.types import ClientUpdate, StateDict, add, clone_state, global_norm
 
 log = logging.getLogger(__name__)

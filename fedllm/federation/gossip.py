@@ -42,7 +42,8 @@ from fedllm.algorithms.gossip import (
     unreachable,
 )
 from fedllm.config import FederationConfig, Recipe, RecipeError
-from fedllm.federation.server import RoundPlan, check_counts, relative_norm_violations, validate_update
+from fedllm.federation.screening import check_counts, relative_norm_violations, validate_update
+from fedllm.federation.server import RoundPlan
 from fedllm.types import ClientUpdate, StateDict, add, clone_state, serialized_bytes
 
 log = logging.getLogger(__name__)

@@ -163,7 +163,7 @@ def _reported(u: Mapping, key: str, kind: type, default: object = None) -> int |
 
 def records_to_update(content: RecordDict) -> ClientUpdate:
     """A site's reply as the typed update; every count it reports must be an integer (the server's
-    :func:`~fedllm.federation.server.check_counts` then bounds it), else ``ValueError``."""
+    :func:`~fedllm.federation.screening.check_counts` then bounds it), else ``ValueError``."""
     for key in ("delta", "update"):
         if key not in content:
             raise ValueError(f"reply lacks the {key!r} record; expected fedllm's ClientUpdate records")
