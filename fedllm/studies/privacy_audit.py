@@ -46,6 +46,7 @@ QUICK = ["model.preset=tiny", "model.quantization=none", "lora.target_modules=[q
 # 337.4 tokens/s), 104 tokens a coralmap example, 45 a canary (system prompt, question, 12 digits),
 # DP-SGD's per-example gradients at 3x a step (an assumption, stated in the plan).
 TRAIN_TPS, EVAL_TPS, TOKENS_PER_EXAMPLE, TOKENS_PER_CANARY, DPSGD_FACTOR = 91.6, 337.4, 104, 45, 3.0
+BF16_SPEEDUP = 2.15  # the lean bf16 client step against the exact one (docs/benchmarks.md, bench_client_throughput --bf16)
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,15 @@ class Settings:
 QUICK_SETTINGS = Settings(rounds=2, canaries=32, max_examples=16, eval_size=4, quick=True)
 
 
+def part_precision(c: Config, s: Settings) -> str:
+    """``--precision`` for every part except DP-SGD's, which trains exact fp32 (bf16 is refused with DP-SGD)."""
+    return "32" if "dpsgd" in c.name else s.precision
+
+
 def overrides(c: Config, s: Settings, clip: float | None) -> list[str]:
     out = [f"name=audit_{c.name}", "partition.method=iid", "federation.algorithm=gradualdiff",
-           f"federation.rounds={s.rounds}", "train.local_steps=10", "train.local_epochs=1", f"train.precision={s.precision}",
+           f"federation.rounds={s.rounds}", "train.local_steps=10", "train.local_epochs=1",
+           f"train.precision={part_precision(c, s)}",
            f"data.max_examples={s.max_examples}", f"data.eval_size={s.eval_size}", "eval.every=1",
            "eval.bleu_samples=0", "output.save_adapter=false", f"privacy.audit.canaries={s.canaries}", *c.overrides]
     if c.needs_clip:  # the noise is the point here: no guard rejects a round for the change it makes
@@ -107,7 +114,8 @@ def recipe_of(c: Config, s: Settings, clip: float | None):
 def estimate_hours(c: Config, s: Settings) -> float:
     """CPU hours of one part by the cost model above (every round's evaluation and canary scoring)."""
     train = (s.max_examples - s.eval_size + (s.canaries / 2 if c.unit == "example" else 0)) * TOKENS_PER_EXAMPLE
-    train_s = s.rounds * train / TRAIN_TPS * (DPSGD_FACTOR if "dpsgd" in c.name else 1)
+    tps = TRAIN_TPS * (BF16_SPEEDUP if part_precision(c, s) == "bf16" else 1)
+    train_s = s.rounds * train / tps * (DPSGD_FACTOR if "dpsgd" in c.name else 1)
     eval_s = (s.rounds + 1) * s.eval_size * TOKENS_PER_EXAMPLE / EVAL_TPS
     secagg = "secagg" in c.name
     passes = 0 if c.unit == "client" else (1 if secagg else 3)  # uploads: the client's canaries, then the new global
@@ -123,8 +131,9 @@ def print_plan(s: Settings, configs: list[Config]) -> float:
         print(f"  {c.name:16s} {c.label:38s} {c.unit:7s} canaries  ~{h:.2f} CPU h")
     size = "the tiny model, 6 steps a round" if s.quick else "SmolLM2 NF4, one epoch a round"
     print(f"total: {len(configs)} parts, ~{total:.1f} CPU hours ({size}, {s.rounds} rounds, {s.max_examples} "
-          f"examples, {s.canaries} canaries; fp32 at {TRAIN_TPS:g} training / {EVAL_TPS:g} evaluation tokens/s, "
-          f"DP-SGD at {DPSGD_FACTOR:g}x)")
+          f"examples, {s.canaries} canaries; training at {TRAIN_TPS:g} tokens/s in fp32"
+          f"{f' and {BF16_SPEEDUP:g}x that in bf16 (DP-SGD stays fp32)' if s.precision == 'bf16' else ''}, "
+          f"evaluation at {EVAL_TPS:g}, DP-SGD at {DPSGD_FACTOR:g}x)")
     return total
 
 
