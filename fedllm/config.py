@@ -277,10 +277,12 @@ class FederationConfig:
     clusters: int = doc(
         "IFCA clustered FL (Ghosh et al. 2020): this many cluster models; each sampled client trains the one "
         "with the lowest loss on its own training data, the server averages per cluster (1: one global model)", 1)
-    cluster_init: Literal["perturb", "clients"] = doc(
+    cluster_init: Literal["perturb", "clients", "farthest"] = doc(
         "clusters > 1: how the k models start apart: perturb (the initial state plus seeded Gaussian noise of "
-        "std cluster_init_scale; LoRA: on the B factors only) or clients (each from one local fit of k distinct "
-        "clients drawn with the seed, before round 1)", "perturb")
+        "std cluster_init_scale; LoRA: on the B factors only), clients (each from one local fit of k distinct "
+        "clients drawn with the seed, before round 1) or farthest (every client fits once before round 1; the "
+        "first of the k is drawn with the seed, each next is the client whose update is farthest in cosine "
+        "distance from those chosen: k-means++-style seeding, Arthur & Vassilvitskii 2007)", "perturb")
     cluster_init_scale: float = doc(
         "clusters > 1 with cluster_init perturb: std of the Gaussian noise added to each cluster's initial state", 0.01)
 

@@ -257,6 +257,7 @@ class _Stop(Exception):
 @pytest.mark.parametrize("federation", [
     {"topology": "gossip", "graph": "random-k", "graph_k": 1},
     {"clusters": 2, "cluster_init": "clients"},
+    {"clusters": 2, "cluster_init": "farthest"},
 ])
 def test_a_killed_topology_run_resumes_to_the_same_result(tmp_path, federation):
     from fedllm.federation.modes import Hooks

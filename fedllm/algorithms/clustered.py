@@ -17,7 +17,8 @@ LoRA state, on the B factors only (A keeps its shared random init; with B = 0 at
 would otherwise all be the base model and tie). ``federation.cluster_init_scale`` is σ. Noise around
 one pretrained base can leave every client preferring the same model (then IFCA is FedAvg with
 k − 1 idle models); ``federation.cluster_init: clients`` instead starts model j from one local fit
-of a distinct client (:mod:`fedllm.federation.clustered`).
+of a distinct client (:mod:`fedllm.federation.clustered`), and ``farthest`` chooses those k clients
+far apart (:func:`farthest_first`).
 
 Pure functions over state dicts and loss tables; :mod:`fedllm.federation.clustered` drives them.
 """
@@ -75,3 +76,47 @@ def cluster_means(updates: Sequence[ClientUpdate], cluster_of: Mapping[int, int]
 def representative(sizes: Sequence[int]) -> int:
     """The cluster serving the most clients (ties: the lowest index): the run's headline model."""
     return max(range(len(sizes)), key=lambda j: (sizes[j], -j))
+
+
+def cosine_distance(a: StateDict, b: StateDict) -> float:
+    """1 − cos(a, b) over the whole flattened state, in float64 (in [0, 2]; 1 when either is all zero)."""
+    dot = na = nb = 0.0
+    for key, v in a.items():
+        x, y = v.detach().to(torch.float64).flatten(), b[key].detach().to(torch.float64).flatten().to(v.device)
+        dot, na, nb = dot + float(x @ y), na + float(x @ x), nb + float(y @ y)
+    return 1.0 if na == 0 or nb == 0 else 1.0 - dot / math.sqrt(na * nb)
+
+
+def farthest_first(signatures: Sequence[StateDict], k: int, first: int) -> tuple[list[int], list[float]]:
+    """The k warm-start clients of ``cluster_init: farthest``, in the order chosen, and the distance
+    at which each was chosen (0 for ``first``).
+
+    k-means++ seeding (Arthur & Vassilvitskii 2007, "k-means++: The Advantages of Careful Seeding")
+    made deterministic: the first center is ``first`` (the caller draws it with the seed), and each
+    next one is the client whose signature is farthest from its nearest chosen center,
+    argmax_i min_{c chosen} d(sᵢ, s_c) (k-means++ draws i with probability ∝ that distance squared;
+    taking the argmax is Gonzalez's 1985 farthest-first traversal, a 2-approximation of the k-center
+    cost under a metric; the cosine distance is not one, so here it is a heuristic with the same
+    intent). Ties go to the lowest client index; a chosen client is never chosen again.
+
+    The signature sᵢ is client i's update Δᵢ from one local fit of the shared initial state, and d is
+    the cosine distance 1 − cos(Δᵢ, Δⱼ). Why the update and not a loss signature: before the k models
+    exist the only model the server could score losses on is θ₀, one number per client that says how
+    hard its data is, not which population it belongs to; the update is what an IFCA client uploads
+    every round anyway (so the server learns nothing new), and its direction is the client's descent
+    direction, which CFL (Sattler et al. 2020) splits clients by for the same reason. Why cosine and
+    not L2: an update's norm grows with the client's loss level and step count, so the L2-farthest
+    client is often just the one with the most loss left, while two clients of one population point
+    the same way.
+    """
+    n = len(signatures)
+    if not 1 <= k <= n or not 0 <= first < n:
+        raise ValueError(f"farthest_first: expected 1 <= k <= {n} and first in [0, {n}), got k={k}, first={first}")
+    chosen, at = [first], [0.0]
+    nearest = [cosine_distance(s, signatures[first]) for s in signatures]
+    while len(chosen) < k:
+        nxt = max((i for i in range(n) if i not in chosen), key=lambda i: (nearest[i], -i))
+        chosen.append(nxt)
+        at.append(nearest[nxt])
+        nearest = [min(d, cosine_distance(s, signatures[nxt])) for d, s in zip(nearest, signatures)]
+    return chosen, at

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from fedllm.algorithms.clustered import assign, cluster_means, perturbed_inits, representative
+from fedllm.algorithms.clustered import assign, cluster_means, farthest_first, perturbed_inits, representative
 from fedllm.algorithms.drift import DriftTerm, Proximal
 from fedllm.algorithms.selection import Availability
 from fedllm.experiments.base import Experiment
@@ -68,8 +68,9 @@ class ClusterServer:
         self.template = clone_state(exp.initial_state)
         self.models = perturbed_inits(self.template, self.k, fed.cluster_init_scale, r.seed)
         self.applied = [0] * self.k  # rounds applied to each cluster model
-        self.warm_clients: list[int] = []  # cluster_init: clients — who each model started from
-        self._warm = fed.cluster_init == "clients"  # done before round 1 (not again on --resume)
+        self.warm_clients: list[int] = []  # cluster_init: clients / farthest — who each model started from
+        self.warm_distances: list[float] = []  # farthest: the cosine distance at which each was chosen
+        self._warm = fed.cluster_init in ("clients", "farthest")  # done before round 1 (not again on --resume)
         self._zero_init = global_norm(self.template) == 0
         self.model_bytes = exp.payload_bytes(self.template)
         self.sampler = build.sampler(r, dict(enumerate(self.client_sizes)))
@@ -100,17 +101,29 @@ class ClusterServer:
     def _warm_start(self) -> None:
         """``cluster_init: clients``: model j starts as θ₀ + Δ of one local fit of client c_j, the c_j
         k distinct clients drawn with the seed (a data-driven spread, where noise around one
-        pretrained base can leave every client preferring the same model)."""
+        pretrained base can leave every client preferring the same model). ``farthest``: every client
+        fits once, and the c_j are chosen far apart by their updates' directions
+        (:func:`~fedllm.algorithms.clustered.farthest_first`; the first drawn with the seed), so two
+        clients of one population no longer both seed a model by chance. Cost: n fits instead of k."""
         self._warm = False
-        n = len(self.client_sizes)
-        self.warm_clients = sorted(int(c) for c in np.random.default_rng([self.recipe.seed, 0xC1F5]).choice(
-            n, size=self.k, replace=False))
+        n, rng = len(self.client_sizes), np.random.default_rng([self.recipe.seed, 0xC1F5])
+        if self.recipe.federation.cluster_init == "farthest":  # every client fits; k far apart are kept
+            deltas = [self._warm_fit(c) for c in range(n)]
+            self.warm_clients, self.warm_distances = farthest_first(deltas, self.k, int(rng.integers(n)))
+        else:
+            self.warm_clients = sorted(int(c) for c in rng.choice(n, size=self.k, replace=False))
+            deltas = {c: self._warm_fit(c) for c in self.warm_clients}
         for j, c in enumerate(self.warm_clients):
-            examples = self.exp.data.client_examples(c)
-            upd = self.exp.fit(c, examples, self.template, 0, build.client_steps(self.recipe, len(examples)))
-            if not upd.is_finite():
-                raise ValueError(f"cluster_init clients: client {c}'s warm-start fit is not finite")
-            self.models[j] = add(self.template, upd.delta)
+            self.models[j] = add(self.template, deltas[c])
+
+    def _warm_fit(self, client_id: int) -> StateDict:
+        """Client ``client_id``'s Δ from one local fit of the shared initial state (round 0)."""
+        examples = self.exp.data.client_examples(client_id)
+        upd = self.exp.fit(client_id, examples, self.template, 0, build.client_steps(self.recipe, len(examples)))
+        if not upd.is_finite():
+            kind = self.recipe.federation.cluster_init
+            raise ValueError(f"cluster_init {kind}: client {client_id}'s warm-start fit is not finite")
+        return upd.delta
 
     def begin_round(self, rnd: int) -> RoundPlan:
         if self._warm:
@@ -211,8 +224,9 @@ class ClusterServer:
         lora = any(".lora_B" in key for key in self.template)
         write_json_atomic(self.run_path / CLUSTERS_FILE, {
             "algorithm": "IFCA (Ghosh et al. 2020), model averaging", "clusters": self.k,
-            "init": ({"kind": "clients", "clients": self.warm_clients, "seed": self.recipe.seed}
-                     if fed.cluster_init == "clients" else
+            "init": ({"kind": fed.cluster_init, "clients": self.warm_clients, "seed": self.recipe.seed,
+                      **({"cosine_distance_when_chosen": self.warm_distances} if self.warm_distances else {})}
+                     if fed.cluster_init in ("clients", "farthest") else
                      {"kind": "perturbation", "scale": fed.cluster_init_scale,
                       "tensors": "lora_B" if lora else "all", "seed": self.recipe.seed}),
             "final": {"assignment": {str(k): j for k, j in self.assignment.items()}, "eval_cluster": self.headline,
@@ -235,7 +249,7 @@ class ClusterServer:
     def state_dict(self) -> dict[str, Any]:
         return {"models": [clone_state(m) for m in self.models], "assignment": dict(self.assignment),
                 "headline": self.headline, "history": list(self.history), "applied": list(self.applied),
-                "warm_clients": list(self.warm_clients),
+                "warm_clients": list(self.warm_clients), "warm_distances": list(self.warm_distances),
                 "sampler": self.sampler.state_dict(),
                 "availability": self.availability.state_dict()}
 
@@ -247,6 +261,7 @@ class ClusterServer:
         self.headline = int(state["headline"])
         self.applied = [int(n) for n in state["applied"]]
         self.warm_clients, self._warm = [int(c) for c in state["warm_clients"]], False
+        self.warm_distances = [float(d) for d in state.get("warm_distances", [])]
         self.history = [dict(e) for e in state["history"]]
         self.sampler.load_state_dict(state["sampler"])
         self.availability.load_state_dict(state["availability"])
