@@ -2,7 +2,8 @@
 
 ``fedllm run recipes/tiny.yaml --mode centralized`` for one round of 8 steps at lr 0.05: far from a
 good model, but enough that the trained adapter's greedy answers differ from the base's. BLEU is
-off (``eval.bleu_samples=0``) to keep it at about half a minute on CPU.
+off (``eval.bleu_samples=0``) to keep it at about half a minute on CPU. Tests reach it through
+conftest's session fixtures ``tiny_run_dir`` (the directory) and ``tiny_run_model`` (its model, loaded once).
 """
 
 from __future__ import annotations

@@ -67,6 +67,23 @@ def tiny_compare(tmp_path_factory):
     return out / "tiny"
 
 
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory) -> Path:
+    """The short trained tiny run of tests/_tiny_run.py, shared by the export, generate and chat tests."""
+    from tests._tiny_run import tiny_run
+
+    return tiny_run(tmp_path_factory.getbasetemp() / "usage_run")
+
+
+@pytest.fixture(scope="session")
+def tiny_run_model(tiny_run_dir):
+    """``(recipe, model, tokenizer)`` of that run as ``fedllm chat`` loads it (NF4 base + adapter), loaded
+    once per session: the tests that share it only read it (generation, forward passes)."""
+    from fedllm.serve import load_run_model
+
+    return load_run_model(tiny_run_dir)
+
+
 @pytest.fixture(autouse=True)
 def _fedllm_log_level():
     """Each test starts with the ``fedllm`` logger's level as the session had it: a study's entry

@@ -6,29 +6,15 @@ from __future__ import annotations
 
 import io
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fedllm.cli import main
 from fedllm.decoding import AnswerOnly, Decoding, stop_ids
-from tests._tiny_run import tiny_run
 
 pytestmark = pytest.mark.slow
 PLAIN = Decoding(max_new_tokens=40, repetition_penalty=1.0, no_repeat_ngram_size=0)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory.getbasetemp() / "usage_run")
-
-
-@pytest.fixture(scope="module")
-def loaded(run_dir):
-    from fedllm.serve import load_run_model
-
-    return load_run_model(run_dir)
 
 
 def _repeated_ngrams(ids: list[int], n: int) -> set[tuple[int, ...]]:
@@ -57,8 +43,8 @@ def test_the_guards_see_the_answer_only():
             Decoding(**bad)
 
 
-def test_answers_stop_at_the_templates_end_of_turn(loaded):
-    _, model, tok = loaded
+def test_answers_stop_at_the_templates_end_of_turn(tiny_run_model):
+    _, model, tok = tiny_run_model
     stops = stop_ids(tok, model)
     # SmolLM2's tokenizer (the tiny preset shares it): <|im_end|> ends a turn, <|endoftext|> the text,
     # and a new <|im_start|> turn is not part of this answer
@@ -66,10 +52,10 @@ def test_answers_stop_at_the_templates_end_of_turn(loaded):
     assert tok.eos_token_id in stops
 
 
-def test_the_default_guards_break_the_loop_plain_greedy_falls_into(loaded):
+def test_the_default_guards_break_the_loop_plain_greedy_falls_into(tiny_run_model):
     from fedllm.serve import answer_ids, conversation
 
-    recipe, model, tok = loaded
+    recipe, model, tok = tiny_run_model
     msgs = conversation(recipe, [], "What helps with anxiety?")
     plain = answer_ids(model, tok, msgs, PLAIN)
     assert _repeated_ngrams(plain, 4), tok.decode(plain)  # the tiny model loops, as SmolLM2 did
@@ -77,10 +63,10 @@ def test_the_default_guards_break_the_loop_plain_greedy_falls_into(loaded):
     assert not _repeated_ngrams(guarded, 4), tok.decode(guarded)
 
 
-def test_chat_streams_each_answer_as_it_is_generated(loaded):
+def test_chat_streams_each_answer_as_it_is_generated(tiny_run_model):
     from fedllm.serve import chat_loop, conversation, respond
 
-    recipe, model, tok = loaded
+    recipe, model, tok = tiny_run_model
     pieces: list[str] = []
     lines: list[str] = []
     d = Decoding(max_new_tokens=24)
@@ -91,23 +77,23 @@ def test_chat_streams_each_answer_as_it_is_generated(loaded):
     assert "".join(pieces[1:-1]).strip() == answer
 
 
-def test_chat_command_says_it_loads_then_streams(run_dir, monkeypatch, capsys):
+def test_chat_command_says_it_loads_then_streams(tiny_run_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("What helps with anxiety?\n/exit\n"))
-    assert main(["chat", str(run_dir), "--max-new-tokens", "8", "--no-repeat-ngram", "3"]) == 0
+    assert main(["chat", str(tiny_run_dir), "--max-new-tokens", "8", "--no-repeat-ngram", "3"]) == 0
     out, err = capsys.readouterr()
     assert "model loaded in" in err and "(merged:" in err  # chat's default form: see the next test
     assert "no repeated 3-grams" in err and "repetition penalty 1.15" in err
     assert out.startswith("assistant> ") and out.endswith("\n") and out.count("\n") >= 1
 
 
-def test_the_merged_weights_chat_answers_with_are_the_runs(run_dir, loaded):
+def test_the_merged_weights_chat_answers_with_are_the_runs(tiny_run_dir, tiny_run_model):
     """chat's default ``--weights merged``: the run's NF4-rounded base in fp32 with the adapter merged
     computes the same function as the 4-bit base + adapter (only faster per token on a CPU)."""
     from fedllm.data.text import prompt_token_ids
     from fedllm.serve import conversation, load_run_model
 
-    recipe, model, tok = loaded
-    _, merged, _ = load_run_model(run_dir, "merged")
+    recipe, model, tok = tiny_run_model
+    _, merged, _ = load_run_model(tiny_run_dir, "merged")
     ids = torch.tensor([prompt_token_ids(tok, conversation(recipe, [], "What helps with anxiety?"), "chat")])
     with torch.no_grad():
         gap = (merged(input_ids=ids).logits - model(input_ids=ids).logits).abs().max()
@@ -115,7 +101,7 @@ def test_the_merged_weights_chat_answers_with_are_the_runs(run_dir, loaded):
 
 
 @pytest.mark.parametrize("flag", [["--repetition-penalty", "0.5"], ["--no-repeat-ngram", "-2"]])
-def test_bad_decoding_flags_are_one_line(run_dir, capsys, flag):
-    assert main(["chat", str(run_dir), *flag]) == 2
+def test_bad_decoding_flags_are_one_line(tiny_run_dir, capsys, flag):
+    assert main(["chat", str(tiny_run_dir), *flag]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fedllm: error: ") and flag[0] in err, err

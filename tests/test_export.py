@@ -12,23 +12,23 @@ from safetensors.torch import load_file
 
 from fedllm.cli import main
 from fedllm.config import load_recipe
-from tests._tiny_run import ROOT, tiny_run
+from tests._tiny_run import ROOT
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory.getbasetemp() / "usage_run")
+def run_dir(tiny_run_dir) -> Path:
+    return tiny_run_dir
 
 
 @pytest.fixture(scope="module")
-def run_model(run_dir):
-    """The run's own model (4-bit NF4 base + adapter, loaded as the run did) and its eval split."""
+def run_model(tiny_run_model):
+    """The run's own model (4-bit NF4 base + adapter, loaded as the run did; conftest's, shared with
+    the chat tests) and its eval split."""
     from fedllm.data.build import build_text_data
-    from fedllm.serve import load_run_model
 
-    recipe, model, tokenizer = load_run_model(run_dir)
+    recipe, model, tokenizer = tiny_run_model
     return model, tokenizer, build_text_data(recipe, tokenizer).eval_examples
 
 
