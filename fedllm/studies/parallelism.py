@@ -50,7 +50,8 @@ rounds: 174 s). With the pilot's K* and about three trials per point running the
 rest stopped at the best so far), the 30 centralized points take ≈ 1.7 CPU-hours (2–17 min each; B =
 2 at 98 % the dearest) and the 10 federated ones ≈ 1.6 (5–21 min; m = 16 the dearest): ≈ 3.3
 CPU-hours, about 1.7 h wall as two parallel shards on 2 free cores (``--shard 0/2``, ``--shard
-1/2``). ``--quick`` (2 batch sizes × 2 sparsities × 2 trials, 2 federated points, 2000 images) runs
+1/2``). Measured later (issue 38): the federated points m = 1–8 took 112–280 CPU-s each, far below
+that estimate (their racing trials mostly stop early). ``--quick`` (2 batch sizes × 2 sparsities × 2 trials, 2 federated points, 2000 images) runs
 end to end in ≈ 30 s.
 
 Each finished point is kept as ``<out>/parts/<point>.json`` (``parts_quick/`` for ``--quick``) and

@@ -4,7 +4,10 @@ Recipe ``recipes/studies/fmnist_robust.yaml`` (Dirichlet Fashion-MNIST, 20 clien
 LeNet-300-100 through the engine's own vision client), one part per (defense, condition, seed):
 
 - defenses: the plain mean (FedAvg), coordinate-wise median, trimmed mean, Krum, geometric median
-  (RFA), Bulyan and centered clipping;
+  (RFA), Bulyan, centered clipping and AFA (issue 38 item 7, with the paper's ξ₀ = 2, Δξ = 0.5,
+  α₀ = β₀ = 3, δ = 0.95, none tuned here): IPM sends −ε times the honest mean, so its updates sit
+  close to the others in L2 (Krum and Bulyan pick them) and only shrink the mean, but point the
+  opposite way (cosine ≈ −1 with the aggregate), which is exactly what AFA's cosine filter removes;
 - conditions: clean, and sign-flip ×10, ALIE and IPM at 10 % and 20 % of the clients.
 
 A defense's score under an attack is its accuracy minus its own clean run's (same seed), where a
@@ -33,7 +36,7 @@ from fedllm.studies import machine_line, parts_folder, quiet_process, recorded, 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "studies" / "fmnist_robust.yaml"
 DEFENSES = {"mean": "FedAvg (mean)", "median": "median", "trimmed_mean": "trimmed mean", "krum": "Krum",
-            "geomed": "geometric median", "bulyan": "Bulyan", "centered_clip": "centered clipping"}
+            "geomed": "geometric median", "bulyan": "Bulyan", "centered_clip": "centered clipping", "afa": "AFA"}
 ATTACKS = {"sign_flip": "sign-flip x10", "alie": "ALIE", "ipm": "IPM"}
 FRACTIONS = (10, 20)
 CONDITIONS = ("clean", *(f"{a}{p}" for a in ATTACKS for p in FRACTIONS))
@@ -208,13 +211,17 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
 
 
 def setup_line(quick: bool) -> str:
-    r = part_recipe("mean", "clean", 0, quick)
+    from fedllm.algorithms.afa import AFA  # noqa: PLC0415  (heavy imports only when running)
+
+    r, afa = part_recipe("mean", "clean", 0, quick), AFA()  # AFA as the recipe builds it: the paper's defaults
     a = r.attack
     return (f"{r.model.preset} on {r.data.max_examples} Fashion-MNIST images ({r.data.eval_size} test), "
             f"{r.partition.num_clients} clients (Dirichlet {r.partition.alpha}), all per round, "
             f"{r.federation.rounds} rounds of {r.train.local_steps} SGD steps; accuracy = mean of the last 3 "
             f"rounds. Krum/Bulyan f = {r.robust.byzantine}, trimmed mean beta = {r.robust.trim_ratio}, centered "
-            f"clipping tau = {r.robust.clip_radius} x {r.robust.clip_iterations} iterations; sign-flip x{a.scale:g}, "
+            f"clipping tau = {r.robust.clip_radius} x {r.robust.clip_iterations} iterations; AFA with the paper's "
+            f"xi0 = {afa.xi0:g}, delta_xi = {afa.delta_xi:g}, alpha0 = {afa.alpha0}, beta0 = {afa.beta0}, block at "
+            f"{afa.block:g}; sign-flip x{a.scale:g}, "
             f"IPM epsilon = {a.ipm_epsilon}, ALIE with the paper's z_max (omniscient: the attackers see the "
             "round's honest updates).")
 
