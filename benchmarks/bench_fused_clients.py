@@ -13,6 +13,7 @@ side's allocations never count against the other.
     python benchmarks/bench_fused_clients.py            # K = 5 SmolLM2 clients, recipes/studies/gradualdiff.yaml
     python benchmarks/bench_fused_clients.py --tiny     # the tiny llama, seconds
     python benchmarks/bench_fused_clients.py --k 5 --steps 2 --repeats 3 --no-rss
+    python benchmarks/bench_fused_clients.py --gemm       # one base GEMM over K batches vs K GEMMs, fp32 and bf16
 
 ``time_round(exp_or_recipe, k, fused)`` is importable (``benchmarks/gpu_check.py`` times fused vs
 sequential on a GPU with it). Target on the 2-core CPU: fused >= 1.3x sequential.
@@ -175,8 +176,36 @@ def peak_rss(args) -> dict:
     return out
 
 
+def gemm_scaling(k: int, repeats: int) -> None:
+    """``--gemm``: what a fused step's one base GEMM over K batches' rows saves against K GEMMs over one
+    batch's rows each, for SmolLM2's three base shapes (batch 4 x 128 = 512 rows), fp32 and bf16.
+
+    The base matmuls are most of a step; a fused step can only be faster on them if one GEMM over more
+    rows is cheaper than the same rows in K calls. Best of ``repeats`` x 10 calls, the two sides alternated.
+    """
+    f = torch.nn.functional
+    for dtype in (torch.float32, torch.bfloat16):
+        for n_in, n_out in ((576, 1536), (1536, 576), (576, 576)):
+            w, one = torch.randn(n_out, n_in).to(dtype), torch.randn(512, n_in).to(dtype)
+            many = torch.randn(512 * k, n_in).to(dtype)
+            sides = {"k_calls": lambda w=w, one=one: [f.linear(one, w) for _ in range(k)],
+                     "one_call": lambda w=w, many=many: f.linear(many, w)}
+            best = {name: float("inf") for name in sides}
+            for rep in range(repeats):
+                for name in sides if rep % 2 == 0 else list(sides)[::-1]:
+                    sides[name]()  # warm
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        sides[name]()
+                    best[name] = min(best[name], (time.perf_counter() - t0) / 10)
+            print(json.dumps({"dtype": str(dtype).removeprefix("torch."), "weight": [n_out, n_in], "k": k,
+                              "k_calls_ms": round(best["k_calls"] * 1e3, 2), "one_call_ms": round(best["one_call"] * 1e3, 2),
+                              "fused_speedup": round(best["k_calls"] / best["one_call"], 3)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gemm", action="store_true", help="only the base-GEMM scaling: K calls of 512 rows vs one of K x 512")
     ap.add_argument("--tiny", action="store_true", help="the tiny llama instead of SmolLM2")
     ap.add_argument("--k", type=int, default=5, help="clients in the round")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per client (default: the recipe's)")
@@ -189,6 +218,9 @@ def main() -> None:
     quiet()
     if args.rss_child:
         rss_child(args)
+        return
+    if args.gemm:
+        gemm_scaling(args.k, args.repeats)
         return
     result = measure(args)
     if not args.no_rss:
