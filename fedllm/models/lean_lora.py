@@ -119,18 +119,13 @@ class LoRALinear(torch.autograd.Function):
 
 
 def frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's frozen weight ``[out, in]`` in ``dtype``: a ``Linear4bit`` dequantized (the
-    same call and bits as bitsandbytes' forward in that compute dtype), an ``nn.Linear`` cast."""
+    """The base layer's frozen weight ``[out, in]`` in ``dtype``: a ``Linear4bit`` dequantized by
+    bitsandbytes (nested absmax included) and rounded to ``dtype`` (the same bits its forward multiplies
+    with in that compute dtype; tested), an ``nn.Linear`` cast."""
     if is_linear4bit(base):
-        state = base.weight.quant_state
-        if state.nested:
-            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-                state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32)
-            absmax = absmax + state.offset
-        else:
-            absmax = state.absmax
-        return torch.ops.bitsandbytes.dequantize_4bit.default(
-            base.weight.data.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, dtype)
+        from bitsandbytes.functional import dequantize_4bit  # noqa: PLC0415
+
+        return dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
     return base.weight.detach().to(dtype)
 
 
