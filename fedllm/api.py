@@ -182,7 +182,8 @@ def resolve(recipe: str | Path | Recipe, overrides: tuple[str, ...] | list[str] 
 def run(recipe: str | Path | Recipe, *overrides: str, out: str | Path | None = None, mode: str | None = None,
         resume: bool = False, engine: str | None = None, progress: bool = True) -> RunResult:
     """Train one mode of a recipe (``fedllm run``): ``mode`` defaults to the recipe's ``mode``,
-    ``out`` to its ``output.dir``; ``resume`` continues a federated run from its last checkpoint;
+    ``out`` to its ``output.dir``; ``resume`` continues the run from its last checkpoint (federated
+    and centralized: after its last round; local: after its last finished client);
     ``engine="flower"`` runs the federated mode on Flower's simulation runtime. Returns the run
     directory read back from its files."""
     if engine is not None:
@@ -191,8 +192,6 @@ def run(recipe: str | Path | Recipe, *overrides: str, out: str | Path | None = N
     mode = mode or recipe.mode
     if mode not in MODES:
         raise RecipeError("mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
-    if resume and mode != "federated":
-        raise RecipeError("--resume", f"only federated runs checkpoint; mode is {mode!r}")
     out = None if out is None else str(out)
     if recipe.federation.engine == "flower" and mode == "federated":
         _run_flower(recipe, out, resume)
@@ -254,8 +253,7 @@ def _run_modes(recipe: Recipe, modes: list[str], out: str | None, resume: bool =
         for mode in modes:
             rounds = bars.add_task(f"{mode}: rounds", total=recipe.federation.rounds)
             hooks = _bar_hooks(bars, steps, mode, rounds)
-            kwargs = {"resume": True} if resume and mode == "federated" else {}
-            summaries[mode] = RUNNERS[mode](exp, out, hooks, **kwargs)
+            summaries[mode] = RUNNERS[mode](exp, out, hooks, resume=resume)
             if invocation is not None:  # which `fedllm compare` this mode's files come from
                 _stamp(_mode_dir(recipe, mode, out), summaries[mode], invocation)
             bars.update(rounds, completed=recipe.federation.rounds)

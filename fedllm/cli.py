@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             sp.add_argument("--mode", choices=("federated", "centralized", "local"))
             sp.add_argument("--resume", action="store_true",
-                            help="continue the federated run in the run directory from its last checkpoint")
+                            help="continue the run in the run directory from its last checkpoint (federated and "
+                                 "centralized: after its last round; local: after its last finished client)")
             sp.add_argument("--engine", choices=("inprocess", "flower"),
                             help="federated engine (default: recipe federation.engine); flower: Flower simulation")
     rp = sub.add_parser("report", help="rebuild report.md and plots from a run directory, or a compare "

@@ -74,8 +74,6 @@ def test_cli_compare_and_api_read_the_same_files(tiny_compare):
 def test_bad_input_is_a_one_line_recipe_error(tmp_path):
     with pytest.raises(RecipeError, match=r"lora\.rr: unknown key; did you mean 'lora\.r'"):
         fedllm.run(TINY, "lora.rr=4", out=tmp_path)
-    with pytest.raises(RecipeError, match="only federated runs checkpoint"):
-        fedllm.run(TINY, out=tmp_path, mode="local", resume=True)
     with pytest.raises(RecipeError, match="expected one of federated"):
         fedllm.run(TINY, out=tmp_path, mode="fed")
     with pytest.raises(RecipeError, match="holds no metrics.jsonl"):

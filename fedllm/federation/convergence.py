@@ -16,8 +16,9 @@ One :class:`Watch` per run (per client in local mode) follows the rows a mode wr
   order, and with a validation split every evaluated round's sums (``rounds``): what :func:`paired_log_ratio` pairs
   between two modes (``fedllm compare``; the convergence study's ratio against rounds).
 
-Everything is rebuilt from the rows on ``--resume`` except the best round's per-example losses,
-which are on disk (``eval_nll.json`` is rewritten at each new best).
+Everything is rebuilt from the rows on ``--resume`` except the per-example losses, which are on
+disk (``eval_nll.json`` is rewritten at every evaluation, before the round's checkpoint). Local mode
+keeps each finished client's watch in its checkpoint instead (:meth:`LocalWatch.client_state`).
 """
 
 from __future__ import annotations
@@ -129,9 +130,10 @@ class RunWatch:
         if self.watch.see(row["round"], row.get("val_loss")):
             if res_nll is not None:
                 self.nll["best"] = {"round": row["round"], **res_nll}
-                write_json_atomic(self.path / NLL_FILE, self.nll)
             if self.recipe.output.save_adapter:
                 self.exp.save_adapter(state, self.path / "adapter_best")
+        if res_nll is not None:  # on disk before the round's checkpoint: a resumed run keeps every round's
+            write_json_atomic(self.path / NLL_FILE, self.nll)
 
     @property
     def stopped(self) -> bool:
@@ -206,6 +208,28 @@ class LocalWatch:
 
     def stopped(self, k: int) -> bool:
         return self.watches[k].stopped
+
+    def round0_pair(self) -> tuple[dict[str, Any], dict[str, list] | None]:
+        """(round-0 row, its per-example losses): what every client starts from (a checkpoint's part)."""
+        return self.round0, self.round0_nll
+
+    def client_state(self, k: int) -> dict[str, Any]:
+        """Client ``k``'s part of the watch as plain values (local mode's checkpoint after client ``k``)."""
+        w = self.watches[k]
+        return {"watch": [w.best_val, w.best_round, w.since], "final_nll": self.final_nll.get(k),
+                "by_round": {r: got[k] for r, got in self.by_round.items() if k in got},
+                "best": self.best.get(k)}
+
+    def restore(self, k: int, saved: dict[str, Any]) -> None:
+        """The inverse of :meth:`client_state` for a client that finished before an interruption."""
+        w = self.watches[k] = Watch(self.exp.recipe.eval.patience)
+        w.best_val, w.best_round, w.since = saved["watch"]
+        if saved["final_nll"] is not None:
+            self.final_nll[k] = saved["final_nll"]
+        for r, nll in saved["by_round"].items():
+            self.by_round.setdefault(r, {})[k] = nll
+        if saved["best"] is not None:
+            self.best[k] = tuple(saved["best"])
 
     def finish(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """``eval_nll.json`` (the clients' mean per-example losses, final and best) and the summary's

@@ -194,19 +194,18 @@ def _train_clients(exp: Experiment, server: FederatedServer, plan, state: StateD
     return losses, counts
 
 
-def _resume_or_start(exp: Experiment, server: FederatedServer, out: str | None, hooks: Hooks | None,
-                     resume: bool):
-    """(writer, global state, hooks, first round, watch): from the last good checkpoint, or fresh."""
-    path = run_dir(exp.recipe, "federated", out)
-    ckpt = resume_state(checkpoint_dir(path), exp.recipe, exp.initial_state) if resume else None
-    if resume and ckpt is None and (path / "summary.json").exists():
-        raise RecipeError("--resume", f"{path} holds a finished run without checkpoints "
-                          "(checkpoint.enabled: false?); run without --resume to start over")
+def _resume(exp: Experiment, mode: str, out: str | None, hooks: Hooks | None,
+            load: Callable[[ServerState], None] = lambda ckpt: None, holder: str = "state"):
+    """(writer, checkpoint, hooks) continuing ``mode``'s run after its newest checkpoint that verifies;
+    None when it has none. ``load`` restores what else the checkpoint holds (the server's state)
+    before any file of the run is touched."""
+    path = run_dir(exp.recipe, mode, out)
+    ckpt = resume_state(checkpoint_dir(path), exp.recipe, exp.initial_state)
     if ckpt is None:
-        writer, state, hooks, first = _start(exp, "federated", out, hooks)
-        watch = RunWatch(exp, writer.path)
-        watch.observe(*first, server.eval_state(state))
-        return writer, state, hooks, 1, watch
+        if (path / "summary.json").exists():
+            raise RecipeError("--resume", f"{path} holds a finished run without checkpoints "
+                              "(checkpoint.enabled: false?); run without --resume to start over")
+        return None
     if not same_split(path, exp.data.partition_json()):
         raise RecipeError("--resume", f"the data split differs from {path / 'partition.json'} (the data file "
                           "or its partition changed since the run started); run without --resume to start over")
@@ -214,16 +213,39 @@ def _resume_or_start(exp: Experiment, server: FederatedServer, out: str | None, 
         raise RecipeError(str(checkpoint_dir(path)), f"the checkpoint of round {ckpt.round} is not this run's: "
                           f"its {why}; run without --resume to start over")
     try:
-        server.load_state_dict(ckpt.server_state)
+        load(ckpt)
         restore_rng(ckpt.rng_states)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
         raise RecipeError(str(checkpoint_dir(path)), f"the checkpoint of round {ckpt.round} does not fit this "
-                          f"run's server ({type(exc).__name__}: {one_line(str(exc))[:200]}); run without "
+                          f"run's {holder} ({type(exc).__name__}: {one_line(str(exc))[:200]}); run without "
                           "--resume to start over") from None
     writer = RunWriter(path, exp.recipe, exp.data.partition_json(), resume_rows=ckpt.metrics_rows)
-    log.info("resuming %s after round %d", path, ckpt.round)
-    return (writer, clone_state(ckpt.global_state), _with_loggers(exp, writer, hooks or Hooks()), ckpt.round + 1,
-            RunWatch(exp, path, writer.rows))
+    log.info("resuming %s after %s", path, f"round {ckpt.round}" if mode != "local"
+             else f"clients {sorted(ckpt.client_states)} (each client's rounds run in turn)")
+    return writer, ckpt, _with_loggers(exp, writer, hooks or Hooks())
+
+
+def _checkpoint(exp: Experiment, writer: RunWriter, rnd: int, state: StateDict, **parts: Any) -> None:
+    """With ``checkpoint.enabled``: everything a resume needs after round ``rnd`` (``parts``: the
+    mode's own pieces, e.g. the server's state)."""
+    if exp.recipe.checkpoint.enabled:
+        save_checkpoint(checkpoint_dir(writer.path), ServerState(
+            round=rnd, global_state=state, rng_states=capture_rng(), metrics_rows=writer.rows,
+            fingerprint=recipe_fingerprint(exp.recipe), **parts), keep=exp.recipe.checkpoint.keep)
+
+
+def _resume_or_start(exp: Experiment, server: FederatedServer, out: str | None, hooks: Hooks | None,
+                     resume: bool):
+    """(writer, global state, hooks, first round, watch): from the last good checkpoint, or fresh."""
+    got = _resume(exp, "federated", out, hooks, lambda ckpt: server.load_state_dict(ckpt.server_state),
+                  "server") if resume else None
+    if got is None:
+        writer, state, hooks, first = _start(exp, "federated", out, hooks)
+        watch = RunWatch(exp, writer.path)
+        watch.observe(*first, server.eval_state(state))
+        return writer, state, hooks, 1, watch
+    writer, ckpt, hooks = got
+    return writer, clone_state(ckpt.global_state), hooks, ckpt.round + 1, RunWatch(exp, writer.path, writer.rows)
 
 
 def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None = None,
@@ -275,10 +297,7 @@ def run_federated(exp: Experiment, out: str | None = None, hooks: Hooks | None =
                            for k in plan.training for n in [len(exp.data.client_examples(k))]])
         writer.log_round(row, samples)
         watch.observe(row, nll, server.eval_state(state))
-        if recipe.checkpoint.enabled:
-            save_checkpoint(checkpoint_dir(writer.path), ServerState(
-                round=rnd, global_state=state, server_state=server.state_dict(), rng_states=capture_rng(),
-                metrics_rows=writer.rows, fingerprint=recipe_fingerprint(recipe)), keep=recipe.checkpoint.keep)
+        _checkpoint(exp, writer, rnd, state, server_state=server.state_dict())
     personal = ((k, server.personal_state(k, state)) for k in sorted(server.personal))  # one at a time
     summary = _finish(exp, writer, state, {**watch.finish(writer.rows), **audit_at_end(auditor, state, writer.rows)},
                       personal=personal)
@@ -304,13 +323,20 @@ def _maybe_eval(exp: Experiment, state: StateDict, rnd: int, clients: list[int] 
     return {"eval_loss": None, "perplexity": None, "bleu": None, "accuracy": None, "eval_time_s": 0.0}, [], None
 
 
-def run_centralized(exp: Experiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
+def run_centralized(exp: Experiment, out: str | None = None, hooks: Hooks | None = None,
+                    resume: bool = False) -> dict[str, Any]:
+    """One model on the pooled data; with ``resume`` it continues after its newest checkpoint (the
+    same rows and state as an uninterrupted run: each fit's seed depends only on (seed, round))."""
     recipe, fed = exp.recipe, exp.recipe.federation
-    writer, state, hooks, first = _start(exp, "centralized", out, hooks)
-    watch = RunWatch(exp, writer.path)
-    watch.observe(*first, state)
+    if (got := _resume(exp, "centralized", out, hooks) if resume else None) is not None:
+        writer, ckpt, hooks = got
+        state, start, watch = clone_state(ckpt.global_state), ckpt.round + 1, RunWatch(exp, writer.path, writer.rows)
+    else:
+        writer, state, hooks, first = _start(exp, "centralized", out, hooks)
+        start, watch = 1, RunWatch(exp, writer.path)
+        watch.observe(*first, state)
     pooled = exp.data.train_examples
-    for rnd in range(1, fed.rounds + 1):
+    for rnd in range(start, fed.rounds + 1):
         if watch.stopped:  # eval.patience
             break
         hooks.on_round(rnd, fed.rounds)
@@ -333,18 +359,35 @@ def run_centralized(exp: Experiment, out: str | None = None, hooks: Hooks | None
         watch.passes(row, [(sum(sizes), steps)])
         writer.log_round(row, samples)
         watch.observe(row, nll, state)
+        _checkpoint(exp, writer, rnd, state)
     return _finish(exp, writer, state, watch.finish(writer.rows))
 
 
-def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = None) -> dict[str, Any]:
-    """Each client alone; rows carry the mean over clients and a ``per_client`` breakdown."""
+def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = None,
+              resume: bool = False) -> dict[str, Any]:
+    """Each client alone; rows carry the mean over clients and a ``per_client`` breakdown.
+
+    The clients train one after another; with ``checkpoint.enabled`` a checkpoint after each client
+    holds every finished client (its model, its rows, its watch), so ``resume`` continues with the
+    first client that had not finished."""
     recipe, fed = exp.recipe, exp.recipe.federation
-    writer, _, hooks, first = _start(exp, "local", out, hooks)
-    names = exp.data.partition_json().get("client_names")  # shown beside each client's numbers
-    watch = LocalWatch(exp, writer.path, *first)
     per_round: dict[int, dict[int, dict[str, Any]]] = {r: {} for r in range(1, fed.rounds + 1)}
     finals: dict[int, StateDict] = {}
+    if (got := _resume(exp, "local", out, hooks) if resume else None) is not None:
+        writer, ckpt, hooks = got
+        watch = LocalWatch(exp, writer.path, *ckpt.server_state["round0"])
+        for k, done in sorted(ckpt.client_states.items()):
+            finals[k] = done["final"]
+            for rnd, entry in done["rounds"].items():
+                per_round[rnd][k] = entry
+            watch.restore(k, done["watch"])
+    else:
+        writer, _, hooks, first = _start(exp, "local", out, hooks)
+        watch = LocalWatch(exp, writer.path, *first)
+    names = exp.data.partition_json().get("client_names")  # shown beside each client's numbers
     for k in range(recipe.partition.num_clients):
+        if k in finals:  # finished before the run was interrupted
+            continue
         hooks.on_client(k)
         state, last = clone_state(exp.initial_state), None
         watch.start(k)
@@ -369,6 +412,10 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
             last = entry
             watch.see(k, {"round": rnd, **entry}, nll, state)
         finals[k] = state
+        _checkpoint(exp, writer, 0, exp.initial_state, server_state={"round0": watch.round0_pair()},
+                    client_states={j: {"final": finals[j], "rounds": {r: per_round[r][j] for r in per_round
+                                                                      if j in per_round[r]},
+                                       "watch": watch.client_state(j)} for j in finals})
     rounds = max((r for r, rows in per_round.items() if any(not v.get("carried") for v in rows.values())), default=0)
     for rnd in range(1, rounds + 1):
         rows = per_round[rnd]

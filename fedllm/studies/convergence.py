@@ -21,9 +21,9 @@ A *part* is one run: (phase, partition, seed, mode, variant, work, lr).
    for local, with early stopping.
 
 Every finished part is recorded in ``<out>/parts/`` (one JSON each: its recipe, rows, summary and
-per-example losses) and skipped when its recipe is unchanged; an interrupted federated part resumes
-from its checkpoint. ``--plan`` prints the parts and an estimate of the CPU hours (tokens over a
-measured tokens/s). ``--quick`` runs the whole plan on the tiny model in about a minute (CI)::
+per-example losses) and skipped when its recipe is unchanged; an interrupted part resumes from its
+checkpoint (federated and centralized after their last round, local after its last finished client).
+``--plan`` prints the parts and an estimate of the CPU hours (tokens over a measured tokens/s). ``--quick`` runs the whole plan on the tiny model in about a minute (CI)::
 
     nice -n 19 python -m fedllm.studies.convergence --out docs/convergence_study [--precision bf16]
         [--plan] [--quick] [--report-only] [--readme docs/results/convergence.md]
@@ -233,10 +233,8 @@ def run_parts(parts: list[Part], s: Settings, runs: Path, out: Path) -> dict[str
             exp = exps[group]
             exp.recipe = recipe  # same data split and model; rates, optimizer and rounds differ
             t0, c0 = time.perf_counter(), time.process_time()
-            if part.mode == "federated":
-                run_federated(exp, out=str(runs), resume=any((path / "checkpoints").glob("*")))
-            else:
-                {"centralized": run_centralized, "local": run_local}[part.mode](exp, out=str(runs))
+            runner = {"federated": run_federated, "centralized": run_centralized, "local": run_local}[part.mode]
+            runner(exp, out=str(runs), resume=any((path / "checkpoints").glob("*")))  # an interrupted part goes on
             (path / "study_time.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0,
                                                               "cpu_s": time.process_time() - c0}))
         if part.phase == "full" and not (path / BLEU_FILE).is_file():
