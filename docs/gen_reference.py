@@ -65,7 +65,7 @@ def recipe_page() -> str:
     head = "| field | type | default | meaning |\n|---|---|---|---|"
     top, groups = _rows(Recipe)
     out = ["# Recipe reference", "",
-           "Generated from the recipe dataclasses in `fedllm/config.py` — the same one-line docs "
+           "Generated from the recipe dataclasses in `fedllm/config/groups.py` — the same one-line docs "
            "`fedllm validate --explain RECIPE` prints next to a recipe's values. A recipe is YAML; "
            "any field can be overridden on the command line as `group.field=value` "
            "(`fedllm run recipes/tiny.yaml federation.rounds=3 lora.r=8`). Unknown keys are refused "
