@@ -42,7 +42,6 @@ from fedllm.config.groups import (
     SelectionConfig,
     ServerConfig,
     TrainConfig,
-    krum_min_updates,
 )
 from fedllm.config.loading import (
     _type_name,
@@ -54,7 +53,14 @@ from fedllm.config.loading import (
     parse_override,
     read_yaml,
 )
-from fedllm.config.rules import COMPATIBILITY, ddp_problem, flower_problem, fused_problem, he_problem
+from fedllm.config.rules import (
+    COMPATIBILITY,
+    ddp_problem,
+    flower_problem,
+    fused_problem,
+    he_problem,
+    krum_min_updates,
+)
 
 __all__ = [
     "COMPATIBILITY", "VISION_PRESETS", "AttackConfig", "AuditConfig", "CheckpointConfig", "CompressionConfig",

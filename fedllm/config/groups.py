@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,9 @@ log = logging.getLogger(__name__)
 
 
 VISION_PRESETS = ("lenet300100", "cnn", "resnet")
+# The rules between groups (fedllm.config.rules registers them when fedllm.config is imported); every
+# Recipe runs them once its groups are built.
+RULES: list[Callable[[Recipe], tuple[str, str] | None]] = []
 
 
 @dataclass(frozen=True)
@@ -278,12 +282,6 @@ class ServerConfig:
             v = getattr(self, name)
             require(0 <= v < 1, f"server.{name}", f"expected in [0, 1), got {v}")
         require(self.tau > 0, "server.tau", f"expected > 0, got {self.tau}")
-
-
-def krum_min_updates(byzantine: int, multi: int | None = 1) -> int:
-    """Fewest updates Krum can score with f Byzantine clients: K > 2f + 2 (Blanchard et al., 2017);
-    multi-Krum also needs K >= m. The one statement of the rule (recipe check, aggregator, server)."""
-    return max(2 * byzantine + 3, multi or 1)
 
 
 @dataclass(frozen=True)
@@ -664,9 +662,7 @@ class Recipe:
             for c in getattr(self.faults, kind):
                 require(0 <= c < self.partition.num_clients, f"faults.{kind}",
                        f"client ids must be in [0, {self.partition.num_clients}), got {c}")
-        from fedllm.config.rules import COMPATIBILITY  # noqa: PLC0415  (the rules read these groups)
-
-        for rule in COMPATIBILITY:
+        for rule in RULES:
             problem = rule(self)
             if problem is not None:
                 raise RecipeError(*problem)

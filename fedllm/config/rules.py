@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import math
 
-from fedllm.config.groups import Recipe, TrainConfig, krum_min_updates
+from fedllm.config.groups import RULES, Recipe, TrainConfig
+
+
+def krum_min_updates(byzantine: int, multi: int | None = 1) -> int:
+    """Fewest updates Krum can score with f Byzantine clients: K > 2f + 2 (Blanchard et al., 2017);
+    multi-Krum also needs K >= m. The one statement of the rule (recipe check, aggregator, server)."""
+    return max(2 * byzantine + 3, multi or 1)
+
+
 
 # ----------------------------------------------------------------------------- compatibility
 # Each rule looks at a whole recipe and returns (field, reason) when a combination cannot work.
@@ -367,3 +375,4 @@ def _diversity(r: Recipe) -> Problem:
 COMPATIBILITY = (_task_data, _lm_only, _vision_only, _aggregator, _privacy, _adapters, _collusion, _hierarchy,
                  _engine, _excludes_something, fused_problem, _topology, _audit,
                  ddp_problem, _diversity)
+RULES.extend(COMPATIBILITY)  # Recipe.__post_init__ runs them (fedllm.config imports this module)
