@@ -11,7 +11,8 @@ import torch
 from fedllm.cli import main as cli
 from fedllm.config import RecipeError
 from fedllm.data.vision import FILES, VisionData
-from fedllm.federation.edge import (
+from fedllm.edge.recipe import EdgeLag, EdgeRecipe, load_edge_recipe
+from fedllm.edge.vision import (
     EdgeSchedule,
     make_splits,
     run_edge_learning,
@@ -19,7 +20,6 @@ from fedllm.federation.edge import (
     train_core,
     train_edge,
 )
-from fedllm.federation.edge_recipe import EdgeLag, EdgeRecipe, load_edge_recipe
 from fedllm.metrics.edge_report import summarize, write_edge_report
 from fedllm.studies.edge import describe, main, run_edge_study, study_variants
 from fedllm.types import global_norm, subtract

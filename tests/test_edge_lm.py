@@ -10,8 +10,8 @@ import torch
 
 from fedllm.algorithms.distill import soft_kl
 from fedllm.data.text import collate
-from fedllm.federation.edge_lm import LMEdgeLearning, run_edge_lm
-from fedllm.federation.edge_recipe import load_edge_recipe
+from fedllm.edge.lm import LMEdgeLearning, run_edge_lm
+from fedllm.edge.recipe import load_edge_recipe
 from fedllm.metrics.edge_report import LM_JSON, write_lm_report
 from fedllm.types import global_norm, subtract
 

@@ -5,10 +5,10 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "fedllm"
-ORDER = ["types", "config", "data", "models", "algorithms", "client", "experiments", "federation", "metrics",
-         "studies", "cli"]
+ORDER = ["types", "config", "data", "models", "algorithms", "client", "experiments", "federation", "edge",
+         "metrics", "studies", "cli"]
 RANK = {"errors": 0, "types": 0, "config": 1, "data": 2, "models": 2, "algorithms": 3, "client": 4,
-        "experiments": 5, "federation": 6, "metrics": 7, "studies": 8, "cli": 8, "api": 8}
+        "experiments": 5, "federation": 6, "edge": 6, "metrics": 7, "studies": 8, "cli": 8, "api": 8}
 
 
 def layer(module: str) -> str | None:

@@ -5,7 +5,7 @@ the edge recipe's values, seeds, variants and one row per returned edge: the cor
 after it);
 :func:`write_edge_report` turns it into ``edge_study.md`` (one line per variant) and
 ``edge_study.png`` (one panel per group of the paper's figures). The LM workload
-(:mod:`fedllm.federation.edge_lm`) leaves ``edge_lm.json``; :func:`write_lm_report` writes
+(:mod:`fedllm.edge.lm`) leaves ``edge_lm.json``; :func:`write_lm_report` writes
 ``edge_lm.md`` and ``edge_lm.png`` (held-out eval loss / perplexity of the core after each edge).
 """
 

@@ -4,13 +4,13 @@
     python -m fedllm.studies.edge --out /tmp/edge --quick          # CI size (seconds)
     fedllm edge recipes/edge/fashion_mnist_cloned_kd.yaml [overrides] [--out DIR] [--quick]
 
-Without a recipe the defaults of :class:`fedllm.federation.edge_recipe.EdgeRecipe` are used; they
+Without a recipe the defaults of :class:`fedllm.edge.recipe.EdgeRecipe` are used; they
 are the study (``recipes/edge/fashion_mnist_cloned_kd.yaml`` spells them out). ``workload: vision``
 writes ``edge_study.{json,md,png}``; ``workload: lm`` writes ``edge_lm.{json,md,png}``.
 
 The vision study is :func:`run_edge_study`: the paper's variants (:func:`study_variants`, each an
 edge recipe changed by :meth:`EdgeRecipe.with_values`) and the baselines (core only, synchronous
-FedAvg), per seed, over Algorithm 1 of :mod:`fedllm.federation.edge`.
+FedAvg), per seed, over Algorithm 1 of :mod:`fedllm.edge.vision`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 
 from fedllm.config import RecipeError
 from fedllm.data.vision import VisionData
-from fedllm.federation.edge import accuracy, make_splits, run_edge_learning, run_sync_fedavg, train_core
-from fedllm.federation.edge_recipe import EdgeRecipe, load_edge_recipe
+from fedllm.edge.recipe import EdgeRecipe, load_edge_recipe
+from fedllm.edge.vision import accuracy, make_splits, run_edge_learning, run_sync_fedavg, train_core
 from fedllm.metrics.edge_report import LM_JSON, STUDY_JSON, summarize, write_edge_report, write_lm_report
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def run_recipe(recipe: EdgeRecipe, out: str | Path, quick: bool = False, plots: 
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(recipe.study.threads)
     if recipe.workload == "lm":
-        from fedllm.federation.edge_lm import run_edge_lm  # noqa: PLC0415
+        from fedllm.edge.lm import run_edge_lm  # noqa: PLC0415
 
         _write_json(run_edge_lm(recipe), out / LM_JSON)
         return write_lm_report(out, plots)

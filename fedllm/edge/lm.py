@@ -1,6 +1,6 @@
 """Cloned knowledge distillation for causal LMs: a LoRA core taught by LoRA edges (``workload: lm``).
 
-The LM form of the paper's Algorithm 1 (see :mod:`fedllm.federation.edge`), on one frozen base model
+The LM form of the paper's Algorithm 1 (see :mod:`fedllm.edge.vision`), on one frozen base model
 per process whose LoRA adapter is swapped in place (:class:`fedllm.models.state.TrainableState`):
 
   Phase 0  the core adapter trains on the core examples D_c (response-token cross-entropy).
@@ -38,8 +38,8 @@ from fedllm.client.evaluate import response_nll
 from fedllm.config import RecipeError
 from fedllm.data.build import build_text_data
 from fedllm.data.text import Example, collate
-from fedllm.federation.edge import EdgeSchedule
-from fedllm.federation.edge_recipe import EdgeRecipe
+from fedllm.edge.recipe import EdgeRecipe
+from fedllm.edge.vision import EdgeSchedule
 from fedllm.models.llm import add_lora, load_base
 from fedllm.models.state import TrainableState
 from fedllm.types import StateDict

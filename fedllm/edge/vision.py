@@ -17,7 +17,7 @@ OpenReview MqWHrrIfBMN). One core model, edges that each show up once, in a stre
               the core on D_c with L = CE + α·t²·mean_k KL(teacher_k/t ‖ core/t)
               (:func:`fedllm.algorithms.distill.kd_loss`) for ``distill.steps``.
 
-Every function takes the edge recipe (:class:`fedllm.federation.edge_recipe.EdgeRecipe`) itself and
+Every function takes the edge recipe (:class:`fedllm.edge.recipe.EdgeRecipe`) itself and
 runs with its first seed. Data (Fashion-MNIST here; the paper used CIFAR-100 and ResNet-32): a seeded
 shuffle of the training set (optionally cut to ``vision.max_train_examples``) gives the first
 ``core.fraction`` to the core and splits the rest into ``edges.count`` equal iid parts (or
@@ -42,7 +42,7 @@ from fedllm.algorithms.aggregate import ApplyDelta, mean_delta
 from fedllm.algorithms.distill import TeacherMemory, consensus_iou, kd_loss, shuffle_labels
 from fedllm.data.partition import dirichlet
 from fedllm.data.vision import VisionData
-from fedllm.federation.edge_recipe import EdgeRecipe
+from fedllm.edge.recipe import EdgeRecipe
 from fedllm.models.vision import build_vision_model
 from fedllm.types import ClientUpdate, StateDict, clone_state, subtract
 

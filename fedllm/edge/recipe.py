@@ -6,9 +6,9 @@ distillation, so it has its own groups. They load with the same machinery (``rea
 ``apply_overrides``, ``build``): unknown keys name the nearest valid one, a bad value raises
 :class:`RecipeError` naming the dotted field, and the CLI prints one line and exits 2.
 
-``workload: vision`` runs Algorithm 1 on Fashion-MNIST (:mod:`fedllm.federation.edge`);
+``workload: vision`` runs Algorithm 1 on Fashion-MNIST (:mod:`fedllm.edge.vision`);
 ``workload: lm`` distils next-token distributions between LoRA adapters of a causal LM
-(:mod:`fedllm.federation.edge_lm`). Both engines take an :class:`EdgeRecipe` itself: it is the one
+(:mod:`fedllm.edge.lm`). Both engines take an :class:`EdgeRecipe` itself: it is the one
 edge config (a run uses its first seed; :meth:`EdgeRecipe.with_values` makes a study's variants).
 The defaults are the measured study in ``docs/edge_study``.
 """
