@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from fedllm.algorithms.selection import UniformSampler
-from fedllm.config import RecipeError, one_line
+from fedllm.config import Recipe, RecipeError, one_line
 from fedllm.errors import IntegrityError
 from fedllm.experiments.base import Experiment, FitJob
 from fedllm.federation import build
@@ -384,63 +384,76 @@ def run_local(exp: Experiment, out: str | None = None, hooks: Hooks | None = Non
     else:
         writer, _, hooks, first = _start(exp, "local", out, hooks)
         watch = LocalWatch(exp, writer.path, *first)
-    names = exp.data.partition_json().get("client_names")  # shown beside each client's numbers
     for k in range(recipe.partition.num_clients):
         if k in finals:  # finished before the run was interrupted
             continue
-        hooks.on_client(k)
-        state, last = clone_state(exp.initial_state), None
-        watch.start(k)
-        for rnd in range(1, fed.rounds + 1):
-            if watch.stopped(k):  # eval.patience: client k's model stays as it is; its scores are known
-                per_round[rnd][k] = carried(last, _evaluates(exp, rnd))
-                continue
-            hooks.on_round(rnd, fed.rounds)
-            t0 = time.perf_counter()
-            examples = exp.data.client_examples(k)
-            upd = exp.fit(k, examples, state, rnd, local_steps(recipe, len(examples)))
-            check_progress(recipe, [upd], f"local round {rnd}")
-            if upd.is_finite():
-                state = add(state, upd.delta)
-            t1 = time.perf_counter()
-            metrics, samples, nll = _maybe_eval(exp, state, rnd, [k], hooks)  # client k's own slice only
-            per_round[rnd][k] = entry = {"train_loss": upd.train_loss, **metrics, "train_time_s": t1 - t0,
-                                         "samples": samples}
-            if recipe.train.local_epochs is not None:
-                entry["epochs"] = (last or {}).get("epochs", 0.0) + build.data_passes(recipe, len(examples),
-                                                                                        upd.local_steps)
-            last = entry
-            watch.see(k, {"round": rnd, **entry}, nll, state)
-        finals[k] = state
+        finals[k] = _train_alone(exp, k, watch, per_round, hooks)
         _checkpoint(exp, writer, 0, exp.initial_state, server_state={"round0": watch.round0_pair()},
-                    client_states={j: {"final": finals[j], "rounds": {r: per_round[r][j] for r in per_round
-                                                                      if j in per_round[r]},
+                    client_states={j: {"final": finals[j], "rounds": {r: got[j] for r, got in per_round.items()
+                                                                      if j in got},
                                        "watch": watch.client_state(j)} for j in finals})
+    names = exp.data.partition_json().get("client_names")  # shown beside each client's numbers
     rounds = max((r for r, rows in per_round.items() if any(not v.get("carried") for v in rows.values())), default=0)
     for rnd in range(1, rounds + 1):
-        rows = per_round[rnd]
-        mean = {key: _mean([v[key] for v in rows.values()])
-                for key in ("train_loss", "eval_loss", "bleu", "accuracy", "train_time_s", "eval_time_s")}
-        mean.update({key: _mean([v.get(key) for v in rows.values()]) for key in ("val_loss", "epochs")
-                     if any(key in v for v in rows.values())})
-        mean["eval_time_s"] = mean["eval_time_s"] or 0.0
-        mean["perplexity"] = None if mean["eval_loss"] is None else math.exp(min(mean["eval_loss"], 700.0))
-        row = {"round": rnd, "mode": "local", **mean, "aggregate_time_s": 0.0, "bytes_up": 0,
-               "bytes_down": 0, "clients": sorted(rows),
-               "per_client": {str(k): {**({"name": names[k]} if names else {}),
-                                       **{m: v[m] for m in ("train_loss", "eval_loss", "perplexity", "bleu", "accuracy")}}
-                              for k, v in rows.items()}}
-        if recipe.eval.client_holdout > 0:  # each local model on its own client's slice
-            own = {str(k): v["client_eval_loss"][str(k)] for k, v in rows.items()
-                   if str(k) in v.get("client_eval_loss", {})}
-            row["client_eval_loss"] = own
-            row.update(_spread(list(own.values())))
-        row["round_time_s"] = row["train_time_s"] + row["eval_time_s"]
-        samples = [{"client": k, **s} for k, v in rows.items() for s in v["samples"]]
+        row, samples = _local_row(recipe, rnd, per_round[rnd], names)
         writer.log_round(row, samples)
     best = min(finals, key=lambda k: per_round[rounds][k]["eval_loss"])
     named = {"adapter_client_name": names[best]} if names else {}
     return _finish(exp, writer, finals[best], {"adapter_client": best, **named, **watch.finish(writer.rows)})
+
+
+def _train_alone(exp: Experiment, k: int, watch: LocalWatch, per_round: dict[int, dict[int, dict[str, Any]]],
+                 hooks: Hooks) -> StateDict:
+    """Client ``k``'s rounds on its own data from the initial state (``per_round[r][k]``: its entries);
+    returns its final model."""
+    recipe, fed = exp.recipe, exp.recipe.federation
+    hooks.on_client(k)
+    state, last = clone_state(exp.initial_state), None
+    watch.start(k)
+    for rnd in range(1, fed.rounds + 1):
+        if watch.stopped(k):  # eval.patience: client k's model stays as it is; its scores are known
+            per_round[rnd][k] = carried(last, _evaluates(exp, rnd))
+            continue
+        hooks.on_round(rnd, fed.rounds)
+        t0 = time.perf_counter()
+        examples = exp.data.client_examples(k)
+        upd = exp.fit(k, examples, state, rnd, local_steps(recipe, len(examples)))
+        check_progress(recipe, [upd], f"local round {rnd}")
+        if upd.is_finite():
+            state = add(state, upd.delta)
+        t1 = time.perf_counter()
+        metrics, samples, nll = _maybe_eval(exp, state, rnd, [k], hooks)  # client k's own slice only
+        per_round[rnd][k] = entry = {"train_loss": upd.train_loss, **metrics, "train_time_s": t1 - t0,
+                                     "samples": samples}
+        if recipe.train.local_epochs is not None:
+            entry["epochs"] = (last or {}).get("epochs", 0.0) + build.data_passes(recipe, len(examples),
+                                                                                    upd.local_steps)
+        last = entry
+        watch.see(k, {"round": rnd, **entry}, nll, state)
+    return state
+
+
+def _local_row(recipe: Recipe, rnd: int, rows: dict[int, dict[str, Any]],
+               names: list[str] | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Local mode's row of round ``rnd`` (the mean over clients, and each client's numbers) and its samples."""
+    mean = {key: _mean([v[key] for v in rows.values()])
+            for key in ("train_loss", "eval_loss", "bleu", "accuracy", "train_time_s", "eval_time_s")}
+    mean.update({key: _mean([v.get(key) for v in rows.values()]) for key in ("val_loss", "epochs")
+                 if any(key in v for v in rows.values())})
+    mean["eval_time_s"] = mean["eval_time_s"] or 0.0
+    mean["perplexity"] = None if mean["eval_loss"] is None else math.exp(min(mean["eval_loss"], 700.0))
+    row = {"round": rnd, "mode": "local", **mean, "aggregate_time_s": 0.0, "bytes_up": 0,
+           "bytes_down": 0, "clients": sorted(rows),
+           "per_client": {str(k): {**({"name": names[k]} if names else {}),
+                                   **{m: v[m] for m in ("train_loss", "eval_loss", "perplexity", "bleu", "accuracy")}}
+                          for k, v in rows.items()}}
+    if recipe.eval.client_holdout > 0:  # each local model on its own client's slice
+        own = {str(k): v["client_eval_loss"][str(k)] for k, v in rows.items()
+               if str(k) in v.get("client_eval_loss", {})}
+        row["client_eval_loss"] = own
+        row.update(_spread(list(own.values())))
+    row["round_time_s"] = row["train_time_s"] + row["eval_time_s"]
+    return row, [{"client": k, **s} for k, v in rows.items() for s in v["samples"]]
 
 
 def _mean(values: list[Any]) -> float | None:
