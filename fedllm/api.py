@@ -201,9 +201,13 @@ def run(recipe: str | Path | Recipe, *overrides: str, out: str | Path | None = N
 
 
 def compare(recipe: str | Path | Recipe, *overrides: str, out: str | Path | None = None,
-            progress: bool = True) -> Comparison:
+            resume: bool = False, progress: bool = True) -> Comparison:
     """Train the three modes on one partition (``fedllm compare``) and write
-    ``comparison.{md,json,png}``; returns the compare directory read back from its files."""
+    ``comparison.{md,json,png}``; returns the compare directory read back from its files.
+
+    ``resume`` continues an interrupted compare: each mode that finished in it with this very recipe
+    is kept as it is, the others continue from their last checkpoint, and all three keep the
+    interrupted compare's invocation (so the comparison is not stale)."""
     from fedllm.metrics.report import write_comparison
 
     recipe = resolve(recipe, overrides)
@@ -211,9 +215,35 @@ def compare(recipe: str | Path | Recipe, *overrides: str, out: str | Path | None
     root = Path(out or recipe.output.dir) / recipe.name
     for old in ("comparison.md", "comparison.json", "comparison.png"):  # never beside half-new modes
         (root / old).unlink(missing_ok=True)
-    _run_modes(recipe, list(MODES), out, invocation=uuid.uuid4().hex[:12], progress=progress)
+    invocation, done = _resumable_compare(recipe, out) if resume else (None, [])
+    _run_modes(recipe, [m for m in MODES if m not in done], out, resume=resume,
+               invocation=invocation or uuid.uuid4().hex[:12], progress=progress)
     write_comparison(root, list(MODES), recipe.output.plots)
     return load_comparison(root)
+
+
+def _resumable_compare(recipe: Recipe, out: str | None) -> tuple[str | None, list[str]]:
+    """(the interrupted compare's invocation, the modes it finished with ``recipe``): the modes that
+    finished in one compare, when their run files hold this recipe; (None, []) when there is none."""
+    from fedllm.config import dump_recipe
+    from fedllm.errors import read_regular_text
+    from fedllm.metrics.report import compare_invocation
+
+    dirs = {m: _mode_dir(recipe, m, out) for m in MODES}
+    stamps = {m: compare_invocation(d) for m, d in dirs.items()}
+    marks = {s for s in stamps.values() if s is not None}
+    if len(marks) != 1:  # none finished, or finished modes of different compares: start the compare over
+        return None, []
+    mine = dump_recipe(recipe)
+
+    def same_recipe(d: Path) -> bool:
+        try:
+            return read_regular_text(d / "config.yaml") == mine
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    done = [m for m, s in stamps.items() if s is not None and same_recipe(dirs[m])]
+    return (marks.pop(), done) if done else (None, [])
 
 
 def _progress(enabled: bool):

@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                                  "centralized: after its last round; local: after its last finished client)")
             sp.add_argument("--engine", choices=("inprocess", "flower"),
                             help="federated engine (default: recipe federation.engine); flower: Flower simulation")
+        if name == "compare":
+            sp.add_argument("--resume", action="store_true",
+                            help="continue an interrupted compare: a mode that finished with this recipe is kept, "
+                                 "the others continue from their last checkpoint")
     rp = sub.add_parser("report", help="rebuild report.md and plots from a run directory, or a compare "
                         "directory's comparison and reports")
     rp.add_argument("run_dir", help="a run directory (<output.dir>/<name>/<mode>) or a compare directory "
@@ -282,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run directory: {result.dir}")
             return _verdict(summaries)
         else:
-            comparison = api.compare(args.recipe, *args.overrides, out=args.out, progress=not args.quiet)
+            comparison = api.compare(args.recipe, *args.overrides, out=args.out, resume=args.resume,
+                                     progress=not args.quiet)
             summaries = {m: r.summary for m, r in comparison.runs.items()}
             print(f"comparison: {comparison.dir / 'comparison.md'}")
             _print_ratios(comparison.dir)

@@ -114,3 +114,39 @@ def test_every_evaluated_round_is_on_disk_before_its_checkpoint(tmp_path):
     assert on_disk["rounds"] == {"0": [1.0, 1.0], "1": [2.0, 2.0]}
     assert on_disk["final"]["round"] == 1 and on_disk["best"]["round"] == 0
     assert RunWatch(exp, tmp_path, [{"round": 0, "val_loss": 1.0}, {"round": 1, "val_loss": 2.0}]).nll == on_disk
+
+
+def test_an_interrupted_compare_resumes_keeping_its_finished_modes(tmp_path, monkeypatch):
+    """``fedllm compare --resume``: the modes that finished are kept as they are, the rest run, and the
+    comparison is one invocation's (not stale); a changed recipe reruns the modes it would change."""
+    import fedllm
+    from fedllm.cli import main
+    from fedllm.federation import modes
+
+    # Prepare: a compare cut off when the local mode starts
+    args = ["federation.rounds=1", "train.local_steps=1", "eval.bleu_samples=0", "output.plots=false",
+            "output.save_adapter=false", "data.max_examples=40", "data.eval_size=6"]
+    real_local = modes.RUNNERS["local"]
+
+    def cut(*a, **k):
+        raise _Stop
+
+    monkeypatch.setitem(modes.RUNNERS, "local", cut)
+    with pytest.raises(_Stop):
+        fedllm.compare(TINY, *args, out=tmp_path, progress=False)
+    monkeypatch.setitem(modes.RUNNERS, "local", real_local)
+    root = tmp_path / "tiny"
+    kept = {m: (root / m / "summary.json").read_bytes() for m in ("federated", "centralized")}
+    assert not (root / "local" / "summary.json").exists() and not (root / "comparison.md").exists()
+    # Execute
+    code = main(["compare", str(TINY), *args, "--resume", "--out", str(tmp_path), "--quiet"])
+    # Assert: the finished modes untouched, one invocation, a comparison that is not stale
+    assert code == 0
+    assert {m: (root / m / "summary.json").read_bytes() for m in kept} == kept
+    ids = {json.loads((root / m / "summary.json").read_text())["invocation"] for m in ("federated", "centralized", "local")}
+    assert len(ids) == 1 and "Stale" not in (root / "comparison.md").read_text()
+    # Execute: --resume with another learning rate keeps nothing: the checkpoints are another recipe's
+    code = main(["compare", str(TINY), *args, "train.lr=0.002", "--resume", "--out", str(tmp_path), "--quiet"])
+    # Assert: one line, exit 2, nothing finished was replaced
+    assert code == 2
+    assert {m: (root / m / "summary.json").read_bytes() for m in kept} == kept

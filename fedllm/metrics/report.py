@@ -251,7 +251,7 @@ def write_report(path: Path, plots: bool = True) -> Path:
 def write_comparison(root: Path, modes: list[str], plots: bool = True) -> dict[str, Any]:
     """``comparison.{md,json,png}`` under ``<output.dir>/<name>/`` from each mode's files."""
     series = {m: read_rows(root / m, warn=False) for m in modes if (root / m / "metrics.jsonl").exists()}
-    runs = {m: _invocation(root / m) for m in series}
+    runs = {m: compare_invocation(root / m) for m in series}
     table = {}
     for mode, rows in series.items():
         first, last = rows[0], rows[-1]
@@ -331,7 +331,7 @@ def ratio_lines(table: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def _invocation(run: Path) -> str | None:
+def compare_invocation(run: Path) -> str | None:
     """The ``fedllm compare`` invocation a finished mode came from (None: unfinished or a lone run)."""
     summary = run / "summary.json"
     if not summary.exists():
