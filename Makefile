@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedllm-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench studies clean
 setup: $(STAMP) $(FMNIST)
 
 $(STAMP): pyproject.toml
@@ -31,6 +31,16 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_memory.py && $(PY) benchmarks/bench_round_overhead.py
+
+# The long studies that span sessions, in the order the issues take them, niced so that other work
+# goes first. Each resumes where it stopped (finished parts are files in docs/<study>/parts/, an
+# interrupted part continues from its checkpoint): rerun after any interruption, commit docs/ as parts finish.
+studies: setup
+	nice -n 19 $(PY) -m fedllm.studies.convergence --out docs/convergence_study --runs runs/convergence_study \
+	    --precision bf16 --cap-epochs 4 --lrs 3e-5,1e-4,3e-4,1e-3 --pilot-epochs 0.5 --fedavgm-lrs 1 \
+	    --fedadam-lrs 0.01 --full-federated best --readme docs/results/convergence.md
+	nice -n 19 $(PY) -m fedllm.studies.privacy_audit --out docs/privacy_audit_study --precision bf16 \
+	    --readme docs/results/privacy_audit.md
 
 clean:
 	rm -rf runs .pytest_cache
