@@ -4,6 +4,7 @@ tiny model, resumable by part, with its tables and plots rendered from the JSON;
 from __future__ import annotations
 
 import json
+import re
 
 from fedllm.studies import convergence, convergence_report
 
@@ -92,8 +93,20 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
     assert convergence.main(args) == 0  # resumable by part: everything recorded, nothing runs again
     assert {p.name: p.stat().st_mtime_ns for p in (out / "parts_quick").iterdir()} == before
     assert "best val_loss" not in capsys.readouterr().out
-    page = tmp_path / "page.md"
-    page.write_text(f"# x\n{convergence_report.MARK_START}\nold\n{convergence_report.MARK_END}\ntail\n")
-    assert convergence.main([*args, "--report-only", "--readme", str(page)]) == 0
+    page, headline = tmp_path / "page.md", tmp_path / "top" / "README.md"
+    headline.parent.mkdir()
+    for f in (page, headline):
+        f.write_text(f"# x\n{convergence_report.MARK_START}\nold\n{convergence_report.MARK_END}\ntail\n")
+    assert convergence.main([*args, "--report-only", "--readme", str(page), "--headline", str(headline)]) == 0
     committed = json.loads((out / "convergence_study.json").read_text())
-    assert page.read_text() == f"# x\n{convergence_report.readme_block(committed)}\ntail\n"
+    assert page.read_text() == f"# x\n{convergence_report.readme_block(committed, 'out')}\ntail\n"
+    assert headline.read_text() == f"# x\n{convergence_report.readme_block(committed, '../out')}\ntail\n"
+    links = re.findall(r"\]\(\.\./out/([^)]+\.png)\)", headline.read_text())  # the plots, relative to the file
+    assert set(links) == {"loss_iid.png", "ratio_iid.png"} and all((out / name).is_file() for name in links)
+
+
+def test_before_its_full_runs_the_block_says_the_study_is_running():
+    pilot = {"part": {"phase": "pilot", "partition": "iid", "mode": "centralized"}}
+    block = convergence_report.readme_block({"records": {"a": pilot, "b": pilot}}, "docs/convergence_study")
+    assert "**running**: 2 parts recorded so far (2 of them pilots)" in block and ".png" not in block
+    assert block.startswith(convergence_report.MARK_START) and block.endswith(convergence_report.MARK_END)

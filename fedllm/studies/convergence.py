@@ -26,7 +26,7 @@ checkpoint (federated and centralized after their last round, local after its la
 ``--plan`` prints the parts and an estimate of the CPU hours (tokens over a measured tokens/s). ``--quick`` runs the whole plan on the tiny model in about a minute (CI)::
 
     nice -n 19 python -m fedllm.studies.convergence --out docs/convergence_study [--precision bf16]
-        [--plan] [--quick] [--report-only] [--readme docs/results/convergence.md]
+        [--plan] [--quick] [--report-only] [--readme docs/results/convergence.md] [--headline README.md]
 """
 
 from __future__ import annotations
@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="32", choices=("32", "bf16"), help="client training numerics")
     p.add_argument("--train-tps", type=float, default=TRAIN_TPS, help="--plan: measured training tokens/s")
     p.add_argument("--eval-tps", type=float, default=EVAL_TPS, help="--plan: measured evaluation tokens/s")
+    p.add_argument("--headline", help="also render the block, with its plots, into this file (the README)")
     args = p.parse_args(argv)
     s = settings_from(args)
     if args.plan:
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["meta"] = {"settings": {**asdict(s), "server_lrs": {k: list(v) for k, v in s.server_lrs.items()}},
                    "machine": machine_line(), "command": "python -m fedllm.studies.convergence --out " + args.out
                    + (" --quick" if args.quick else "")}
-    write_report(doc, Path(args.out), Path(args.readme) if args.readme else None)
+    write_report(doc, Path(args.out), [Path(f) for f in (args.readme, args.headline) if f])
     print(f"wrote {args.out}/convergence_study.md (.json, .png): {len(doc['records'])} parts recorded")
     return 0
 

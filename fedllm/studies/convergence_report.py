@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -257,11 +258,31 @@ def paper_line() -> str:
             f"({ppl['federated']} vs {ppl['centralized']}), local / federated {ppl['local'] / ppl['federated']:.3f}.")
 
 
-def readme_block(doc: dict[str, Any]) -> str:
-    """The docs page's block: rendered from the study JSON only (a test holds the page to it)."""
+def figure_names(doc: dict[str, Any]) -> list[str]:
+    """The plots :func:`plot` draws for ``doc``: per partition its loss curves and, with a federated and
+    a centralized full run, its ratio curve."""
+    names = []
+    for partition, recipes in full_runs(doc).items():
+        names.append(f"loss_{partition}.png")
+        if best_federated(recipes) and recipes.get("centralized"):
+            names.append(f"ratio_{partition}.png")
+    return names
+
+
+def readme_block(doc: dict[str, Any], figures: str | None = None) -> str:
+    """The block of the docs page and of the README's headline, from the study JSON only (tests hold
+    both to it). ``figures``: the study folder relative to the file the block goes in (its plots are
+    drawn there). Before any full run has finished the block says the study is running, and how far."""
+    if not full_runs(doc):
+        pilots = sum(r["part"]["phase"] == "pilot" for r in doc["records"].values())
+        return "\n".join([MARK_START, "", f"The study is **running**: {len(doc['records'])} parts recorded so far "
+                          f"({pilots} of them pilots); its tables and curves appear here when its full runs are in "
+                          "(what runs, and what was cut to fit the budget: docs/results/convergence.md).", "",
+                          MARK_END])
     pairs = doc.get("ratios") or ratios(doc)
+    plots = [f"![{name[:-4]}]({figures}/{name})" for name in figure_names(doc)] if figures is not None else []
     return "\n".join([MARK_START, "", headline_table(doc), "", ratio_table(pairs), "", goals_table(pairs), "",
-                      paper_line(), "", MARK_END])
+                      paper_line(), "", *(plots + [""] if plots else []), MARK_END])
 
 
 def slim(doc: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +291,9 @@ def slim(doc: dict[str, Any]) -> dict[str, Any]:
                                for k, v in doc["records"].items()}}
 
 
-def write_report(doc: dict[str, Any], out: Path, readme: Path | None = None) -> None:
+def write_report(doc: dict[str, Any], out: Path, readmes: list[Path] = ()) -> None:
+    """The study's JSON, page and plots under ``out``; the block in each of ``readmes`` (with the
+    plots linked relative to that file)."""
     out.mkdir(parents=True, exist_ok=True)
     doc["ratios"] = ratios(doc)
     doc["curves"] = {p: {str(s): curve_ratios(rec, recipes.get("centralized", {}).get(s, {}))
@@ -285,5 +308,6 @@ def write_report(doc: dict[str, Any], out: Path, readme: Path | None = None) -> 
           "## Pilots (best validation loss per learning rate)", "", pilot_table(doc), "",
           *[f"![{p}]({p})" for p in pngs], "", f"Machine: {doc['meta']['machine']}.", ""]
     (out / "convergence_study.md").write_text("\n".join(md), encoding="utf-8")
-    if readme is not None:
-        replace_block(readme, MARK_START, MARK_END, readme_block(slim(doc)))
+    for readme in readmes:
+        rel = Path(os.path.relpath(out.resolve(), readme.resolve().parent)).as_posix()
+        replace_block(readme, MARK_START, MARK_END, readme_block(slim(doc), rel))
