@@ -12,8 +12,9 @@ The algorithm objects come built from the recipe (:mod:`fedllm.federation.build`
 does to its update before it leaves the device (attack simulation, SCAFFOLD's control, client DP,
 compression, masking) is :mod:`fedllm.federation.uplink`. ``finish_round`` is what the server
 does with what arrived: the norm bound, aggregation (mean / robust / FedNova / LoRA, wrapped by
-server-side DP), the server optimizer, SCAFFOLD's control variates, hierarchical tiers and the
-privacy ledger. Under secure aggregation the server only ever holds masked tensors and their sum.
+server-side DP), the server optimizer, SCAFFOLD's control variates, hierarchical tiers
+(:mod:`fedllm.federation.hierarchy`) and the privacy ledger. Under secure aggregation the server
+only ever holds masked tensors and their sum.
 
 Everything stateful (optimizer moments, control variates, error-feedback residuals, sampler,
 DP clip, privacy ledger, regional models) is in :meth:`state_dict`, so a checkpointed run resumes
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from fedllm.algorithms.afa import AFA
-from fedllm.algorithms.aggregate import MeanAggregator, client_weights, mean_delta
+from fedllm.algorithms.aggregate import MeanAggregator, client_weights
 from fedllm.algorithms.attacks import COLLUDING, collude
 from fedllm.algorithms.audit import CanaryClients
 from fedllm.algorithms.cclip import CenteredClipping
@@ -50,7 +51,7 @@ from fedllm.algorithms.drift import (
     scaffold_correction,
 )
 from fedllm.algorithms.he import HERound
-from fedllm.algorithms.lora_agg import RankLayout, aggregation_error, lora_aggregate, lora_pairs
+from fedllm.algorithms.lora_agg import RankLayout, lora_aggregate, lora_pairs
 from fedllm.algorithms.privacy import (
     DPAggregator,
     PrivacyLedger,
@@ -60,6 +61,7 @@ from fedllm.algorithms.secure import MaskedSum, SecAggRound
 from fedllm.algorithms.selection import Availability
 from fedllm.config import Recipe
 from fedllm.federation import build
+from fedllm.federation.hierarchy import Regions
 from fedllm.federation.screening import (
     NORM_HISTORY,
     check_counts,
@@ -76,11 +78,9 @@ from fedllm.types import (
     ClientUpdate,
     RunningSum,
     StateDict,
-    add,
     clone_state,
     global_norm,
     serialized_bytes,
-    subtract,
 )
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,6 @@ class RoundPlan:
     @property
     def training(self) -> list[int]:
         return sorted(self.steps)
-
-
-def _regions(num_clients: int, regions: int, by: str) -> list[list[int]]:
-    if by == "contiguous":
-        bounds = [round(i * num_clients / regions) for i in range(regions + 1)]
-        return [list(range(bounds[i], bounds[i + 1])) for i in range(regions)]
-    return [list(range(r, num_clients, regions)) for r in range(regions)]
 
 
 class FederatedServer:
@@ -146,13 +139,9 @@ class FederatedServer:
         self.sigma = dp.sigma if dp else 0.0
         self.scaffold = ScaffoldState(initial_state, self._store("scaffold")) if fed.algorithm == "scaffold" else None
         self.uplink = Uplink(r, self.num_clients, self.payload_bytes, self.mask, self.dp, self._store("feedback"))
-        h = r.hierarchy
-        self.regions = _regions(self.num_clients, h.regions, h.by) if h.regions else []
-        self.region_of = {k: i for i, members in enumerate(self.regions) for k in members}
-        self.regional: dict[int, StateDict] = {}
-        self._region_examples: dict[int, int] = {}  # examples aggregated per region since the last sync
-        self._sync_clients: list[tuple[float, StateDict]] = []  # (examples, client state), for the error
         self.has_lora = bool(lora_pairs(initial_state))
+        self.regions = (Regions(r, self.num_clients, self.has_lora, self.model_bytes, self.payload_bytes)
+                        if r.hierarchy.regions else None)  # hierarchy: the regional tier
         ranks = r.lora.client_ranks
         # heterogeneous ranks (lora.client_ranks): each client trains and sends its own slots only
         self.ranks = (RankLayout(initial_state, ranks) if self.has_lora and ranks is not None
@@ -204,7 +193,7 @@ class FederatedServer:
         r, fed = self.recipe, self.recipe.federation
         colluding = self.uplink.attack is not None and self.uplink.attack.kind in COLLUDING
         return (type(self.aggregator) in (MeanAggregator, FedNovaAggregator) and not r.privacy.secure_aggregation
-                and not self.regions
+                and self.regions is None
                 and fed.lora_aggregation != "svd" and not (self.has_lora and r.eval.lora_error) and not colluding)
 
     # ------------------------------------------------------------------ the round, client side
@@ -282,8 +271,8 @@ class FederatedServer:
     def start_state(self, client_id: int, global_state: StateDict | None) -> StateDict:
         """The state client ``client_id`` starts from: its region's model or the global one, truncated
         to its rank (``lora.client_ranks``), with its own B factors (``federation.personalize``)."""
-        if self.regions and client_id in self.region_of and self.region_of[client_id] in self.regional:
-            return self.regional[self.region_of[client_id]]
+        if self.regions is not None and (regional := self.regions.start_state(client_id)) is not None:
+            return regional
         state = global_state if global_state is not None else self.template
         if self.personal_keys:
             self._global = state  # the B the clients' personal uploads are measured against
@@ -437,7 +426,7 @@ class FederatedServer:
                       and self.recipe.faults.fires(u.client_id, rnd, "unmask")}
         if self._late:
             metrics["unmask_dropouts"] = sorted(self._late)
-        needed = max(self.recipe.federation.min_clients, 1 if self.regions else self.aggregator_needs())
+        needed = max(self.recipe.federation.min_clients, 1 if self.regions is not None else self.aggregator_needs())
         survivors = len(valid) - len(self._late)
         applied = len(valid) >= needed and (self._secagg is None or survivors >= self._secagg.threshold)
         metrics["applied"] = applied
@@ -452,8 +441,9 @@ class FederatedServer:
             elif self.ledger is not None and self.ledger.sampling == "poisson":
                 self._charge()  # Poisson accounting counts every round's draw, an empty or failed one too
             return global_state, self._round_metrics(metrics)
-        if self.regions:
-            new_state = self._hierarchical(rnd, global_state, valid, metrics)
+        if self.regions is not None:
+            new_state = self.regions.round(rnd, global_state, valid, metrics, self._aggregate, self.aggregator_needs(),
+                                           self.server_opt.step)
         else:
             delta = self._aggregate(global_state, valid, metrics)
             new_state = self.server_opt.step(global_state, delta)
@@ -577,69 +567,9 @@ class FederatedServer:
             return None
         return [self._starts[u.client_id] for u in updates]
 
-    def _hierarchical(self, rnd: int, global_state: StateDict, updates: list[ClientUpdate],
-                      metrics: dict) -> StateDict:
-        """Regions aggregate their clients every round; the server combines regions every R rounds.
-
-        Both tiers use the same aggregation (svd LoRA included); regions weigh by the examples
-        they aggregated since the last sync. Between syncs the global model is unchanged
-        (:meth:`eval_state` is the regions' mean) and the row reports the worst regional error; at a
-        sync it reports the global model's error against every client trained since the last one.
-        """
-        by_region: dict[int, list[ClientUpdate]] = {}
-        for u in updates:
-            by_region.setdefault(self.region_of[u.client_id], []).append(u)
-        errors = []
-        for region, ups in sorted(by_region.items()):
-            if len(ups) < self.aggregator_needs():
-                log.warning("round %d: region %d has %d updates, fewer than its aggregator needs (%d); "
-                            "region unchanged", rnd, region, len(ups), self.aggregator_needs())
-                continue
-            start = self.regional.get(region, global_state)
-            regional_metrics: dict[str, Any] = {}
-            candidate = add(start, self._aggregate(start, ups, regional_metrics))
-            why = global_change_problem(start, candidate, self.recipe.federation.max_change_ratio)
-            if why is not None:  # the region's round is rejected; its model stays as it was
-                log.warning("round %d: region %d: %s; region unchanged", rnd, region, why)
-                metrics.setdefault("regions_rejected", {})[region] = why
-                continue
-            if self.has_lora:
-                self._sync_clients += [(float(u.num_examples), add(start, u.delta)) for u in ups]
-            self._region_examples[region] = self._region_examples.get(region, 0) + sum(u.num_examples for u in ups)
-            self.regional[region] = candidate
-            if "lora_aggregation_error" in regional_metrics:
-                errors.append(regional_metrics["lora_aggregation_error"])
-        if errors:
-            metrics["lora_aggregation_error"] = max(errors)
-        metrics["global_sync"] = rnd % self.recipe.hierarchy.global_every == 0
-        metrics["bytes_up_regional"] = metrics["bytes_down_regional"] = 0
-        if not metrics["global_sync"] or not self._region_examples:
-            return global_state
-        region_ups = [ClientUpdate(i, subtract(self.regional[i], global_state), n, 1, 0.0)
-                      for i, n in sorted(self._region_examples.items())]
-        if len(region_ups) == 1:  # one region trained: its model is the mean (no re-factorization)
-            delta = region_ups[0].delta
-        elif self.has_lora and self.recipe.federation.lora_aggregation == "svd":
-            delta = lora_aggregate(global_state, region_ups, "svd", weighted=True)[0]
-        else:
-            delta = mean_delta(region_ups, weighted=True)
-        new_state = self.server_opt.step(global_state, delta)
-        if self._sync_clients:
-            total = sum(w for w, _ in self._sync_clients)
-            metrics["lora_aggregation_error"] = aggregation_error(
-                new_state, [c for _, c in self._sync_clients], [w / total for w, _ in self._sync_clients])
-        metrics["bytes_up_regional"] = sum(self.payload_bytes(u.delta) for u in region_ups)
-        metrics["bytes_down_regional"] = self.model_bytes * len(self.regions)
-        self.regional, self._region_examples, self._sync_clients = {}, {}, []
-        return new_state
-
     def eval_state(self, global_state: StateDict) -> StateDict:
         """What to evaluate: the global model, or (between hierarchical syncs) the regions' mean."""
-        if not self.regions or not self.regional:
-            return global_state
-        models = [self.regional.get(i, global_state) for i in range(len(self.regions))]
-        return MeanAggregator(weighted=True)([ClientUpdate(i, m, len(self.regions[i]), 1, 0.0)
-                                              for i, m in enumerate(models)])
+        return global_state if self.regions is None else self.regions.eval_state(global_state)
 
     def _round_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         metrics.update({"bytes_up": self._bytes_up, "bytes_down": self._bytes_down,
@@ -668,9 +598,6 @@ class FederatedServer:
         out: dict[str, Any] = {"server_opt": self.server_opt.state_dict(), "sampler": self.sampler.state_dict(),
                                "availability": self.availability.state_dict(),
                                "has_mask": sorted(self.has_mask),
-                               "regional": {i: clone_state(s) for i, s in self.regional.items()},
-                               "region_examples": dict(self._region_examples),
-                               "sync_clients": [[w, clone_state(c)] for w, c in self._sync_clients],
                                "dpsgd_epsilon": dict(self.dpsgd_epsilon),
                                "norm_history": list(self.norm_history),
                                "personal": self.personal.state_dict()}
@@ -678,6 +605,8 @@ class FederatedServer:
             part = getattr(self, name)
             if part is not None:
                 out[name] = part.state_dict()
+        if self.regions is not None:
+            out.update(self.regions.state_dict())  # "regional", "region_examples", "sync_clients"
         if (agg := self._stateful_aggregator()) is not None:  # e.g. centered clipping's last aggregate
             out["aggregator"] = agg.state_dict()
         out.update(self.uplink.state_dict())  # "feedback", "codec"
@@ -688,9 +617,8 @@ class FederatedServer:
         self.sampler.load_state_dict(state["sampler"])
         self.availability.load_state_dict(state["availability"])
         self.has_mask = set(state["has_mask"])
-        self.regional = {int(i): clone_state(s) for i, s in state["regional"].items()}
-        self._region_examples = {int(i): int(n) for i, n in state["region_examples"].items()}
-        self._sync_clients = [(float(w), clone_state(c)) for w, c in state["sync_clients"]]
+        if self.regions is not None:
+            self.regions.load_state_dict(state)
         self.dpsgd_epsilon = {int(k): float(v) for k, v in state.get("dpsgd_epsilon", {}).items()}
         self.norm_history = [float(n) for n in state.get("norm_history", [])][-NORM_HISTORY:]
         self.personal.load_state_dict(state.get("personal", {}))
