@@ -108,5 +108,5 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
 def test_before_its_full_runs_the_block_says_the_study_is_running():
     pilot = {"part": {"phase": "pilot", "partition": "iid", "mode": "centralized"}}
     block = convergence_report.readme_block({"records": {"a": pilot, "b": pilot}}, "docs/convergence_study")
-    assert "**running**: 2 parts recorded so far (2 of them pilots)" in block and ".png" not in block
+    assert "**running**: 2 parts recorded so far (all pilots)" in block and ".png" not in block
     assert block.startswith(convergence_report.MARK_START) and block.endswith(convergence_report.MARK_END)

@@ -274,9 +274,11 @@ def readme_block(doc: dict[str, Any], figures: str | None = None) -> str:
     both to it). ``figures``: the study folder relative to the file the block goes in (its plots are
     drawn there). Before any full run has finished the block says the study is running, and how far."""
     if not full_runs(doc):
+        n = len(doc["records"])
         pilots = sum(r["part"]["phase"] == "pilot" for r in doc["records"].values())
-        return "\n".join([MARK_START, "", f"The study is **running**: {len(doc['records'])} parts recorded so far "
-                          f"({pilots} of them pilots); its tables and curves appear here when its full runs are in "
+        which = ("a pilot" if n == 1 else "all pilots") if pilots == n else f"{pilots} of them pilots"
+        return "\n".join([MARK_START, "", f"The study is **running**: {n} part{'s' * (n != 1)} recorded so far "
+                          f"({which}); its tables and curves appear here when its full runs are in "
                           "(what runs, and what was cut to fit the budget: docs/results/convergence.md).", "",
                           MARK_END])
     pairs = doc.get("ratios") or ratios(doc)
