@@ -492,7 +492,7 @@ def readme_block(doc: dict[str, Any]) -> str:
              "**Centralized: steps-to-result vs batch size**", "", table(doc, "centralized"), "",
              fit_table(doc, "centralized"), "", "**Federated: rounds-to-result vs clients per round**", "",
              table(doc, "federated"), "", fit_table(doc, "federated"), "",
-             "![K* vs batch size and clients per round](docs/parallelism_study/parallelism.png)", "", MARK_END]
+             "![K* vs batch size and clients per round](../parallelism_study/parallelism.png)", "", MARK_END]
     return "\n".join(lines)
 
 

@@ -268,7 +268,7 @@ def readme_block(doc: dict[str, Any]) -> str:
     for model in meta["models"]:
         lines += [f"**{MODELS[model]}**", "", table(results, model, meta["seeds"], **spec), "",
                   *verdicts(results, model, meta["seeds"], **spec), ""]
-    lines += ["![JSV and accuracy vs sparsity](docs/signal_study/signal_study.png)", "", MARK_END]
+    lines += ["![JSV and accuracy vs sparsity](../signal_study/signal_study.png)", "", MARK_END]
     return "\n".join(lines)
 
 
