@@ -233,32 +233,19 @@ def test_hierarchy_syncs_globally_every_r_rounds_and_counts_tier_bytes(tmp_path)
 def test_a_hierarchical_run_cut_off_between_syncs_resumes_to_the_same_model(tmp_path):
     """The regional models, their example counts and the clients since the last sync are in the
     checkpoint: a run stopped after a regional-only round ends where the uninterrupted one does."""
-    from fedllm.federation.modes import Hooks
+    from tests._resume import at_round, untimed, whole_and_resumed
 
     # Prepare: 2 regions, global every 3 rounds; the cut comes before round 3 (rounds 1-2 regional only)
     def make():
         return ToyExperiment(toy_recipe(name="hr", federation={"rounds": 4}, checkpoint={"enabled": True},
                                         hierarchy={"regions": 2, "global_every": 3}), lora=True)
 
-    class Cut(Exception):
-        pass
-
-    def stop_at_3(rnd, total):
-        if rnd == 3:
-            raise Cut
-
-    whole = make()
-    run_federated(whole, out=str(tmp_path / "whole"))
     # Execute
-    with pytest.raises(Cut):
-        run_federated(make(), out=str(tmp_path / "cut"), hooks=Hooks(on_round=stop_at_3))
-    resumed = make()
-    run_federated(resumed, out=str(tmp_path / "cut"), resume=True)
+    whole, resumed = whole_and_resumed(make, tmp_path, at_round(3))
     # Assert: round 3 started from the regional models; same final model and rows
     assert {f.round for f in resumed.fits} == {3, 4}
     assert_states_close(resumed.saved, whole.saved)
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_time_s")} for r in rows]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "cut" / "hr" / "federated")) == strip(
+    assert untimed(read_metrics(tmp_path / "cut" / "hr" / "federated")) == untimed(
         read_metrics(tmp_path / "whole" / "hr" / "federated"))
 
 

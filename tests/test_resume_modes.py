@@ -17,6 +17,7 @@ import pytest
 
 from fedllm.config import load_recipe
 from fedllm.federation.modes import Hooks, run_centralized, run_federated, run_local
+from tests._resume import Cut, at_round, stop, untimed, whole_and_resumed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
@@ -24,10 +25,6 @@ OVERRIDES = ["model.quantization=none", "partition.method=iid", "partition.colum
              "data.max_examples=36", "data.eval_size=6", "data.max_length=96", "data.validation_fraction=0.2",
              "federation.rounds=4", "train.local_steps=10", "train.local_epochs=0.5", "train.lr=0.01", "eval.patience=2",
              "eval.bleu_samples=0", "output.plots=false", "output.save_adapter=false"]
-
-
-class _Stop(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +45,7 @@ def exp():
 
 def _files(run: Path) -> tuple[list[dict], dict, dict]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    strip = [{k: v for k, v in r.items() if not k.endswith("_time_s")} for r in rows]
+    strip = untimed(rows)
     for r in strip:
         for v in (r.get("per_client") or {}).values():
             v.pop("train_time_s", None)
@@ -56,24 +53,22 @@ def _files(run: Path) -> tuple[list[dict], dict, dict]:
     return strip, json.loads((run / "eval_nll.json").read_text()), summary.get("best")
 
 
-@pytest.mark.parametrize("runner, mode, stop", [
-    (run_centralized, "centralized", Hooks(on_round=lambda r, total: _raise(r == 3))),
-    (run_federated, "federated", Hooks(on_round=lambda r, total: _raise(r == 3))),
-    (run_local, "local", Hooks(on_client=lambda k: _raise(k == 2))),
+@pytest.mark.parametrize("runner, mode, cut_off", [
+    (run_centralized, "centralized", at_round(3)),
+    (run_federated, "federated", at_round(3)),
+    (run_local, "local", Hooks(on_client=lambda k: stop(k == 2))),
 ])
-def test_an_interrupted_run_resumes_to_the_uninterrupted_files(exp, tmp_path, runner, mode, stop):
-    # Prepare: the uninterrupted run
-    runner(exp, out=str(tmp_path / "whole"))
-    whole = _files(tmp_path / "whole" / "tiny" / mode)
-    # Execute: stopped partway (federated/centralized at round 3, local before its third client), resumed
-    with pytest.raises(_Stop):
-        runner(exp, out=str(tmp_path / "cut"), hooks=stop)
-    cut = tmp_path / "cut" / "tiny" / mode
-    assert not (cut / "summary.json").exists()
-    exp.fits.clear()
-    runner(exp, out=str(tmp_path / "cut"), resume=True)
+def test_an_interrupted_run_resumes_to_the_uninterrupted_files(exp, tmp_path, runner, mode, cut_off):
+    # Prepare: one experiment, its record of fits cleared for each run
+    def make():
+        exp.fits.clear()
+        return exp
+
+    # Execute: whole; and stopped partway (federated/centralized at round 3, local before its third client), resumed
+    whole_and_resumed(make, tmp_path, cut_off, runner)
     # Assert: the same files; only what had not finished trained again
-    assert _files(cut) == whole
+    whole = _files(tmp_path / "whole" / "tiny" / mode)
+    assert _files(tmp_path / "cut" / "tiny" / mode) == whole
     assert len(whole[1]["rounds"]) >= 3  # the ratio curve's rounds, those before the stop included
     if mode == "local":
         assert {k for k, _ in exp.fits} == {2}
@@ -90,10 +85,6 @@ def test_local_resume_without_a_checkpoint_starts_fresh_and_a_finished_one_is_ke
     assert exp.fits == []
     assert again["best"] == first["best"]
 
-
-def _raise(cond: bool) -> None:
-    if cond:
-        raise _Stop
 
 
 def test_every_evaluated_round_is_on_disk_before_its_checkpoint(tmp_path):
@@ -129,10 +120,10 @@ def test_an_interrupted_compare_resumes_keeping_its_finished_modes(tmp_path, mon
     real_local = modes.RUNNERS["local"]
 
     def cut(*a, **k):
-        raise _Stop
+        raise Cut
 
     monkeypatch.setitem(modes.RUNNERS, "local", cut)
-    with pytest.raises(_Stop):
+    with pytest.raises(Cut):
         fedllm.compare(TINY, *args, out=tmp_path, progress=False)
     monkeypatch.setitem(modes.RUNNERS, "local", real_local)
     root = tmp_path / "tiny"

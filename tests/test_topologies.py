@@ -250,17 +250,13 @@ def test_ifca_clients_init_starts_each_cluster_from_one_local_fit(tmp_path):
     assert init["kind"] == "clients" and sorted(init["clients"]) == sorted(f.update.client_id for f in warm)
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("federation", [
     {"topology": "gossip", "graph": "random-k", "graph_k": 1},
     {"clusters": 2, "cluster_init": "clients"},
     {"clusters": 2, "cluster_init": "farthest"},
 ])
 def test_a_killed_topology_run_resumes_to_the_same_result(tmp_path, federation):
-    from fedllm.federation.modes import Hooks
+    from tests._resume import at_round, untimed, whole_and_resumed
 
     def make():
         recipe = toy_recipe(federation={"algorithm": "gradualdiff", "rounds": 4, **federation},
@@ -268,17 +264,6 @@ def test_a_killed_topology_run_resumes_to_the_same_result(tmp_path, federation):
                             checkpoint={"enabled": True}, train={"local_steps": 2, "lr": 0.1})
         return TwoPopulations(recipe)
 
-    def stop_at_3(rnd, total):
-        if rnd == 3:
-            raise _Stop
-
-    whole = make()
-    run_federated(whole, out=str(tmp_path / "whole"))
-    with pytest.raises(_Stop):
-        run_federated(make(), out=str(tmp_path / "cut"), hooks=Hooks(on_round=stop_at_3))
-    resumed = make()
-    run_federated(resumed, out=str(tmp_path / "cut"), resume=True)
+    _, resumed = whole_and_resumed(make, tmp_path, at_round(3))
     assert not [f for f in resumed.fits if f.round < 3]  # nothing before the checkpoint runs again
-    a, b = _rows(tmp_path / "whole"), _rows(tmp_path / "cut")
-    strip = lambda r: {k: v for k, v in r.items() if not k.endswith("_time_s")}  # noqa: E731
-    assert [strip(r) for r in a] == [strip(r) for r in b]
+    assert untimed(_rows(tmp_path / "whole")) == untimed(_rows(tmp_path / "cut"))
