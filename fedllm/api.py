@@ -232,7 +232,7 @@ def _resumable_compare(recipe: Recipe, out: str | None) -> tuple[str | None, lis
     dirs = {m: _mode_dir(recipe, m, out) for m in MODES}
     stamps = {m: compare_invocation(d) for m, d in dirs.items()}
     marks = {s for s in stamps.values() if s is not None}
-    if len(marks) != 1:  # none finished, or finished modes of different compares: start the compare over
+    if len(marks) != 1:  # none finished, or modes of different compares: each mode resumes on its own, new stamp
         return None, []
     mine = dump_recipe(recipe)
 
