@@ -27,6 +27,32 @@ def test_the_plan_lists_every_phase_and_its_cost(capsys):
     assert convergence.rounds_of(convergence.Part("full", "iid", 0, "federated", "gradualdiff", 0.25, 1e-4), s) == 40
 
 
+def test_a_best_rate_at_the_end_of_the_grid_gets_a_pilot_past_it():
+    assert [convergence.ladder_step(x, up=True) for x in (1e-4, 2e-4, 3e-4, 1e-3)] == [3e-4, 3e-4, 1e-3, 3e-3]
+    assert [convergence.ladder_step(x, up=False) for x in (3e-5, 1e-5, 5e-5)] == [1e-5, 3e-6, 3e-5]
+    s = convergence.Settings(lrs=(1e-4, 3e-4, 1e-3), works=(1.0,), extend=2)
+    grid = [p for p in convergence.pilot_parts(s) if p.mode != "local"]
+
+    def recorded(parts, **val):  # the recorded pilots of ``parts`` ("cen0.001": best validation loss)
+        return {p.key: {"summary": {"best": {"val_loss": val[k]}}} for p in parts if (k := f"{p.mode[:3]}{p.lr:g}") in val}
+
+    def asked(parts, **val):
+        return [(p.mode, p.lr) for p in convergence.edge_parts(s, recorded(parts, **val), parts)]
+
+    val = {"cen0.0001": 3.0, "cen0.0003": 2.5, "cen0.001": 2.4, "fed0.0001": 3.0, "fed0.0003": 2.9, "fed0.001": 3.1}
+    assert asked(grid, **val) == [("centralized", 3e-3)]  # centralized's best is the top: one step up
+    up1 = grid + [convergence.Part("pilot", "iid", 0, "centralized", "-", 1.0, 3e-3)]
+    assert asked(up1, **val) == []  # its edge pilot is not recorded yet: nothing more
+    assert asked(up1, **val, **{"cen0.003": 2.6}) == []  # worse past the edge: 1e-3 is interior now
+    assert asked(up1, **val, **{"cen0.003": 2.3}) == [("centralized", 1e-2)]  # better again: a second step
+    up2 = up1 + [convergence.Part("pilot", "iid", 0, "centralized", "-", 1.0, 1e-2)]
+    assert asked(up2, **val, **{"cen0.003": 2.3, "cen0.01": 2.2}) == []  # --extend 2 steps, no more
+    low = {**val, "fed0.0001": 2.0}
+    assert asked(grid, **low) == [("centralized", 3e-3), ("federated", 3e-5)]  # the bottom end too
+    s = convergence.Settings(lrs=s.lrs, works=(1.0,), extend=0)
+    assert asked(grid, **low) == []
+
+
 def test_a_state_already_scored_is_answered_from_memory():
     import torch
 
@@ -69,6 +95,12 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
     doc = json.loads((out / "convergence_study.json").read_text())
     chosen = doc["chosen"]
     assert {k.split("|")[1] for k in chosen} == {"centralized", "local", "federated"}
+    pilots = [r["part"] for r in doc["records"].values() if r["part"]["phase"] == "pilot"]
+    rows = {k: [p["lr"] for p in pilots if f"{p['partition']}|{p['mode']}|{p['variant']}|{p['work']:g}" == k]
+            for k in chosen if "@" not in chosen[k]["variant"]}
+    assert any(max(row) == 3e-2 for row in rows.values())  # the tiny model's best is the grid's top: extended
+    for k, row in rows.items():  # a chosen rate at the end of what was tried: its one edge pilot (--extend 1) ran
+        assert chosen[k]["lr"] < max(row) or sum(x > 1e-2 for x in row) == 1
     assert chosen["iid|federated|fedadam|1"]["variant"] == "fedadam@0.01"
     full = {k: r for k, r in doc["records"].items() if r["part"]["phase"] == "full"}
     assert {r["part"]["mode"] for r in full.values()} == {"centralized", "local", "federated"}

@@ -14,7 +14,10 @@ A *part* is one run: (phase, partition, seed, mode, variant, work, lr).
    learning rate of ``--lrs`` for centralized, local and GradualDiff (FedAvg of deltas), at each
    local work per round of ``--works`` (federated; centralized and local train one epoch per
    round). The rate with the lowest validation loss is chosen per (partition, mode, variant, work);
-   a partition without pilots takes the first pilot partition's choice.
+   a partition without pilots takes the first pilot partition's choice. Where that rate is the
+   largest (or smallest) one a row tried, the row gets a pilot one step further along the 1-3 ladder
+   (1e-3 -> 3e-3 -> 1e-2), up to ``--extend`` steps past each end of the grid, so that a chosen rate
+   is not the edge of what was tried unless the page says so.
 2. **Server pilots**: FedAvgM and FedAdam at GradualDiff's chosen client rate, over
    ``--fedavgm-lrs`` / ``--fedadam-lrs``; the server rate with the lowest validation loss is kept.
 3. **Full runs** at the chosen rates, ``--seeds`` for federated and centralized, ``--local-seeds``
@@ -76,11 +79,13 @@ class Settings:
     patience: int = 2
     precision: str = "32"
     full_federated: str = "all"  # all: every federated family at every work; best: the pilots' best one
+    extend: int = 2  # client-rate pilots allowed past each end of ``lrs`` when the best rate is an end
     quick: bool = False
 
 
 QUICK_SETTINGS = Settings(partitions=("iid",), seeds=(0,), lrs=(1e-3, 1e-2), works=(1.0,),
-                          server_lrs={"fedadam": (1e-2,)}, pilot_epochs=1.0, cap_epochs=2.0, patience=1, quick=True)
+                          server_lrs={"fedadam": (1e-2,)}, pilot_epochs=1.0, cap_epochs=2.0, patience=1, extend=1,
+                          quick=True)
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,50 @@ def pilot_parts(s: Settings) -> list[Part]:
             out += [Part("pilot", partition, 0, mode, "-", 1.0, lr) for mode in ("centralized", "local")]
             out += [Part("pilot", partition, 0, "federated", "gradualdiff", w, lr) for w in s.works]
     return out
+
+
+def ladder_step(lr: float, up: bool) -> float:
+    """The next rate of the 1-3 ladder (..., 1e-4, 3e-4, 1e-3, 3e-3, ...) above or below ``lr``
+    (more than 1.4x away, so 2e-4 steps up to 3e-4, not to itself)."""
+    ladder = [float(f"{m}e{k}") for k in range(-12, 3) for m in (1, 3)]
+    return min(x for x in ladder if x > lr * 1.4) if up else max(x for x in ladder if x < lr / 1.4)
+
+
+def edge_parts(s: Settings, records: dict[str, dict], pilots: list[Part]) -> list[Part]:
+    """One more client-rate pilot for every row of ``pilots`` whose best rate is the largest (smallest)
+    it tried: a step further along the ladder, while the row has fewer than ``s.extend`` pilots past
+    that end of ``s.lrs``. Rows whose edge pilot is not recorded yet get nothing (their best is unknown)."""
+    rows: dict[tuple, list[Part]] = {}
+    for p in pilots:
+        if p.variant in ("-", "gradualdiff"):
+            rows.setdefault((p.partition, p.mode, p.variant, p.work), []).append(p)
+    out = []
+    for (partition, mode, variant, work), parts in rows.items():
+        if any(p.key not in records for p in parts):
+            continue
+        best = choose(records, parts).get(choice_key(partition, mode, variant, work))
+        if best is None:
+            continue
+        tried = sorted(p.lr for p in parts)
+        for up, end, past in ((True, tried[-1], sum(x > max(s.lrs) for x in tried)),
+                              (False, tried[0], sum(x < min(s.lrs) for x in tried))):
+            if best["lr"] == end and past < s.extend:
+                out.append(Part("pilot", partition, 0, mode, variant, work, ladder_step(end, up)))
+    return out
+
+
+def client_pilots(s: Settings, runs: Path, out: Path, pick) -> tuple[list[Part], dict[str, dict]]:
+    """The grid's pilots, then the edge pilots :func:`edge_parts` asks for, until none is asked for
+    (or, reading only what is recorded, until one asked for is not recorded)."""
+    parts = pilot_parts(s)
+    records = pick(parts, s, runs, out)
+    while more := [p for p in edge_parts(s, records, parts) if p not in parts]:
+        got = pick(more, s, runs, out)
+        parts += more
+        records.update(got)
+        if len(got) < len(more):
+            break
+    return parts, records
 
 
 def server_pilot_parts(s: Settings, chosen: dict[str, float]) -> list[Part]:
@@ -338,10 +387,10 @@ def run_study(s: Settings, runs: Path, out: Path, execute: bool) -> dict[str, An
     """The three phases in order (each needs the one before); with ``execute`` False only the
     parts already recorded are read."""
     pick = run_parts if execute else _recorded_only
-    records = pick(pilot_parts(s), s, runs, out)
-    chosen = choose(records, pilot_parts(s))
+    pilots, records = client_pilots(s, runs, out, pick)
+    chosen = choose(records, pilots)
     records.update(pick(server_pilot_parts(s, chosen), s, runs, out))
-    chosen = choose(records, pilot_parts(s) + server_pilot_parts(s, chosen))
+    chosen = choose(records, pilots + server_pilot_parts(s, chosen))
     records.update(pick(full_parts(s, chosen), s, runs, out))
     return {"chosen": chosen, "records": records}
 
@@ -372,7 +421,16 @@ def print_plan(s: Settings, train_tps: float, eval_tps: float) -> float:
                   f"rounds <= {rounds_of(p, s)}")
     print(f"total: {len(pilots) + len(servers) + len(fulls)} parts, <= {total:.1f} CPU hours at {train_tps:g} "
           f"training / {eval_tps:g} evaluation tokens/s (upper bound: every run to its cap)")
+    if s.extend:
+        rows = len({(p.partition, p.mode, p.variant, p.work) for p in pilots})
+        print(f"plus up to {s.extend} edge pilots per end of the grid for each of the {rows} client-rate rows "
+              f"whose best rate is an end (--extend), at {hours_per_edge(s, pilots, train_tps, eval_tps):.2f} "
+              "CPU hours or less each")
     return total
+
+
+def hours_per_edge(s: Settings, pilots: list[Part], train_tps: float, eval_tps: float) -> float:
+    return max(estimate_hours(p, s, train_tps, eval_tps) for p in pilots)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -389,7 +447,7 @@ def settings_from(args) -> Settings:
                     server_lrs={k: v for k, v in (("fedavgm", _floats(args.fedavgm_lrs)),
                                                   ("fedadam", _floats(args.fedadam_lrs))) if v},
                     pilot_epochs=args.pilot_epochs, cap_epochs=args.cap_epochs, patience=args.patience,
-                    precision=args.precision, full_federated=args.full_federated)
+                    precision=args.precision, full_federated=args.full_federated, extend=args.extend)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--full-federated", default="all", choices=("all", "best"),
                    help="full runs of every federated recipe, or only the one whose pilot validated best")
+    p.add_argument("--extend", type=int, default=2,
+                   help="client-rate pilots allowed past each end of --lrs where the best rate is that end")
     p.add_argument("--precision", default="32", choices=("32", "bf16"), help="client training numerics")
     p.add_argument("--train-tps", type=float, default=TRAIN_TPS, help="--plan: measured training tokens/s")
     p.add_argument("--eval-tps", type=float, default=EVAL_TPS, help="--plan: measured evaluation tokens/s")

@@ -170,14 +170,15 @@ def pilot_table(doc: dict[str, Any]) -> str:
         p = rec["part"]
         if p["phase"] == "pilot":
             key = (p["partition"], recipe_label(p).replace(f" {p['variant']}", f" {p['variant'].split('@')[0]}"))
-            name = f"{p['lr']:g}" + (f" / server {p['variant'].split('@')[1]}" if "@" in p["variant"] else "")
-            grid.setdefault(key, {})[name] = (rec["summary"].get("best") or {}).get("val_loss")
+            rates = (p["lr"], float(p["variant"].split("@")[1]) if "@" in p["variant"] else 0.0)
+            grid.setdefault(key, {})[rates] = (rec["summary"].get("best") or {}).get("val_loss")
     lines = ["| partition | recipe | validation loss by rate (client lr [/ server lr]) |", "|---|---|---|"]
     for (partition, label), vals in sorted(grid.items()):
         finite = {k: v for k, v in vals.items() if v is not None and math.isfinite(v)}
         low = min(finite, key=finite.get) if finite else None
-        cells = ", ".join(f"{'**' if k == low else ''}{k}: {v:.4f}{'**' if k == low else ''}" if v is not None
-                          else f"{k}: –" for k, v in vals.items())
+        cells = ", ".join(f"{'**' if k == low else ''}{k[0]:g}{f' / server {k[1]:g}' if k[1] else ''}: "
+                          f"{'–' if v is None else format(v, '.4f')}{'**' if k == low else ''}"
+                          for k, v in sorted(vals.items()))
         lines.append(f"| {partition} | {label} | {cells} |")
     return "\n".join(lines)
 
