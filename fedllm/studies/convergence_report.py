@@ -201,6 +201,16 @@ def curve_ratios(fed: dict[str, Any], cen: dict[str, Any]) -> list[tuple[float, 
     return out
 
 
+def figure_panels(doc: dict[str, Any]) -> list[tuple[str, dict, str | None, bool]]:
+    """Per partition with full runs: (partition, its recipes, the best federated one, whether it has a
+    ratio curve). Every partition gets its loss curves; the ratio needs a federated and a centralized run."""
+    out = []
+    for partition, recipes in full_runs(doc).items():
+        top = best_federated(recipes)
+        out.append((partition, recipes, top, bool(top and recipes.get("centralized"))))
+    return out
+
+
 def plot(doc: dict[str, Any], out: Path) -> list[str]:
     import matplotlib  # noqa: PLC0415
 
@@ -209,8 +219,7 @@ def plot(doc: dict[str, Any], out: Path) -> list[str]:
 
     names = []
     styles = {"centralized": ("#d62728", "--"), "local": ("#2ca02c", ":")}
-    for partition, recipes in full_runs(doc).items():
-        top = best_federated(recipes)
+    for partition, recipes, top, with_ratio in figure_panels(doc):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for label, seeds in sorted(recipes.items()):
             if label.startswith("federated") and label != top:
@@ -228,7 +237,7 @@ def plot(doc: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / f"loss_{partition}.png", dpi=120)
         plt.close(fig)
         names.append(f"loss_{partition}.png")
-        if top and recipes.get("centralized"):
+        if with_ratio:
             fig, ax = plt.subplots(figsize=(7, 4.2))
             for seed, rec in sorted(recipes[top].items()):
                 pts = curve_ratios(rec, recipes["centralized"].get(seed, {}))
@@ -260,14 +269,9 @@ def paper_line() -> str:
 
 
 def figure_names(doc: dict[str, Any]) -> list[str]:
-    """The plots :func:`plot` draws for ``doc``: per partition its loss curves and, with a federated and
-    a centralized full run, its ratio curve."""
-    names = []
-    for partition, recipes in full_runs(doc).items():
-        names.append(f"loss_{partition}.png")
-        if best_federated(recipes) and recipes.get("centralized"):
-            names.append(f"ratio_{partition}.png")
-    return names
+    """The plots :func:`plot` draws for ``doc`` (without drawing them)."""
+    return [name for partition, _, _, with_ratio in figure_panels(doc)
+            for name in (f"loss_{partition}.png", *([f"ratio_{partition}.png"] if with_ratio else []))]
 
 
 def readme_block(doc: dict[str, Any], figures: str | None = None) -> str:
