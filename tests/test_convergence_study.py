@@ -9,10 +9,11 @@ import re
 from fedllm.studies import convergence, convergence_report
 
 
-def test_the_plan_lists_every_phase_and_its_cost(capsys):
-    assert convergence.main(["--plan"]) == 0
+def test_the_plan_lists_every_phase_and_its_cost(capsys, tmp_path):
+    assert convergence.main(["--plan", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "pilots: 32 parts" in out and "server-rate pilots: 8 parts" in out and "full runs" in out
+    assert "; 0 done" in out and "  done\n" not in out and "lr chosen rounds" in out  # nothing recorded yet
     assert "CPU hours" in out and "lr 1e-05" in out and "fedadam@0.01" in out
     s = convergence.Settings()
     assert set(convergence.PAPER_LRS) <= set(s.lrs) and max(s.lrs) > 1e-4  # the paper's grid and larger
@@ -125,6 +126,11 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
     assert convergence.main(args) == 0  # resumable by part: everything recorded, nothing runs again
     assert {p.name: p.stat().st_mtime_ns for p in (out / "parts_quick").iterdir()} == before
     assert "best val_loss" not in capsys.readouterr().out
+    assert convergence.main([*args, "--plan"]) == 0  # the plan knows what is done, and at which rates
+    plan = capsys.readouterr().out
+    assert plan.count("  done\n") == len(before) and "<= 0.0 CPU hours left" in plan and "chosen" not in plan
+    full_lrs = {r["part"]["lr"] for r in full.values()}
+    assert all(f"lr {lr:g} rounds" in plan for lr in full_lrs)
     page, headline = tmp_path / "page.md", tmp_path / "top" / "README.md"
     headline.parent.mkdir()
     for f in (page, headline):

@@ -401,28 +401,51 @@ def _recorded_only(parts: list[Part], s: Settings, runs: Path, out: Path) -> dic
     return {k: v for k, v in got.items() if v is not None}
 
 
-def print_plan(s: Settings, train_tps: float, eval_tps: float) -> float:
-    """The parts (full runs at a placeholder rate until the pilots choose) and their CPU-hour bound."""
+def print_plan(s: Settings, train_tps: float, eval_tps: float, runs: Path | None = None,
+               out: Path | None = None) -> float:
+    """The parts and their CPU-hour bound; with ``out``, which are recorded ("done") and the hours left.
+
+    Rates not chosen yet (no pilots recorded) print as "chosen" and are estimated at the grid's first."""
+    done: dict[str, dict] = {}
     pilots = pilot_parts(s)
-    chosen = {choice_key(p.partition, p.mode, p.variant, p.work): {"lr": p.lr, "variant": p.variant}
-              for p in pilots if p.lr == s.lrs[0]}
+    if out is not None:
+        pilots, done = client_pilots(s, runs, out, _recorded_only)
+    stand_in = {choice_key(p.partition, p.mode, p.variant, p.work): {"lr": p.lr, "variant": p.variant}
+                for p in pilots if p.lr == s.lrs[0]}
+    chosen = {**stand_in, **choose(done, pilots)}
     servers = server_pilot_parts(s, chosen)
+    if out is not None:
+        done.update(_recorded_only(servers, s, runs, out))
     fam = {choice_key(p.partition, p.mode, p.variant.split("@")[0], p.work): {"lr": p.lr, "variant": p.variant}
            for p in servers}
-    fulls = full_parts(s, {**chosen, **fam})
-    total = 0.0
-    for title, parts in (("pilots", pilots), ("server-rate pilots", servers), ("full runs (rates: chosen)", fulls)):
-        hours = sum(estimate_hours(p, s, train_tps, eval_tps) for p in parts)
-        total += hours
-        print(f"{title}: {len(parts)} parts, <= {hours:.1f} CPU hours")
+    fulls = full_parts(s, {**chosen, **fam, **choose(done, pilots + servers)})
+    if out is not None:
+        done.update(_recorded_only(fulls, s, runs, out))
+    settled = all(p.key in done for p in pilots + servers)  # every rate chosen for good
+    measured = choose(done, pilots + servers)
+
+    def rate(p: Part) -> str:
+        if p.key in done or settled or (p.phase == "pilot" and "@" not in p.variant):
+            return f"{p.lr:g}"
+        source = p.partition if p.partition in s.pilot_partitions else s.pilot_partitions[0]
+        known = choice_key(source, p.mode, p.variant.split("@")[0], p.work) in measured
+        return f"chosen (so far {p.lr:g})" if known else "chosen"
+
+    total = left = 0.0
+    for title, parts in (("pilots", pilots), ("server-rate pilots", servers), ("full runs", fulls)):
+        hours = [estimate_hours(p, s, train_tps, eval_tps) for p in parts]
+        total += sum(hours)
+        left += sum(h for p, h in zip(parts, hours) if p.key not in done)
+        finished = sum(p.key in done for p in parts)
+        print(f"{title}: {len(parts)} parts, <= {sum(hours):.1f} CPU hours" + (f"; {finished} done" if out else ""))
         for p in parts:
-            lr = "chosen" if p.phase == "full" or "@" in p.variant else f"{p.lr:g}"
-            print(f"  {p.partition:8s} s{p.seed} {p.mode:12s} {p.variant:14s} work {p.work:g} lr {lr} "
-                  f"rounds <= {rounds_of(p, s)}")
+            print(f"  {p.partition:8s} s{p.seed} {p.mode:12s} {p.variant:14s} work {p.work:g} lr {rate(p)} "
+                  f"rounds <= {rounds_of(p, s)}" + ("  done" if p.key in done else ""))
     print(f"total: {len(pilots) + len(servers) + len(fulls)} parts, <= {total:.1f} CPU hours at {train_tps:g} "
-          f"training / {eval_tps:g} evaluation tokens/s (upper bound: every run to its cap)")
+          f"training / {eval_tps:g} evaluation tokens/s (upper bound: every run to its cap)"
+          + (f"; <= {left:.1f} CPU hours left" if out else ""))
     if s.extend:
-        rows = len({(p.partition, p.mode, p.variant, p.work) for p in pilots})
+        rows = len({(p.partition, p.mode, p.variant, p.work) for p in pilot_parts(s)})
         print(f"plus up to {s.extend} edge pilots per end of the grid for each of the {rows} client-rate rows "
               f"whose best rate is an end (--extend), at {hours_per_edge(s, pilots, train_tps, eval_tps):.2f} "
               "CPU hours or less each")
@@ -478,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     s = settings_from(args)
     if args.plan:
-        print_plan(s, args.train_tps, args.eval_tps)
+        print_plan(s, args.train_tps, args.eval_tps, Path(args.runs), Path(args.out))
         return 0
     quiet_process()
     doc = run_study(s, Path(args.runs), Path(args.out), execute=not args.report_only)
