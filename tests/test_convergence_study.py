@@ -118,7 +118,10 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
     top = pair["best_federated"]
     r = pair["fed_over_central"][top]["0"]["best"]
     assert r["lo"] < r["ratio"] < r["hi"]
+    said = convergence_report.agreement(doc["ratios"])
+    assert said[0].startswith(f"- iid: {top} / centralized perplexity at best validation {r['ratio']:.3f}")
     md = (out / "convergence_study.md").read_text()
+    assert said[0] in md
     assert convergence_report.headline_table(doc) in md and "| iid | centralized |" in md
     assert "## Pilots" in md and (out / "loss_iid.png").stat().st_size > 0 and (out / "ratio_iid.png").is_file()
     capsys.readouterr()
@@ -141,6 +144,18 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
     assert headline.read_text() == f"# x\n{convergence_report.readme_block(committed, '../out')}\ntail\n"
     links = re.findall(r"\]\(\.\./out/([^)]+\.png)\)", headline.read_text())  # the plots, relative to the file
     assert set(links) == {"loss_iid.png", "ratio_iid.png"} and all((out / name).is_file() for name in links)
+
+
+def test_the_paper_ratio_is_read_against_every_seed_interval():
+    def seeds(*spans):
+        return [{"ratio": (lo + hi) / 2, "lo": lo, "hi": hi} for lo, hi in spans]
+
+    paper = 16.78 / 15.36
+    assert convergence_report.against_paper(seeds((1.05, 1.12), (1.08, 1.10)), paper).startswith("agrees")
+    assert convergence_report.against_paper(seeds((1.20, 1.30), (1.10, 1.15)), paper).startswith("larger")
+    assert convergence_report.against_paper(seeds((1.00, 1.05)), paper).startswith("smaller")
+    assert convergence_report.against_paper(seeds((1.00, 1.05), (1.05, 1.12)), paper).startswith("mixed")
+    assert convergence_report.against_paper([{"ratio": 1.1, "lo": None, "hi": None}], paper).startswith("no interval")
 
 
 def test_before_its_full_runs_the_block_says_the_study_is_running():

@@ -268,6 +268,40 @@ def paper_line() -> str:
             f"({ppl['federated']} vs {ppl['centralized']}), local / federated {ppl['local'] / ppl['federated']:.3f}.")
 
 
+def against_paper(measured: list[dict[str, Any]], paper: float) -> str:
+    """Where the paper's ratio sits against each seed's paired 95 % interval, in words."""
+    spans = [(r["lo"], r["hi"]) for r in measured if r.get("lo") is not None]
+    if not spans:
+        return "no interval to read it against"
+    if all(lo <= paper <= hi for lo, hi in spans):
+        return f"agrees: the paper's {paper:.3f} is inside every seed's interval"
+    if all(lo > paper for lo, _ in spans):
+        return f"larger than the paper's {paper:.3f} (every seed's interval lies above it)"
+    if all(hi < paper for _, hi in spans):
+        return f"smaller than the paper's {paper:.3f} (every seed's interval lies below it)"
+    return f"mixed against the paper's {paper:.3f} (inside some seeds' intervals, outside others)"
+
+
+def agreement(pairs: dict[str, Any]) -> list[str]:
+    """Per partition, one sentence each for federated / centralized and local / federated at the best
+    validation round, read against the paper's Table III (a different model, so only the shape compares)."""
+    from fedllm.studies.gradualdiff import PAPER  # noqa: PLC0415
+
+    ppl = PAPER["perplexity"]
+    out = []
+    for partition, entry in pairs.items():
+        top = entry["best_federated"]
+        for what, seeds, paper in (
+                (f"{top} / centralized", entry["fed_over_central"].get(top, {}), ppl["federated"] / ppl["centralized"]),
+                (f"local / {top}", entry["local_over_fed"], ppl["local"] / ppl["federated"])):
+            measured = [r["best"] for r in seeds.values() if r.get("best")]
+            if measured:
+                shown = ", ".join(_ratio_text(r) for r in measured)
+                out.append(f"- {partition}: {what} perplexity at best validation {shown}: "
+                           f"{against_paper(measured, paper)}.")
+    return out
+
+
 def figure_names(doc: dict[str, Any]) -> list[str]:
     """The plots :func:`plot` draws for ``doc`` (without drawing them)."""
     return [name for partition, _, _, with_ratio in figure_panels(doc)
@@ -288,8 +322,9 @@ def readme_block(doc: dict[str, Any], figures: str | None = None) -> str:
                           MARK_END])
     pairs = doc.get("ratios") or ratios(doc)
     plots = [f"![{name[:-4]}]({figures}/{name})" for name in figure_names(doc)] if figures is not None else []
+    said = agreement(pairs)
     return "\n".join([MARK_START, "", headline_table(doc), "", ratio_table(pairs), "", goals_table(pairs), "",
-                      paper_line(), "", *(plots + [""] if plots else []), MARK_END])
+                      paper_line(), "", *(said + [""] if said else []), *(plots + [""] if plots else []), MARK_END])
 
 
 def slim(doc: dict[str, Any]) -> dict[str, Any]:
@@ -311,7 +346,7 @@ def write_report(doc: dict[str, Any], out: Path, readmes: list[Path] = ()) -> No
     md = ["# The headline at convergence", "", f"`{doc['meta']['command']}`", "",
           "## At the best-validation round and at the last round", "", headline_table(doc), "",
           "## Paired ratios", "", ratio_table(doc["ratios"]), "", "## Goals", "", goals_table(doc["ratios"]), "",
-          paper_line(), "",
+          paper_line(), "", *agreement(doc["ratios"]), "",
           "## Pilots (best validation loss per learning rate)", "", pilot_table(doc), "",
           *[f"![{p}]({p})" for p in pngs], "", f"Machine: {doc['meta']['machine']}.", ""]
     (out / "convergence_study.md").write_text("\n".join(md), encoding="utf-8")
