@@ -444,16 +444,12 @@ def print_plan(s: Settings, train_tps: float, eval_tps: float, runs: Path | None
     print(f"total: {len(pilots) + len(servers) + len(fulls)} parts, <= {total:.1f} CPU hours at {train_tps:g} "
           f"training / {eval_tps:g} evaluation tokens/s (upper bound: every run to its cap)"
           + (f"; <= {left:.1f} CPU hours left" if out else ""))
-    if s.extend:
+    if s.extend and not settled:
         rows = len({(p.partition, p.mode, p.variant, p.work) for p in pilot_parts(s)})
+        each = max(estimate_hours(p, s, train_tps, eval_tps) for p in pilots)
         print(f"plus up to {s.extend} edge pilots per end of the grid for each of the {rows} client-rate rows "
-              f"whose best rate is an end (--extend), at {hours_per_edge(s, pilots, train_tps, eval_tps):.2f} "
-              "CPU hours or less each")
+              f"whose best rate is an end (--extend), at {each:.2f} CPU hours or less each")
     return total
-
-
-def hours_per_edge(s: Settings, pilots: list[Part], train_tps: float, eval_tps: float) -> float:
-    return max(estimate_hours(p, s, train_tps, eval_tps) for p in pilots)
 
 
 def _floats(text: str) -> tuple[float, ...]:
