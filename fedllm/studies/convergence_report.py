@@ -258,14 +258,20 @@ def plot(doc: dict[str, Any], out: Path) -> list[str]:
     return names
 
 
-def paper_line() -> str:
-    """The GradualDiff-Fed paper's Table III ratios, to read the measured ones against."""
+def paper_ratios() -> tuple[dict[str, float], float, float]:
+    """The GradualDiff-Fed paper's Table III perplexities, its federated / centralized and local / federated."""
     from fedllm.studies.gradualdiff import PAPER  # noqa: PLC0415
 
     ppl = PAPER["perplexity"]
+    return ppl, ppl["federated"] / ppl["centralized"], ppl["local"] / ppl["federated"]
+
+
+def paper_line() -> str:
+    """The paper's Table III ratios, to read the measured ones against."""
+    ppl, fed_over_central, local_over_fed = paper_ratios()
     return (f"The paper (Table III, 4-bit Llama-2-7B, 15 rounds of local training on each client's whole share): "
-            f"federated / centralized {ppl['federated'] / ppl['centralized']:.3f} "
-            f"({ppl['federated']} vs {ppl['centralized']}), local / federated {ppl['local'] / ppl['federated']:.3f}.")
+            f"federated / centralized {fed_over_central:.3f} "
+            f"({ppl['federated']} vs {ppl['centralized']}), local / federated {local_over_fed:.3f}.")
 
 
 def against_paper(measured: list[dict[str, Any]], paper: float) -> str:
@@ -285,15 +291,12 @@ def against_paper(measured: list[dict[str, Any]], paper: float) -> str:
 def agreement(pairs: dict[str, Any]) -> list[str]:
     """Per partition, one sentence each for federated / centralized and local / federated at the best
     validation round, read against the paper's Table III (a different model, so only the shape compares)."""
-    from fedllm.studies.gradualdiff import PAPER  # noqa: PLC0415
-
-    ppl = PAPER["perplexity"]
+    _, fed_over_central, local_over_fed = paper_ratios()
     out = []
     for partition, entry in pairs.items():
         top = entry["best_federated"]
-        for what, seeds, paper in (
-                (f"{top} / centralized", entry["fed_over_central"].get(top, {}), ppl["federated"] / ppl["centralized"]),
-                (f"local / {top}", entry["local_over_fed"], ppl["local"] / ppl["federated"])):
+        for what, seeds, paper in ((f"{top} / centralized", entry["fed_over_central"].get(top, {}), fed_over_central),
+                                   (f"local / {top}", entry["local_over_fed"], local_over_fed)):
             measured = [r["best"] for r in seeds.values() if r.get("best")]
             if measured:
                 shown = ", ".join(_ratio_text(r) for r in measured)
