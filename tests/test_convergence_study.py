@@ -15,6 +15,7 @@ def test_the_plan_lists_every_phase_and_its_cost(capsys, tmp_path):
     assert "pilots: 32 parts" in out and "server-rate pilots: 8 parts" in out and "full runs" in out
     assert "; 0 done" in out and "  done\n" not in out and "lr chosen rounds" in out  # nothing recorded yet
     assert "CPU hours" in out and "lr 1e-05" in out and "fedadam@0.01" in out
+    assert "edge pilots per end of the grid" in out  # no client rate settled yet: edge pilots may come
     s = convergence.Settings()
     assert set(convergence.PAPER_LRS) <= set(s.lrs) and max(s.lrs) > 1e-4  # the paper's grid and larger
     full = convergence.full_parts(s, {convergence.choice_key("iid", "federated", "gradualdiff", 1.0):
@@ -132,6 +133,7 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
     assert convergence.main([*args, "--plan"]) == 0  # the plan knows what is done, and at which rates
     plan = capsys.readouterr().out
     assert plan.count("  done\n") == len(before) and "<= 0.0 CPU hours left" in plan and "chosen" not in plan
+    assert "edge pilots per end" not in plan  # every client rate settled
     full_lrs = {r["part"]["lr"] for r in full.values()}
     assert all(f"lr {lr:g} rounds" in plan for lr in full_lrs)
     page, headline = tmp_path / "page.md", tmp_path / "top" / "README.md"

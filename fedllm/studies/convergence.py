@@ -422,6 +422,7 @@ def print_plan(s: Settings, train_tps: float, eval_tps: float, runs: Path | None
     if out is not None:
         done.update(_recorded_only(fulls, s, runs, out))
     settled = all(p.key in done for p in pilots + servers)  # every rate chosen for good
+    client_settled = all(p.key in done for p in pilots)  # no edge pilot can be added
     measured = choose(done, pilots + servers)
 
     def rate(p: Part) -> str:
@@ -444,7 +445,7 @@ def print_plan(s: Settings, train_tps: float, eval_tps: float, runs: Path | None
     print(f"total: {len(pilots) + len(servers) + len(fulls)} parts, <= {total:.1f} CPU hours at {train_tps:g} "
           f"training / {eval_tps:g} evaluation tokens/s (upper bound: every run to its cap)"
           + (f"; <= {left:.1f} CPU hours left" if out else ""))
-    if s.extend and not settled:
+    if s.extend and not client_settled:
         rows = len({(p.partition, p.mode, p.variant, p.work) for p in pilot_parts(s)})
         each = max(estimate_hours(p, s, train_tps, eval_tps) for p in pilots)
         print(f"plus up to {s.extend} edge pilots per end of the grid for each of the {rows} client-rate rows "
