@@ -237,12 +237,11 @@ def full_parts(s: Settings, chosen: dict[str, Any]) -> list[Part]:
                if (k := choice_key(source, "federated", fam, w)) in chosen]
         if s.full_federated == "best" and fed:
             fed = [min(fed, key=lambda wc: (wc[1].get("val_loss", math.inf), wc[0]))]
-        for seed in s.seeds:
-            for mode in ("centralized", "local"):
-                c = chosen.get(choice_key(source, mode, "-", 1.0))
-                if c and (mode == "centralized" or seed in s.local_seeds):
-                    out.append(Part("full", partition, seed, mode, "-", 1.0, c["lr"]))
+        for seed in s.seeds:  # the federated / centralized pair first, so each part finished adds a ratio sooner
+            central, local = (chosen.get(choice_key(source, mode, "-", 1.0)) for mode in ("centralized", "local"))
+            out += [Part("full", partition, seed, "centralized", "-", 1.0, central["lr"])] if central else []
             out += [Part("full", partition, seed, "federated", c["variant"], w, c["lr"]) for w, c in fed]
+            out += [Part("full", partition, seed, "local", "-", 1.0, local["lr"])] if local and seed in s.local_seeds else []
     return out
 
 
