@@ -16,6 +16,7 @@ def test_the_plan_lists_every_phase_and_its_cost(capsys, tmp_path):
     assert "; 0 done" in out and "  done\n" not in out and "lr chosen rounds" in out  # nothing recorded yet
     assert "CPU hours" in out and "lr 1e-05" in out and "fedadam@0.01" in out
     assert "edge pilots per end of the grid" in out  # no client rate settled yet: edge pilots may come
+    assert [convergence_report.rate_text(x) for x in (3e-5, 1e-4, 0.01, 0.1, 1)] == ["3e-5", "1e-4", "1e-2", "0.1", "1"]
     s = convergence.Settings()
     assert set(convergence.PAPER_LRS) <= set(s.lrs) and max(s.lrs) > 1e-4  # the paper's grid and larger
     full = convergence.full_parts(s, {convergence.choice_key("iid", "federated", "gradualdiff", 1.0):

@@ -27,6 +27,14 @@ GOALS = {"iid": 1.05, "natural": 1.10}  # best federated recipe <= this x centra
 GOAL_LOCAL_OVER_FED = 1.15
 
 
+def rate_text(x: float) -> str:
+    """A learning rate as a reader writes it: 3e-5, 1e-4, 0.1, 1 (not Python's 3e-05 and 0.0001)."""
+    if x == 0 or abs(x) >= 0.1:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
 def recipe_label(part: dict[str, Any]) -> str:
     if part["mode"] != "federated":
         return part["mode"]
@@ -82,7 +90,7 @@ def headline_table(doc: dict[str, Any]) -> str:
     for partition, recipes in full_runs(doc).items():
         for label, seeds in sorted(recipes.items()):
             recs = list(seeds.values())
-            lines.append(f"| {partition} | {label} | {recs[0]['part']['lr']:g} | {len(recs)} | "
+            lines.append(f"| {partition} | {label} | {rate_text(recs[0]['part']['lr'])} | {len(recs)} | "
                          f"{_cell([at(r, 'best', 'epochs') for r in recs], '.2f')} | "
                          f"{_cell([at(r, 'best', 'perplexity') for r in recs], '.2f')} | "
                          f"{_cell([at(r, 'best', 'bleu') for r in recs], '.2f')} | "
@@ -176,7 +184,7 @@ def pilot_table(doc: dict[str, Any]) -> str:
     for (partition, label), vals in sorted(grid.items()):
         finite = {k: v for k, v in vals.items() if v is not None and math.isfinite(v)}
         low = min(finite, key=finite.get) if finite else None
-        cells = ", ".join(f"{'**' if k == low else ''}{k[0]:g}{f' / server {k[1]:g}' if k[1] else ''}: "
+        cells = ", ".join(f"{'**' if k == low else ''}{rate_text(k[0])}{f' / server {rate_text(k[1])}' if k[1] else ''}: "
                           f"{'–' if v is None else format(v, '.4f')}{'**' if k == low else ''}"
                           for k, v in sorted(vals.items()))
         lines.append(f"| {partition} | {label} | {cells} |")
