@@ -89,6 +89,18 @@ def test_full_federated_best_runs_only_the_recipe_whose_pilot_validated_best():
     fed = [(p.partition, p.seed, p.variant, p.work, p.lr) for p in best if p.mode == "federated"]
     assert fed == [(part, seed, "fedadam@0.01", 1.0, 1e-4) for part in ("iid", "natural") for seed in (0, 1)]
     assert sum(p.mode == "centralized" for p in best) == 4
+    assert [p.mode for p in best[:2]] == ["centralized", "federated"]  # a ratio after each pair
+
+
+def test_a_partial_study_says_how_many_full_runs_are_in():
+    part = {"phase": "full", "partition": "iid", "seed": 0, "mode": "centralized", "variant": "-", "work": 1.0, "lr": 3e-3}
+    rows = [{"round": 0, "epochs": 0.0, "eval_loss": 2.0, "val_loss": 2.1}]
+    doc = {"records": {"c": {"part": part, "rows": rows, "summary": {"best": {"round": 0, "val_loss": 2.1}},
+                             "bleu": None}}, "full_planned": 3}
+    block = convergence_report.readme_block(doc)
+    assert "**running**: 1 of its 3 full runs recorded" in block
+    assert "best federated recipe (no full run yet)" in block  # a goal without its runs says so, not "None"
+    assert convergence_report.progress_line({**doc, "full_planned": 1}) == []  # all in: no such line
 
 
 def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys):

@@ -390,8 +390,9 @@ def run_study(s: Settings, runs: Path, out: Path, execute: bool) -> dict[str, An
     chosen = choose(records, pilots)
     records.update(pick(server_pilot_parts(s, chosen), s, runs, out))
     chosen = choose(records, pilots + server_pilot_parts(s, chosen))
-    records.update(pick(full_parts(s, chosen), s, runs, out))
-    return {"chosen": chosen, "records": records}
+    fulls = full_parts(s, chosen)
+    records.update(pick(fulls, s, runs, out))
+    return {"chosen": chosen, "records": records, "full_planned": len(fulls)}
 
 
 def _recorded_only(parts: list[Part], s: Settings, runs: Path, out: Path) -> dict[str, dict]:

@@ -160,7 +160,7 @@ def goals_table(pairs: dict[str, Any]) -> str:
         fed = [r["best"]["ratio"] for r in entry["fed_over_central"].get(top, {}).values() if r["best"]]
         loc = [r["best"]["ratio"] for r in entry["local_over_fed"].values() if r["best"]]
         goal = GOALS.get(partition, 1.10)
-        for what, vals, ok in ((f"best federated recipe ({top}) ≤ {goal} × centralized", fed,
+        for what, vals, ok in ((f"best federated recipe ({top or 'no full run yet'}) ≤ {goal} × centralized", fed,
                                 lambda v, g=goal: v <= g),
                                (f"local mean ≥ {GOAL_LOCAL_OVER_FED} × federated", loc,
                                 lambda v: v >= GOAL_LOCAL_OVER_FED)):
@@ -319,6 +319,16 @@ def figure_names(doc: dict[str, Any]) -> list[str]:
             for name in (f"loss_{partition}.png", *([f"ratio_{partition}.png"] if with_ratio else []))]
 
 
+def progress_line(doc: dict[str, Any]) -> list[str]:
+    """While some planned full runs are not recorded: how many are (a paragraph), else nothing."""
+    done = sum(len(seeds) for recipes in full_runs(doc).values() for seeds in recipes.values())
+    planned = doc.get("full_planned") or done
+    if done >= planned:
+        return []
+    return [f"The study is **running**: {done} of its {planned} full runs recorded. Every number below is "
+            "partial: a ratio appears once both of its runs are recorded, and each goal is read only from the ratios that exist.", ""]
+
+
 def readme_block(doc: dict[str, Any], figures: str | None = None) -> str:
     """The block of the docs page and of the README's headline, from the study JSON only (tests hold
     both to it). ``figures``: the study folder relative to the file the block goes in (its plots are
@@ -334,7 +344,8 @@ def readme_block(doc: dict[str, Any], figures: str | None = None) -> str:
     pairs = doc.get("ratios") or ratios(doc)
     plots = [f"![{name[:-4]}]({figures}/{name})" for name in figure_names(doc)] if figures is not None else []
     said = agreement(pairs)
-    return "\n".join([MARK_START, "", headline_table(doc), "", ratio_table(pairs), "", goals_table(pairs), "",
+    return "\n".join([MARK_START, "", *progress_line(doc), headline_table(doc), "", ratio_table(pairs), "",
+                      goals_table(pairs), "",
                       paper_line(), "", *(said + [""] if said else []), *(plots + [""] if plots else []), MARK_END])
 
 
@@ -354,7 +365,7 @@ def write_report(doc: dict[str, Any], out: Path, readmes: list[Path] = ()) -> No
                      for p, recipes in full_runs(doc).items()}
     pngs = plot(doc, out)
     (out / "convergence_study.json").write_text(json.dumps(slim(doc), indent=1), encoding="utf-8")
-    md = ["# The headline at convergence", "", f"`{doc['meta']['command']}`", "",
+    md = ["# The headline at convergence", "", f"`{doc['meta']['command']}`", "", *progress_line(doc),
           "## At the best-validation round and at the last round", "", headline_table(doc), "",
           "## Paired ratios", "", ratio_table(doc["ratios"]), "", "## Goals", "", goals_table(doc["ratios"]), "",
           paper_line(), "", *agreement(doc["ratios"]), "",
