@@ -239,6 +239,11 @@ def plot(doc: dict[str, Any], out: Path) -> list[str]:
                 if pts:
                     ax.plot(*zip(*pts), color=color, linestyle=ls, marker="o", markersize=3, alpha=0.85,
                             label=f"{label}" if i == 0 else None)
+                best = rec["summary"].get("best") or {}
+                if best.get("epochs") is not None and best.get("eval_loss") is not None:
+                    ax.plot(best["epochs"], best["eval_loss"], color=color, marker="*", markersize=11, linestyle="none")
+        ax.plot([], [], color="grey", marker="*", markersize=9, linestyle="none",
+                label="best validation (local: each client at its own)")
         ax.set(xlabel="data passes (epochs)", ylabel="held-out loss (NLL)", title=f"{partition}: every seed drawn")
         ax.legend(fontsize=8)
         fig.tight_layout()
