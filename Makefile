@@ -38,7 +38,7 @@ bench: setup
 studies: setup
 	nice -n 19 $(PY) -m fedllm.studies.convergence --out docs/convergence_study --runs runs/convergence_study \
 	    --precision bf16 --cap-epochs 4 --lrs 3e-5,1e-4,3e-4,1e-3 --pilot-epochs 0.5 --fedavgm-lrs 1 \
-	    --fedadam-lrs 0.01 --full-federated best --readme docs/results/convergence.md \
+	    --fedadam-lrs 0.01 --full-federated best --continue-to 6 --readme docs/results/convergence.md \
 	    --headline README.md
 	nice -n 19 $(PY) -m fedllm.studies.privacy_audit --out docs/privacy_audit_study --precision bf16 \
 	    --readme docs/results/privacy_audit.md

@@ -149,6 +149,28 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
     assert "edge pilots per end" not in plan  # every client rate settled
     full_lrs = {r["part"]["lr"] for r in full.values()}
     assert all(f"lr {lr:g} rounds" in plan for lr in full_lrs)
+    cut = {k for k, r in full.items() if convergence.cut_by_cap(r)}  # ended at the cap, no early stop
+    assert cut and all(full[k]["part"]["mode"] != "local" for k in cut)
+    assert convergence.main([*args, "--plan", "--continue-to", "3"]) == 0  # the continuations are not done yet
+    plan = capsys.readouterr().out
+    assert plan.count("(continued: the cap cut it off)\n") == len(cut)
+    assert plan.count("  done\n") == len(before) - len(cut)
+    assert convergence.main([*args, "--continue-to", "3"]) == 0  # they go on from their checkpoints, nothing else runs
+    after = json.loads((out / "convergence_study.json").read_text())["records"]
+    for k, rec in full.items():
+        if k not in cut:
+            assert after[k] == rec
+            continue
+        grown = after[k]
+        assert grown["part"]["cap"] == 3 and len(grown["rows"]) > len(rec["rows"])
+        assert grown["rows"][:len(rec["rows"])] == rec["rows"]  # resumed: the rounds at the cap are the same rows
+        assert grown["rows"][-1]["epochs"] <= 3.0 and grown["bleu"]["samples"] == 2  # BLEU of the continued run
+        assert convergence_report.ended_by(grown).endswith("(continued)")
+    assert convergence.main([*args, "--plan", "--continue-to", "3"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.count("(continued: the cap cut it off)  done\n") == len(cut) and plan.count("  done\n") == len(before)
+    assert convergence.main([*args, "--report-only"]) == 0  # without the flag a continued run is read as it stands
+    assert json.loads((out / "convergence_study.json").read_text())["records"] == after
     page, headline = tmp_path / "page.md", tmp_path / "top" / "README.md"
     headline.parent.mkdir()
     for f in (page, headline):
@@ -159,6 +181,22 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
     assert headline.read_text() == f"# x\n{convergence_report.readme_block(committed, '../out')}\ntail\n"
     links = re.findall(r"\]\(\.\./out/([^)]+\.png)\)", headline.read_text())  # the plots, relative to the file
     assert set(links) == {"loss_iid.png", "ratio_iid.png"} and all((out / name).is_file() for name in links)
+
+
+def test_the_table_says_what_ended_each_run():
+    def rec(mode, stop=None, best=3, cap=None):
+        return {"part": {"mode": mode, "cap": cap}, "summary": {"stopped_early": stop, "best": {"round": best}}}
+
+    assert convergence_report.ended_by(rec("federated")) == "cap"
+    assert convergence_report.ended_by(rec("centralized", {"round": 4, "patience": 2})) == "patience"
+    assert convergence_report.ended_by(rec("federated", None, 24, cap=6.0)) == "cap (continued)"
+    assert convergence_report.ended_by(rec("local", {"clients": [2], "patience": 2}, {"0": 2, "1": 4, "2": 1})) \
+        == "patience (clients 2), cap (clients 0, 1)"
+    assert convergence_report.ended_by(rec("local", {"clients": [0, 1], "patience": 2}, {"0": 2, "1": 1})) \
+        == "patience (every client)"
+    assert convergence_report.ended_by(rec("local", None, {"0": 4, "1": 4})) == "cap (every client)"
+    assert convergence.cut_by_cap({"part": {"phase": "full", "mode": "federated"}, "summary": {"stopped_early": None}})
+    assert not convergence.cut_by_cap({"part": {"phase": "full", "mode": "local"}, "summary": {"stopped_early": None}})
 
 
 def test_the_paper_ratio_is_read_against_every_seed_interval():

@@ -80,6 +80,7 @@ class Settings:
     precision: str = "32"
     full_federated: str = "all"  # all: every federated family at every work; best: the pilots' best one
     extend: int = 2  # client-rate pilots allowed past each end of ``lrs`` when the best rate is an end
+    continue_to: float | None = None  # epochs a full run the cap cut off (no early stop) continues to
     quick: bool = False
 
 
@@ -97,6 +98,7 @@ class Part:
     variant: str  # "-" (centralized, local), gradualdiff, fedavgm@<server lr>, fedadam@<server lr>
     work: float  # epochs of local work per round
     lr: float
+    cap: float | None = None  # a full run's epochs when not the settings' cap (a continued run); not in its key
 
     @property
     def name(self) -> str:
@@ -114,7 +116,8 @@ def work_of(part: Part, s: Settings) -> float:
 
 
 def rounds_of(part: Part, s: Settings) -> int:
-    return max(1, math.ceil((s.pilot_epochs if part.phase == "pilot" else s.cap_epochs) / work_of(part, s) - 1e-9))
+    epochs = s.pilot_epochs if part.phase == "pilot" else part.cap or s.cap_epochs
+    return max(1, math.ceil(epochs / work_of(part, s) - 1e-9))
 
 
 def part_overrides(part: Part, s: Settings) -> list[str]:
@@ -245,6 +248,37 @@ def full_parts(s: Settings, chosen: dict[str, Any]) -> list[Part]:
     return out
 
 
+def cut_by_cap(rec: dict[str, Any]) -> bool:
+    """A federated or centralized full run that ended at its cap without early stopping (its validation
+    loss had not gone ``eval.patience`` evaluations without improving). Local runs are not continued: a
+    local run resumes after its last finished client, and every client of a finished run is finished."""
+    return rec["part"]["phase"] == "full" and rec["part"]["mode"] != "local" and not rec["summary"].get("stopped_early")
+
+
+def continued(part: Part, s: Settings) -> Part:
+    return replace(part, cap=s.continue_to)
+
+
+def full_phase(fulls: list[Part], s: Settings, runs: Path, out: Path, pick) -> tuple[list[Part], dict[str, dict]]:
+    """The full runs; then, with ``s.continue_to``, each one the cap cut off goes on from its last
+    checkpoint to ``continue_to`` epochs (the same part key: its record becomes the continued run's).
+    A part whose record is such a continuation is read as it (with or without the flag). Returns the
+    parts as they stand and their records."""
+    folder = parts_folder(out, s.quick)
+
+    def as_recorded(p: Part) -> Part:
+        path = folder / f"{p.key}.json"
+        cap = json.loads(path.read_text(encoding="utf-8")).get("part", {}).get("cap") if path.is_file() else None
+        return c if cap and recorded(path, part_recipe(c := replace(p, cap=cap), s)) is not None else p
+
+    fulls = [as_recorded(p) for p in fulls]
+    records = pick(fulls, s, runs, out)
+    more = {p.key: continued(p, s) for p in fulls if s.continue_to and (p.cap or s.cap_epochs) < s.continue_to
+            and p.key in records and cut_by_cap(records[p.key])}
+    records.update(pick(list(more.values()), s, runs, out))
+    return [more.get(p.key, p) for p in fulls], records
+
+
 def estimate_hours(part: Part, s: Settings, train_tps: float, eval_tps: float) -> float:
     """Upper bound of a part's CPU hours (every round to the cap; patience usually stops sooner)."""
     examples = 45 if s.quick else STUDY_EXAMPLES
@@ -274,6 +308,7 @@ def run_parts(parts: list[Part], s: Settings, runs: Path, out: Path) -> dict[str
             continue
         path = runs / recipe.name / part.mode
         if not finished_run(path, recipe):
+            (path / BLEU_FILE).unlink(missing_ok=True)  # scored a run that now goes on (a continued one)
             group = (part.partition, part.seed)
             if group not in exps:
                 exps.clear()  # one base model in memory at a time
@@ -282,9 +317,12 @@ def run_parts(parts: list[Part], s: Settings, runs: Path, out: Path) -> dict[str
             exp.recipe = recipe  # same data split and model; rates, optimizer and rounds differ
             t0, c0 = time.perf_counter(), time.process_time()
             runner = {"federated": run_federated, "centralized": run_centralized, "local": run_local}[part.mode]
-            runner(exp, out=str(runs), resume=any((path / "checkpoints").glob("*")))  # an interrupted part goes on
-            (path / "study_time.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0,
-                                                              "cpu_s": time.process_time() - c0}))
+            resume = any((path / "checkpoints").glob("*"))  # an interrupted part goes on, a continued one too
+            runner(exp, out=str(runs), resume=resume)
+            timing = path / "study_time.json"  # summed over the sessions that finished (an interrupted one is lost)
+            spent = json.loads(timing.read_text()) if resume and timing.is_file() else {}
+            timing.write_text(json.dumps({"wall_s": spent.get("wall_s", 0.0) + time.perf_counter() - t0,
+                                          "cpu_s": spent.get("cpu_s", 0.0) + time.process_time() - c0}))
         if part.phase == "full" and not (path / BLEU_FILE).is_file():
             group = (part.partition, part.seed)
             if group not in exps:
@@ -390,8 +428,8 @@ def run_study(s: Settings, runs: Path, out: Path, execute: bool) -> dict[str, An
     chosen = choose(records, pilots)
     records.update(pick(server_pilot_parts(s, chosen), s, runs, out))
     chosen = choose(records, pilots + server_pilot_parts(s, chosen))
-    fulls = full_parts(s, chosen)
-    records.update(pick(fulls, s, runs, out))
+    fulls, got = full_phase(full_parts(s, chosen), s, runs, out, pick)
+    records.update(got)
     return {"chosen": chosen, "records": records, "full_planned": len(fulls)}
 
 
@@ -419,8 +457,10 @@ def print_plan(s: Settings, train_tps: float, eval_tps: float, runs: Path | None
     fam = {choice_key(p.partition, p.mode, p.variant.split("@")[0], p.work): {"lr": p.lr, "variant": p.variant}
            for p in servers}
     fulls = full_parts(s, {**chosen, **fam, **choose(done, pilots + servers)})
-    if out is not None:
-        done.update(_recorded_only(fulls, s, runs, out))
+    if out is not None:  # a continuation not yet run is not done, though its part's key holds the run at the cap
+        fulls, got = full_phase(fulls, s, runs, out, _recorded_only)
+        done.update({p.key: got[p.key] for p in fulls if p.key in got and (
+            p.cap is None or recorded(parts_folder(out, s.quick) / f"{p.key}.json", part_recipe(p, s)) is not None)})
     settled = all(p.key in done for p in pilots + servers)  # every rate chosen for good
     client_settled = all(p.key in done for p in pilots)  # no edge pilot can be added
     measured = choose(done, pilots + servers)
@@ -436,15 +476,22 @@ def print_plan(s: Settings, train_tps: float, eval_tps: float, runs: Path | None
     for title, parts in (("pilots", pilots), ("server-rate pilots", servers), ("full runs", fulls)):
         hours = [estimate_hours(p, s, train_tps, eval_tps) for p in parts]
         total += sum(hours)
-        left += sum(h for p, h in zip(parts, hours) if p.key not in done)
+        left += sum(h - (estimate_hours(replace(p, cap=None), s, train_tps, eval_tps) if p.cap else 0.0)
+                    for p, h in zip(parts, hours) if p.key not in done)  # a continuation: its added rounds
         finished = sum(p.key in done for p in parts)
         print(f"{title}: {len(parts)} parts, <= {sum(hours):.1f} CPU hours" + (f"; {finished} done" if out else ""))
         for p in parts:
             print(f"  {p.partition:8s} s{p.seed} {p.mode:12s} {p.variant:14s} work {p.work:g} lr {rate(p)} "
-                  f"rounds <= {rounds_of(p, s)}" + ("  done" if p.key in done else ""))
+                  f"rounds <= {rounds_of(p, s)}" + ("  (continued: the cap cut it off)" if p.cap else "")
+                  + ("  done" if p.key in done else ""))
     print(f"total: {len(pilots) + len(servers) + len(fulls)} parts, <= {total:.1f} CPU hours at {train_tps:g} "
           f"training / {eval_tps:g} evaluation tokens/s (upper bound: every run to its cap)"
           + (f"; <= {left:.1f} CPU hours left" if out else ""))
+    if s.continue_to:
+        more = max((estimate_hours(continued(p, s), s, train_tps, eval_tps) - estimate_hours(p, s, train_tps, eval_tps)
+                    for p in fulls if p.mode != "local"), default=0.0)
+        print(f"--continue-to {s.continue_to:g}: a federated or centralized full run the {s.cap_epochs:g}-epoch cap "
+              f"cuts off (no early stop) goes on to {s.continue_to:g} epochs, up to {more:.2f} CPU hours more each")
     if s.extend and not client_settled:
         rows = len({(p.partition, p.mode, p.variant, p.work) for p in pilot_parts(s)})
         each = max(estimate_hours(p, s, train_tps, eval_tps) for p in pilots)
@@ -459,7 +506,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def settings_from(args) -> Settings:
     if args.quick:
-        return replace(QUICK_SETTINGS, precision=args.precision)
+        return replace(QUICK_SETTINGS, precision=args.precision, continue_to=args.continue_to)
     return Settings(partitions=tuple(args.partition or ("iid", "natural")),
                     pilot_partitions=tuple(args.pilot_partition or ("iid",)),
                     seeds=tuple(int(x) for x in _floats(args.seeds)), local_seeds=tuple(int(x) for x in _floats(args.local_seeds)),
@@ -467,7 +514,8 @@ def settings_from(args) -> Settings:
                     server_lrs={k: v for k, v in (("fedavgm", _floats(args.fedavgm_lrs)),
                                                   ("fedadam", _floats(args.fedadam_lrs))) if v},
                     pilot_epochs=args.pilot_epochs, cap_epochs=args.cap_epochs, patience=args.patience,
-                    precision=args.precision, full_federated=args.full_federated, extend=args.extend)
+                    precision=args.precision, full_federated=args.full_federated, extend=args.extend,
+                    continue_to=args.continue_to)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -491,11 +539,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="full runs of every federated recipe, or only the one whose pilot validated best")
     p.add_argument("--extend", type=int, default=2,
                    help="client-rate pilots allowed past each end of --lrs where the best rate is that end")
+    p.add_argument("--continue-to", type=float, metavar="EPOCHS",
+                   help="a federated or centralized full run that reaches --cap-epochs without early stopping goes "
+                        "on from its checkpoint to EPOCHS epochs")
     p.add_argument("--precision", default="32", choices=("32", "bf16"), help="client training numerics")
     p.add_argument("--train-tps", type=float, default=TRAIN_TPS, help="--plan: measured training tokens/s")
     p.add_argument("--eval-tps", type=float, default=EVAL_TPS, help="--plan: measured evaluation tokens/s")
     p.add_argument("--headline", help="also render the block, with its plots, into this file (the README)")
     args = p.parse_args(argv)
+    if args.continue_to is not None and args.continue_to <= (QUICK_SETTINGS.cap_epochs if args.quick else args.cap_epochs):
+        p.error(f"--continue-to {args.continue_to:g} must be more than the cap's epochs")
     s = settings_from(args)
     if args.plan:
         print_plan(s, args.train_tps, args.eval_tps, Path(args.runs), Path(args.out))

@@ -66,6 +66,22 @@ def round_seconds(rec: dict[str, Any]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def ended_by(rec: dict[str, Any]) -> str:
+    """What ended a full run: early stopping ("patience") or the cap, per client in local mode;
+    "(continued)" when a run the first cap cut off went on to ``--continue-to``'s epochs."""
+    stop = rec["summary"].get("stopped_early") or {}
+    best_round = (rec["summary"].get("best") or {}).get("round")
+    if isinstance(best_round, dict):  # local mode: each client stopped on its own validation loss
+        stopped = {str(k) for k in stop.get("clients", ())}
+        capped = sorted((k for k in best_round if k not in stopped), key=int)
+        if not capped:
+            return "patience (every client)"
+        if not stopped:
+            return "cap (every client)"
+        return f"patience (clients {', '.join(sorted(stopped, key=int))}), cap (clients {', '.join(capped)})"
+    return ("patience" if stop else "cap") + (" (continued)" if rec["part"].get("cap") else "")
+
+
 def _cell(vals: list[float | None], fmt: str) -> str:
     vals = [v for v in vals if v is not None and math.isfinite(v)]
     if not vals:
@@ -86,7 +102,7 @@ def best_federated(recipes: dict[str, dict[int, dict]]) -> str | None:
 
 def headline_table(doc: dict[str, Any]) -> str:
     lines = ["| partition | recipe | lr | seeds | best epoch | perplexity (best) | BLEU (best) | perplexity (last) "
-             "| BLEU (last) | last epoch | s / round |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| BLEU (last) | last epoch | ended by | s / round |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for partition, recipes in full_runs(doc).items():
         for label, seeds in sorted(recipes.items()):
             recs = list(seeds.values())
@@ -97,6 +113,7 @@ def headline_table(doc: dict[str, Any]) -> str:
                          f"{_cell([at(r, 'last', 'perplexity') for r in recs], '.2f')} | "
                          f"{_cell([at(r, 'last', 'bleu') for r in recs], '.2f')} | "
                          f"{_cell([at(r, 'last', 'epochs') for r in recs], '.2f')} | "
+                         f"{'; '.join(ended_by(r) for r in recs)} | "
                          f"{_cell([round_seconds(r) for r in recs], '.1f')} |")
     return "\n".join(lines)
 
