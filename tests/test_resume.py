@@ -316,12 +316,13 @@ def test_a_continued_run_stops_looking_complete(tmp_path):
     first = RunWriter(run, recipe, {"clients": {}})
     first.finish({"rounds": 1})
     assert (run / "summary.json").is_file()
-    # Execute: continue it from a checkpoint holding its rows
-    RunWriter(run, recipe, {"clients": {}}, resume_rows=rows)
-    # Assert
+    # Execute: continue it from a checkpoint holding its rows, for more rounds
+    more = load_recipe(TINY, [*OVERRIDES, f"data.path={data}", f"federation.rounds={recipe.federation.rounds + 2}"])
+    RunWriter(run, more, {"clients": {}}, resume_rows=rows)
+    # Assert: no completion marker; config.yaml is the recipe the run now continues under
     assert not (run / "summary.json").exists()
     assert _metrics(run) == rows
-    assert (run / "config.yaml").is_file()
+    assert load_recipe(run / "config.yaml") == more
 
 
 def test_resume_of_a_finished_run_without_checkpoints_is_refused(tmp_path):

@@ -115,6 +115,8 @@ class RunWriter:
         self.detach = lambda: None  # takes the loggers' step callback off the experiment (modes sets it)
         if resume_rows is not None:  # continue a run: keep its files, rows up to the checkpoint
             (path / "summary.json").unlink(missing_ok=True)
+            # the recipe it continues under (only federation.rounds and output may differ: the checkpoint's fingerprint)
+            (path / "config.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
             (path / "samples").mkdir(parents=True, exist_ok=True)
             self.rows = [dict(r) for r in resume_rows]
             tmp = path / "metrics.jsonl.tmp"
