@@ -128,6 +128,9 @@ def test_quick_study_chooses_rates_runs_to_its_best_and_resumes(tmp_path, capsys
         assert rec["bleu"]["samples"] == 2 and rec["bleu"]["best"] is not None  # scored on the saved adapters
         assert (rec["bleu"]["last"] is None) == (part["mode"] == "local")
         assert all(r.get("bleu") is None for r in rec["rows"])  # not every round
+        if part["mode"] == "federated":  # a client's round: the round's training over the clients it ran
+            assert all(len(r["clients"]) == 3 for r in rec["rows"][1:])
+            assert 0 < convergence_report.client_round_seconds(rec, "federated") <= convergence_report.round_seconds(rec) / 3
     pair = doc["ratios"]["iid"]
     top = pair["best_federated"]
     r = pair["fed_over_central"][top]["0"]["best"]

@@ -406,7 +406,7 @@ def record(part: Part, recipe, path: Path, folder: Path) -> dict[str, Any]:
     from fedllm.federation.rundir import read_metrics, write_json_atomic  # noqa: PLC0415
 
     keep = ("round", "epochs", "eval_loss", "val_loss", "perplexity", "bleu", "train_loss", "train_time_s",
-            "aggregate_time_s", "eval_time_s")
+            "aggregate_time_s", "eval_time_s", "clients")
     summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
     timing = path / "study_time.json"
     nll = path / "eval_nll.json"

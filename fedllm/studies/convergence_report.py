@@ -21,6 +21,7 @@ from typing import Any
 
 from fedllm.federation.convergence import ratio_with_interval
 from fedllm.studies import replace_block
+from fedllm.studies.gradualdiff import PAPER, client_round_seconds, round_seconds
 
 MARK_START, MARK_END = "<!-- convergence-study:start -->", "<!-- convergence-study:end -->"
 GOALS = {"iid": 1.05, "natural": 1.10}  # best federated recipe <= this x centralized perplexity
@@ -61,11 +62,6 @@ def at(rec: dict[str, Any], when: str, key: str) -> float | None:
     return rows[-1].get(key) if rows else None
 
 
-def round_seconds(rec: dict[str, Any]) -> float | None:
-    vals = [(r.get("train_time_s") or 0.0) + (r.get("aggregate_time_s") or 0.0) for r in rec["rows"][1:]]
-    return statistics.fmean(vals) if vals else None
-
-
 def ended_by(rec: dict[str, Any]) -> str:
     """What ended a full run: early stopping ("patience") or the cap, per client in local mode;
     "(continued)" when a run the first cap cut off went on to ``--continue-to``'s epochs."""
@@ -102,7 +98,8 @@ def best_federated(recipes: dict[str, dict[int, dict]]) -> str | None:
 
 def headline_table(doc: dict[str, Any]) -> str:
     lines = ["| partition | recipe | lr | seeds | best epoch | perplexity (best) | BLEU (best) | perplexity (last) "
-             "| BLEU (last) | last epoch | ended by | s / round |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| BLEU (last) | last epoch | ended by | s / round | s / client round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for partition, recipes in full_runs(doc).items():
         for label, seeds in sorted(recipes.items()):
             recs = list(seeds.values())
@@ -114,7 +111,8 @@ def headline_table(doc: dict[str, Any]) -> str:
                          f"{_cell([at(r, 'last', 'bleu') for r in recs], '.2f')} | "
                          f"{_cell([at(r, 'last', 'epochs') for r in recs], '.2f')} | "
                          f"{'; '.join(ended_by(r) for r in recs)} | "
-                         f"{_cell([round_seconds(r) for r in recs], '.1f')} |")
+                         f"{_cell([round_seconds(r) for r in recs], '.1f')} | "
+                         f"{_cell([client_round_seconds(r, r['part']['mode']) for r in recs], '.1f')} |")
     return "\n".join(lines)
 
 
@@ -290,8 +288,6 @@ def plot(doc: dict[str, Any], out: Path) -> list[str]:
 
 def paper_ratios() -> tuple[dict[str, float], float, float]:
     """The GradualDiff-Fed paper's Table III perplexities, its federated / centralized and local / federated."""
-    from fedllm.studies.gradualdiff import PAPER  # noqa: PLC0415
-
     ppl = PAPER["perplexity"]
     return ppl, ppl["federated"] / ppl["centralized"], ppl["local"] / ppl["federated"]
 

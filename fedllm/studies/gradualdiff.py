@@ -257,11 +257,14 @@ def round_seconds(run: dict[str, Any]) -> float | None:
 
 def client_round_seconds(run: dict[str, Any], mode: str) -> float | None:
     """Mean training seconds of one client's round: a federated round's training divided by the
-    clients it ran one after another (what a deployment running them in parallel would take)."""
+    clients it ran one after another (what a deployment running them in parallel would take); None
+    when a federated row does not say which clients ran."""
     if mode != "federated":
         return round_seconds(run)
-    vals = [(r.get("train_time_s") or 0.0) / max(1, len(r.get("clients") or [1])) for r in run["rows"][1:]]
-    return statistics.fmean(vals) if vals else None
+    rows = run["rows"][1:]
+    if not rows or any(not r.get("clients") for r in rows):
+        return None
+    return statistics.fmean((r.get("train_time_s") or 0.0) / len(r["clients"]) for r in rows)
 
 
 def total_bytes(run: dict[str, Any]) -> int:
