@@ -22,6 +22,8 @@ A *part* is one run: (phase, partition, seed, mode, variant, work, lr).
    ``--fedavgm-lrs`` / ``--fedadam-lrs``; the server rate with the lowest validation loss is kept.
 3. **Full runs** at the chosen rates, ``--seeds`` for federated and centralized, ``--local-seeds``
    for local, with early stopping.
+4. **Continuations** (``--continue-to E``): a federated or centralized full run that reached the cap
+   without early stopping goes on from its last checkpoint to E epochs (:func:`full_phase`).
 
 Every finished part is recorded in ``<out>/parts/`` (one JSON each: its recipe, rows, summary and
 per-example losses) and skipped when its recipe is unchanged; an interrupted part resumes from its
