@@ -198,6 +198,10 @@ def test_the_table_says_what_ended_each_run():
     assert convergence_report.ended_by(rec("local", {"clients": [0, 1], "patience": 2}, {"0": 2, "1": 1})) \
         == "patience (every client)"
     assert convergence_report.ended_by(rec("local", None, {"0": 4, "1": 4})) == "cap (every client)"
+    assert convergence_report._ended_cell({0: rec("centralized", {"round": 4}), 1: rec("centralized", {"round": 3})}) \
+        == "patience"
+    assert convergence_report._ended_cell({0: rec("federated"), 1: rec("federated", {"round": 9})}) \
+        == "seed 0: cap; seed 1: patience"
     assert convergence.cut_by_cap({"part": {"phase": "full", "mode": "federated"}, "summary": {"stopped_early": None}})
     assert not convergence.cut_by_cap({"part": {"phase": "full", "mode": "local"}, "summary": {"stopped_early": None}})
 

@@ -78,6 +78,13 @@ def ended_by(rec: dict[str, Any]) -> str:
     return ("patience" if stop else "cap") + (" (continued)" if rec["part"].get("cap") else "")
 
 
+def _ended_cell(seeds: dict[int, dict]) -> str:
+    """:func:`ended_by` once when every seed ended the same way, else per seed."""
+    said = {seed: ended_by(rec) for seed, rec in sorted(seeds.items())}
+    return next(iter(said.values())) if len(set(said.values())) == 1 else "; ".join(
+        f"seed {seed}: {why}" for seed, why in said.items())
+
+
 def _cell(vals: list[float | None], fmt: str) -> str:
     vals = [v for v in vals if v is not None and math.isfinite(v)]
     if not vals:
@@ -110,7 +117,7 @@ def headline_table(doc: dict[str, Any]) -> str:
                          f"{_cell([at(r, 'last', 'perplexity') for r in recs], '.2f')} | "
                          f"{_cell([at(r, 'last', 'bleu') for r in recs], '.2f')} | "
                          f"{_cell([at(r, 'last', 'epochs') for r in recs], '.2f')} | "
-                         f"{'; '.join(ended_by(r) for r in recs)} | "
+                         f"{_ended_cell(seeds)} | "
                          f"{_cell([round_seconds(r) for r in recs], '.1f')} | "
                          f"{_cell([client_round_seconds(r, r['part']['mode']) for r in recs], '.1f')} |")
     return "\n".join(lines)
