@@ -549,9 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tps", type=float, default=EVAL_TPS, help="--plan: measured evaluation tokens/s")
     p.add_argument("--headline", help="also render the block, with its plots, into this file (the README)")
     args = p.parse_args(argv)
-    if args.continue_to is not None and args.continue_to <= (QUICK_SETTINGS.cap_epochs if args.quick else args.cap_epochs):
-        p.error(f"--continue-to {args.continue_to:g} must be more than the cap's epochs")
     s = settings_from(args)
+    if s.continue_to is not None and s.continue_to <= s.cap_epochs:
+        p.error(f"--continue-to {s.continue_to:g} must be more than the cap's {s.cap_epochs:g} epochs")
     if args.plan:
         print_plan(s, args.train_tps, args.eval_tps, Path(args.runs), Path(args.out))
         return 0
